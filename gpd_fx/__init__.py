@@ -1,0 +1,1 @@
+"""gpd_fx: Gap Preserving Distillation as torch.fx graph passes."""

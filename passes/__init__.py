@@ -1,0 +1,1 @@
+"""The FX passes behind gpd_fx (installed as ``gpd_fx.passes``)."""

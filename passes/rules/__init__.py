@@ -1,0 +1,1 @@
+"""Op rules, one module per op family; importing this package registers them all."""
