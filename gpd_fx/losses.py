@@ -1,0 +1,422 @@
+"""Knowledge-distillation losses and the GPD training objective.
+
+Everything here is a pure function of logits (no modules, no state), so the training step
+that calls :func:`gpd_loss` can be traced by ``torch.compile`` as one graph: input checks
+only look at shapes and dtypes, never at tensor values.
+
+The GPD objective (design.md section 3), per batch, with an optional static teacher ``T``::
+
+    L_DT = CE(DT, y) + [w_s * KD_s(DT, T)]
+    L_S  = CE(S, y)  + [w_s * KD_s(S, T)] + lambda * KD_dt(S, DT.detach())
+    loss = L_DT + L_S
+
+``KD_s`` and ``KD_dt`` are looked up by name in :data:`KD_LOSSES`; users add their own with
+:func:`register_kd_loss`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from gpd_fx.errors import GPDError
+
+__all__ = [
+    "KD_LOSSES",
+    "GPDLossConfig",
+    "KDLossFn",
+    "LossInputError",
+    "dkd",
+    "get_kd_loss",
+    "gpd_loss",
+    "hinton_kd",
+    "label_smoothed_soft_ce",
+    "register_kd_loss",
+]
+
+
+class LossInputError(GPDError, ValueError):
+    """Bad logits/targets or an invalid :class:`GPDLossConfig` (unknown loss name, bad range)."""
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _check_logits(student_logits: Tensor, teacher_logits: Tensor, who: str = "teacher") -> None:
+    """Both logits must be ``(N, K)`` with identical shapes; name both shapes otherwise."""
+    if student_logits.dim() != 2:
+        raise LossInputError(
+            f"student_logits must be 2-D (batch, num_classes), got shape {tuple(student_logits.shape)}"
+        )
+    if student_logits.shape != teacher_logits.shape:
+        raise LossInputError(
+            f"student_logits shape {tuple(student_logits.shape)} does not match "
+            f"{who}_logits shape {tuple(teacher_logits.shape)}; both must be (batch, num_classes)"
+        )
+
+
+def _check_targets(logits: Tensor, targets: Tensor) -> None:
+    """Targets are class indices ``(N,)`` of an integer dtype, one per row of ``logits``."""
+    if targets.dim() != 1 or targets.shape[0] != logits.shape[0]:
+        raise LossInputError(
+            f"targets shape {tuple(targets.shape)} does not match logits shape "
+            f"{tuple(logits.shape)}; expected class indices of shape ({logits.shape[0]},)"
+        )
+    if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
+        raise LossInputError(
+            f"targets must hold integer class indices (torch.long), got dtype {targets.dtype}"
+        )
+
+
+def _check_temperature(temperature: float) -> None:
+    if not temperature > 0:
+        raise LossInputError(f"temperature must be > 0, got {temperature}")
+
+
+def _kl_rows(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """``sum_k p_k (log p_k - log q_k)`` per row, from log-probabilities.
+
+    ``kl_div`` with ``log_target=True`` is used because it stays finite where ``p_k``
+    underflows to 0 (an explicit ``p * (log p - log q)`` would give ``0 * -inf = nan``).
+    """
+    return F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(dim=-1)
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def hinton_kd(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 4.0) -> Tensor:
+    """Hinton et al. (2015) soft-target distillation loss.
+
+    ``T^2 * mean_n KL(softmax(t_n / T) || softmax(s_n / T))``. The ``T^2`` keeps the gradient
+    magnitude comparable across temperatures. Gradients flow into both arguments; detach the
+    teacher yourself if it must stay fixed (:func:`gpd_loss` does).
+
+    Args:
+        student_logits: ``(N, K)`` logits of the model being taught.
+        teacher_logits: ``(N, K)`` logits of the teacher.
+        temperature: softmax temperature ``T > 0``.
+
+    Returns:
+        Scalar tensor; exactly 0 when the logits are equal, > 0 otherwise (up to shifts of a
+        row by a constant, which leave its softmax unchanged).
+
+    Example:
+        >>> s, t = torch.randn(8, 10), torch.randn(8, 10)
+        >>> hinton_kd(s, t, temperature=4.0).shape
+        torch.Size([])
+    """
+    _check_logits(student_logits, teacher_logits)
+    _check_temperature(temperature)
+    log_p_t = F.log_softmax(teacher_logits / temperature, dim=-1)
+    log_p_s = F.log_softmax(student_logits / temperature, dim=-1)
+    return _kl_rows(log_p_t, log_p_s).mean() * temperature**2
+
+
+def label_smoothed_soft_ce(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    smoothing: float = 0.1,
+    temperature: float = 1.0,
+) -> Tensor:
+    """Soft cross-entropy against the teacher's probabilities, label-smoothed towards uniform.
+
+    The official GPD default for the dynamic-teacher -> student term. Exactly::
+
+        q_n    = (1 - smoothing) * softmax(t_n / T) + smoothing / K
+        loss   = T^2 * mean_n ( - sum_k q_nk * log_softmax(s_n / T)_k )
+
+    with ``K`` the number of classes. With ``T = 1`` (the default) the ``T^2`` factor is 1;
+    it is there so that raising ``T`` scales gradients like :func:`hinton_kd`. Unlike a KL
+    divergence this loss is not 0 when the logits agree: it includes the entropy of ``q``.
+
+    Args:
+        student_logits: ``(N, K)`` logits of the model being taught.
+        teacher_logits: ``(N, K)`` logits of the teacher.
+        smoothing: weight ``0 <= smoothing <= 1`` of the uniform distribution in the target.
+        temperature: softmax temperature ``T > 0``.
+
+    Returns:
+        Scalar tensor.
+
+    Example:
+        >>> s, t = torch.randn(8, 10), torch.randn(8, 10)
+        >>> float(label_smoothed_soft_ce(s, t, smoothing=0.1)) > 0
+        True
+    """
+    _check_logits(student_logits, teacher_logits)
+    _check_temperature(temperature)
+    if not 0.0 <= smoothing <= 1.0:
+        raise LossInputError(f"smoothing must be in [0, 1], got {smoothing}")
+    num_classes = teacher_logits.shape[-1]
+    target = (1.0 - smoothing) * F.softmax(teacher_logits / temperature, dim=-1) + smoothing / num_classes
+    log_p_s = F.log_softmax(student_logits / temperature, dim=-1)
+    return -(target * log_p_s).sum(dim=-1).mean() * temperature**2
+
+
+def _non_target_logits(logits: Tensor, targets: Tensor) -> Tensor:
+    """The ``(N, K-1)`` logits of every class but the target, in class order.
+
+    Dropping the column (rather than setting it to ``-inf``) keeps the softmax over the
+    non-target classes free of ``0 * -inf`` terms. A gather with index ``j + (j >= y)``
+    rather than boolean-mask indexing keeps every shape static for ``torch.compile``.
+    """
+    j = torch.arange(logits.shape[1] - 1, device=logits.device).unsqueeze(0)
+    index = j + (j >= targets.unsqueeze(1)).to(j.dtype)
+    return logits.gather(1, index)
+
+
+def dkd(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    targets: Tensor,
+    alpha: float = 1.0,
+    beta: float = 8.0,
+    temperature: float = 4.0,
+) -> Tensor:
+    """Decoupled Knowledge Distillation (Zhao et al., CVPR 2022): ``alpha*TCKD + beta*NCKD``.
+
+    With ``p = softmax(z / T)`` and target class ``y`` (per sample, for teacher and student):
+
+    - binary distribution ``b = [p_y, 1 - p_y]``; ``TCKD = KL(b^T || b^S)``;
+    - non-target distribution ``p_hat_k = p_k / (1 - p_y)`` for ``k != y``, i.e. the softmax of
+      the logits with class ``y`` removed; ``NCKD = KL(p_hat^T || p_hat^S)``.
+
+    Classical KD decomposes as ``TCKD + (1 - p_y^T) * NCKD``; DKD replaces the coupled weight
+    by free ``alpha`` and ``beta``. The result is averaged over the batch and multiplied by
+    ``T^2`` as in :func:`hinton_kd`. All log-probabilities are formed by ``log_softmax`` /
+    ``logsumexp`` so that confident teachers (``p_y -> 1``) stay finite.
+
+    Args:
+        student_logits: ``(N, K)`` logits of the model being taught, ``K >= 2``.
+        teacher_logits: ``(N, K)`` logits of the teacher.
+        targets: ``(N,)`` integer ground-truth classes.
+        alpha: weight of the target-class term TCKD.
+        beta: weight of the non-target-class term NCKD.
+        temperature: softmax temperature ``T > 0``.
+
+    Returns:
+        Scalar tensor.
+
+    Example:
+        >>> s, t, y = torch.randn(8, 10), torch.randn(8, 10), torch.randint(0, 10, (8,))
+        >>> bool(torch.isfinite(dkd(s, t, y)))
+        True
+    """
+    _check_logits(student_logits, teacher_logits)
+    _check_targets(student_logits, targets)
+    _check_temperature(temperature)
+    if student_logits.shape[1] < 2:
+        raise LossInputError(
+            f"dkd needs at least 2 classes, got logits of shape {tuple(student_logits.shape)}"
+        )
+
+    def binary_and_non_target(z: Tensor) -> tuple[Tensor, Tensor]:
+        z = z / temperature
+        log_all = torch.logsumexp(z, dim=-1)
+        non_target = _non_target_logits(z, targets)
+        log_rest = torch.logsumexp(non_target, dim=-1)
+        log_p_y = z.gather(1, targets.unsqueeze(1)).squeeze(1) - log_all
+        log_b = torch.stack([log_p_y, log_rest - log_all], dim=-1)  # log [p_y, 1 - p_y]
+        return log_b, F.log_softmax(non_target, dim=-1)
+
+    log_b_t, log_hat_t = binary_and_non_target(teacher_logits)
+    log_b_s, log_hat_s = binary_and_non_target(student_logits)
+    tckd = _kl_rows(log_b_t, log_b_s).mean()
+    nckd = _kl_rows(log_hat_t, log_hat_s).mean()
+    return (alpha * tckd + beta * nckd) * temperature**2
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+@dataclass
+class GPDLossConfig:
+    """Which KD losses :func:`gpd_loss` uses, and their weights and hyper-parameters.
+
+    Attributes:
+        dt_to_student: :data:`KD_LOSSES` name of the dynamic-teacher -> student term.
+        dt_to_student_weight: ``lambda`` in design.md section 3 (official default 3).
+        static_kd: :data:`KD_LOSSES` name of the static-teacher -> {DT, student} terms.
+        static_kd_weight: weight of each static-teacher term.
+        temperature: temperature of ``"kd"`` and ``"dkd"``.
+        smoothing: label smoothing of ``"ls_ce"``.
+        dkd_alpha: ``alpha`` of ``"dkd"``.
+        dkd_beta: ``beta`` of ``"dkd"``.
+        ls_temperature: temperature of ``"ls_ce"``. Separate from ``temperature`` because the
+            official DT -> student loss works on raw logits (``T = 1``) while the static KD
+            default uses ``T = 4``.
+    """
+
+    dt_to_student: str = "ls_ce"
+    dt_to_student_weight: float = 3.0
+    static_kd: str = "kd"
+    static_kd_weight: float = 1.0
+    temperature: float = 4.0
+    smoothing: float = 0.1
+    dkd_alpha: float = 1.0
+    dkd_beta: float = 8.0
+    ls_temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        # fail when the config is built, not at the first training step
+        get_kd_loss(self.dt_to_student)
+        get_kd_loss(self.static_kd)
+        for name in ("temperature", "ls_temperature"):
+            if not getattr(self, name) > 0:
+                raise LossInputError(f"GPDLossConfig.{name} must be > 0, got {getattr(self, name)}")
+        for name in ("dt_to_student_weight", "static_kd_weight"):
+            if getattr(self, name) < 0:
+                raise LossInputError(f"GPDLossConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.smoothing <= 1.0:
+            raise LossInputError(f"GPDLossConfig.smoothing must be in [0, 1], got {self.smoothing}")
+
+
+KDLossFn = Callable[[Tensor, Tensor, Tensor, GPDLossConfig], Tensor]
+"""Uniform signature of a registered KD loss: ``(student_logits, teacher_logits, targets, cfg)``."""
+
+KD_LOSSES: dict[str, KDLossFn] = {}
+"""KD losses by name. Each entry adapts a loss to :data:`KDLossFn`, reading its
+hyper-parameters from the :class:`GPDLossConfig`. Fill with :func:`register_kd_loss`."""
+
+
+def register_kd_loss(name: str) -> Callable[[KDLossFn], KDLossFn]:
+    """Decorator adding a KD loss to :data:`KD_LOSSES` under ``name``.
+
+    Args:
+        name: key used in :class:`GPDLossConfig` (``dt_to_student`` / ``static_kd``).
+
+    Returns:
+        The decorator; it returns the function unchanged.
+
+    Example:
+        >>> @register_kd_loss("mse_logits")
+        ... def _mse(student, teacher, targets, cfg):
+        ...     return F.mse_loss(student, teacher)
+        >>> cfg = GPDLossConfig(dt_to_student="mse_logits")
+    """
+
+    def decorator(fn: KDLossFn) -> KDLossFn:
+        if name in KD_LOSSES:
+            raise LossInputError(f"a KD loss named {name!r} is already registered; pick another name")
+        KD_LOSSES[name] = fn
+        return fn
+
+    return decorator
+
+
+def get_kd_loss(name: str) -> KDLossFn:
+    """The registered KD loss called ``name``; the error lists the valid names.
+
+    Args:
+        name: a key of :data:`KD_LOSSES`.
+
+    Returns:
+        The loss, with signature :data:`KDLossFn`.
+
+    Example:
+        >>> get_kd_loss("kd") is KD_LOSSES["kd"]
+        True
+    """
+    try:
+        return KD_LOSSES[name]
+    except KeyError:
+        raise LossInputError(
+            f"unknown KD loss {name!r}; valid names: {sorted(KD_LOSSES)} "
+            "(add your own with gpd_fx.losses.register_kd_loss)"
+        ) from None
+
+
+@register_kd_loss("kd")
+def _kd_entry(student: Tensor, teacher: Tensor, targets: Tensor, cfg: GPDLossConfig) -> Tensor:
+    return hinton_kd(student, teacher, temperature=cfg.temperature)
+
+
+@register_kd_loss("ls_ce")
+def _ls_ce_entry(student: Tensor, teacher: Tensor, targets: Tensor, cfg: GPDLossConfig) -> Tensor:
+    return label_smoothed_soft_ce(student, teacher, smoothing=cfg.smoothing, temperature=cfg.ls_temperature)
+
+
+@register_kd_loss("dkd")
+def _dkd_entry(student: Tensor, teacher: Tensor, targets: Tensor, cfg: GPDLossConfig) -> Tensor:
+    return dkd(student, teacher, targets, alpha=cfg.dkd_alpha, beta=cfg.dkd_beta, temperature=cfg.temperature)
+
+
+# ----------------------------------------------------------------------------- objective
+
+
+def gpd_loss(
+    teacher_logits: Tensor,
+    student_logits: Tensor,
+    targets: Tensor,
+    cfg: GPDLossConfig | None = None,
+    static_logits: Tensor | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The GPD objective for one batch (design.md section 3).
+
+    ::
+
+        L_DT = CE(DT, y) + [w_s * KD_s(DT, T)]
+        L_S  = CE(S, y)  + [w_s * KD_s(S, T)] + lambda * KD_dt(S, DT.detach())
+        loss = L_DT + L_S
+
+    ``DT`` is detached in the ``lambda`` term so the dynamic teacher is trained by its own
+    terms only and is not pulled towards the student. Static-teacher logits are constants
+    (detached here too, so a caller that forgot ``torch.no_grad`` still cannot train it).
+    The bracketed terms are present only when ``static_logits`` is given.
+
+    Args:
+        teacher_logits: ``(N, K)`` logits of the dynamic teacher.
+        student_logits: ``(N, K)`` logits of the student.
+        targets: ``(N,)`` integer ground-truth classes.
+        cfg: loss names, weights and hyper-parameters; defaults to ``GPDLossConfig()``.
+        static_logits: optional ``(N, K)`` logits of a static (pretrained) teacher.
+
+    Returns:
+        ``(loss, parts)``: the scalar loss to backpropagate, and a dict of detached scalars
+        for logging: ``ce_teacher``, ``ce_student``, ``kd_teacher_static``,
+        ``kd_student_static``, ``kd_student_dt`` (each before its weight; the static ones are
+        0 without a static teacher) and ``total`` (the weighted sum, equal to ``loss``).
+
+    Example:
+        >>> dt, s, y = torch.randn(4, 10), torch.randn(4, 10), torch.randint(0, 10, (4,))
+        >>> loss, parts = gpd_loss(dt, s, y, GPDLossConfig())
+        >>> sorted(parts)[:2]
+        ['ce_student', 'ce_teacher']
+    """
+    cfg = GPDLossConfig() if cfg is None else cfg
+    _check_logits(student_logits, teacher_logits, who="teacher")
+    _check_targets(student_logits, targets)
+    dt_kd = get_kd_loss(cfg.dt_to_student)
+
+    ce_teacher = F.cross_entropy(teacher_logits, targets)
+    ce_student = F.cross_entropy(student_logits, targets)
+    kd_student_dt = dt_kd(student_logits, teacher_logits.detach(), targets, cfg)
+
+    if static_logits is not None:
+        _check_logits(student_logits, static_logits, who="static")
+        static_kd = get_kd_loss(cfg.static_kd)
+        static = static_logits.detach()
+        kd_teacher_static = static_kd(teacher_logits, static, targets, cfg)
+        kd_student_static = static_kd(student_logits, static, targets, cfg)
+        loss_teacher = ce_teacher + cfg.static_kd_weight * kd_teacher_static
+        loss_student = ce_student + cfg.static_kd_weight * kd_student_static
+    else:
+        # zeros keep the set of logged keys fixed whatever the scenario
+        kd_teacher_static = kd_student_static = student_logits.new_zeros(())
+        loss_teacher, loss_student = ce_teacher, ce_student
+
+    loss = loss_teacher + loss_student + cfg.dt_to_student_weight * kd_student_dt
+    parts = {
+        "ce_teacher": ce_teacher.detach(),
+        "ce_student": ce_student.detach(),
+        "kd_teacher_static": kd_teacher_static.detach(),
+        "kd_student_static": kd_student_static.detach(),
+        "kd_student_dt": kd_student_dt.detach(),
+        "total": loss.detach(),
+    }
+    return loss, parts
