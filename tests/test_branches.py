@@ -1,0 +1,247 @@
+"""Tests for gpd_fx.passes.branches: online-folded multi-branch conv and linear layers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.testing import assert_close
+
+from gpd_fx.errors import GPDError
+from gpd_fx.passes.branches import (
+    BRANCH_KINDS_CONV,
+    BranchConfigError,
+    BranchConvNd,
+    BranchLinear,
+)
+
+# torch's own note that 'same' with an even kernel pads a copy of the input; expected here.
+pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+
+CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+# (dim, cin, cout, kernel, stride, padding, dilation, groups, padding_mode, expected branches)
+ALL = BRANCH_KINDS_CONV
+NO_ID = ("kxk", "1x1", "1x1_kxk", "1x1_avg")
+EVEN = ("kxk", "1x1_kxk", "1x1_avg")
+CASES = [
+    (2, 4, 4, 3, 1, 1, 1, 1, "zeros", ALL),
+    (2, 4, 6, 3, 2, 1, 1, 1, "zeros", NO_ID),
+    (2, 4, 4, 3, 1, "same", 2, 1, "reflect", ALL),
+    (2, 4, 4, 5, 1, "valid", 1, 2, "zeros", ALL),
+    (2, 6, 6, 3, 1, 1, 1, 6, "zeros", ALL),  # depthwise
+    (2, 6, 6, 3, 2, 1, 1, 6, "replicate", NO_ID),  # strided depthwise
+    (2, 4, 6, 3, 2, (1, 0), 1, 2, "circular", NO_ID),
+    (2, 4, 4, 4, 2, 1, 1, 1, "zeros", EVEN),
+    (2, 4, 4, 2, 1, "same", 1, 2, "zeros", EVEN),  # asymmetric 'same' padding
+    (2, 4, 4, (1, 3), 1, (0, 1), 1, 1, "replicate", ALL),
+    (2, 4, 4, (3, 5), (2, 1), (2, 0), (1, 2), 4, "zeros", NO_ID),
+    (1, 4, 4, 3, 1, 0, 3, 2, "zeros", ALL),
+    (1, 3, 5, 5, 3, 2, 1, 1, "reflect", NO_ID),
+    (3, 4, 4, 3, 1, 1, 1, 4, "zeros", ALL),
+    (3, 2, 4, (3, 1, 3), (1, 2, 1), (1, 0, 2), (2, 1, 1), 2, "circular", NO_ID),
+    (2, 4, 4, 1, 1, 0, 1, 1, "zeros", ("kxk", "identity")),
+    (2, 4, 4, 1, 2, 0, 1, 2, "zeros", ("kxk",)),
+]
+
+
+def _conv(dim, cin, cout, k, stride, padding, dilation, groups, mode, bias=True):
+    return CONVS[dim - 1](cin, cout, k, stride, padding, dilation, groups, bias, mode, dtype=torch.float64)
+
+
+def _branch(conv, **kw):
+    return BranchConvNd(conv.weight, conv.bias, dim=conv.weight.dim() - 2, stride=conv.stride,
+                        padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
+                        padding_mode=conv.padding_mode, **kw)
+
+
+def _pad(conv, x):
+    """Pad ``x`` exactly as ``conv`` pads it (the reference for crop-style branches)."""
+    mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+    return F.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
+
+
+def _separate(m: BranchConvNd, conv, x):
+    """Run every branch as its own sequence of ops, scale per output channel and sum."""
+    dim, g, k = m.dim, m.groups, m.kernel_size
+    ref = CONVS[dim - 1]
+    xp = _pad(conv, x)
+    y = F.conv1d if dim == 1 else F.conv2d if dim == 2 else F.conv3d
+    outs = {"kxk": conv(x)}
+    out_shape = outs["kxk"].shape[2:]
+    # Centre tap of the k×k window sits d*(k-1)/2 past the window start in the padded input.
+    centre = tuple(slice(d * (kk // 2), None) for d, kk in zip(m.dilation, k))
+    crop = tuple(slice(0, n) for n in out_shape)
+    if "1x1" in m.branches:
+        outs["1x1"] = y(xp[(..., *centre)], m.weight_1x1, None, m.stride, 0, 1, g)[(..., *crop)]
+    if "1x1_kxk" in m.branches:
+        second = ref(m.weight_1x1_kxk_b.shape[1] * g, m.out_channels, k, m.stride, m.padding, m.dilation, g,
+                     False, m.padding_mode, dtype=x.dtype)
+        second.weight.data.copy_(m.weight_1x1_kxk_b)
+        outs["1x1_kxk"] = second(y(x, m.weight_1x1_kxk_a, None, 1, 0, 1, g))
+    if "1x1_avg" in m.branches:
+        # Average pooling with count_include_pad=True as a depthwise uniform conv (avg_pool has no dilation).
+        avg = ref(m.out_channels, m.out_channels, k, m.stride, m.padding, m.dilation, m.out_channels,
+                  False, m.padding_mode, dtype=x.dtype)
+        avg.weight.data.fill_(1.0 / math.prod(k))
+        outs["1x1_avg"] = avg(y(x, m.weight_1x1_avg, None, 1, 0, 1, g))
+    if "identity" in m.branches:
+        outs["identity"] = xp[(..., *centre)][(..., *crop)]
+    bias = 0 if m.bias is None else m.bias.view(-1, *[1] * dim)
+    total = sum(getattr(m, f"v_{b}").view(-1, *[1] * dim) * (o - bias if b == "kxk" else o) for b, o in outs.items())
+    return total + bias
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_fold_equals_separate_branches(case):
+    """The folded single conv equals the branches run separately, scaled and summed."""
+    *cfg, expected = case
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    conv = _conv(*cfg)
+    m = _branch(conv, generator=g)
+    assert m.branches == expected
+    with torch.no_grad():
+        for b in m.branches:
+            getattr(m, f"v_{b}").normal_(generator=g)
+    x = torch.randn(2, cfg[1], *(11, 10, 9)[: cfg[0]], dtype=torch.float64)
+    # float64 and O(10) terms per output: rounding differences stay far below 1e-12.
+    assert_close(m(x), _separate(m, conv, x), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_init_is_exact(case):
+    """At init the effective weight is the given weight bitwise, and the output matches nn.Conv bitwise."""
+    *cfg, _ = case
+    conv = _conv(*cfg)
+    m = _branch(conv, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(2, cfg[1], *[10] * cfg[0], dtype=torch.float64)
+    assert torch.equal(m.effective_weight(), conv.weight)
+    assert torch.equal(m.weight, conv.weight)
+    assert torch.equal(m(x), conv(x))
+    assert torch.equal(m.fold()(x), conv(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_init_exact_in_dtype(dtype):
+    """Exactness at init holds in every float dtype (1*W + 0*K_b adds exact zeros)."""
+    w = torch.randn(8, 8, 3, 3, dtype=dtype)
+    m = BranchConvNd(w, None, dim=2, padding=1, generator=torch.Generator().manual_seed(0))
+    lin = BranchLinear(w[:, :, 0, 0], None, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(m.effective_weight(), w)
+    assert torch.equal(lin.effective_weight(), w[:, :, 0, 0])
+
+
+def test_avg_branch_matches_avg_pool():
+    """The 1x1_avg branch equals a 1x1 conv followed by F.avg_pool2d(count_include_pad=True)."""
+    g = torch.Generator().manual_seed(0)
+    m = BranchConvNd(torch.randn(6, 4, 3, 3, dtype=torch.float64), None, dim=2, stride=2, padding=1,
+                     branches=("kxk", "1x1_avg"), generator=g)
+    x = torch.randn(2, 4, 9, 9, dtype=torch.float64)
+    with torch.no_grad():
+        m.v_kxk.zero_()
+        m.v_1x1_avg.fill_(1)
+    ref = F.avg_pool2d(F.conv2d(x, m.weight_1x1_avg), 3, 2, 1, count_include_pad=True)
+    assert_close(m(x), ref, atol=1e-12, rtol=0)  # float64, 9-term sums
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_every_scale_gets_gradient(case):
+    """After one backward at init, every v_b has a non-zero gradient in every output channel."""
+    *cfg, _ = case
+    m = _branch(_conv(*cfg), generator=torch.Generator().manual_seed(2))
+    x = torch.randn(2, cfg[1], *[10] * cfg[0], dtype=torch.float64)
+    (m(x) * torch.randn_like(m(x))).sum().backward()
+    for b in m.branches:
+        grad = getattr(m, f"v_{b}").grad
+        assert grad is not None and bool((grad != 0).all()), b
+
+
+def test_seeded_generator_reproduces():
+    """The same generator seed gives the same extra-branch parameters."""
+    w = torch.randn(4, 4, 3, 3)
+    a = BranchConvNd(w, None, dim=2, padding=1, generator=torch.Generator().manual_seed(3))
+    b = BranchConvNd(w, None, dim=2, padding=1, generator=torch.Generator().manual_seed(3))
+    for (na, pa), (nb, pb) in zip(a.named_parameters(), b.named_parameters()):
+        assert na == nb and torch.equal(pa, pb)
+
+
+def test_mid_channels_option():
+    """A wider 1x1_kxk middle (per group) still folds exactly."""
+    torch.manual_seed(0)
+    conv = _conv(2, 4, 6, 3, 1, 1, 1, 2, "zeros")
+    m = _branch(conv, branches=("kxk", "1x1_kxk"), mid_channels=8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        m.v_1x1_kxk.normal_()
+    assert m.weight_1x1_kxk_a.shape == (8, 2, 1, 1) and m.weight_1x1_kxk_b.shape == (6, 4, 3, 3)
+    x = torch.randn(2, 4, 7, 7, dtype=torch.float64)
+    assert_close(m(x), _separate(m, conv, x), atol=1e-12, rtol=0)  # float64
+
+
+def test_applicable_branches():
+    """applicable_branches reports the kinds the constructor builds by default."""
+    assert BranchConvNd.applicable_branches(8, 8, 3) == BRANCH_KINDS_CONV
+    assert BranchConvNd.applicable_branches(8, 8, 3, stride=2) == ("kxk", "1x1", "1x1_kxk", "1x1_avg")
+    assert BranchConvNd.applicable_branches(8, 16, 4) == ("kxk", "1x1_kxk", "1x1_avg")
+    assert BranchConvNd.applicable_branches(8, 8, 1) == ("kxk", "identity")
+    assert BranchConvNd.applicable_branches(8, 8, (3, 1, 3), dim=3) == BRANCH_KINDS_CONV
+    assert BranchLinear.applicable_branches(5, 5) == ("linear", "identity", "lowrank")
+    assert BranchLinear.applicable_branches(5, 7) == ("linear", "lowrank")
+
+
+def test_branch_config_errors():
+    """Unknown, inapplicable, duplicate or original-less branch sets raise BranchConfigError."""
+    w = torch.randn(6, 4, 3, 3)
+    assert issubclass(BranchConfigError, GPDError) and issubclass(BranchConfigError, ValueError)
+    with pytest.raises(BranchConfigError, match=r"unknown branch kind 'bogus'.*valid kinds.*'1x1_avg'"):
+        BranchConvNd(w, None, dim=2, branches=("kxk", "bogus"))
+    with pytest.raises(BranchConfigError, match=r"'identity' does not apply.*6 != 4"):
+        BranchConvNd(w, None, dim=2, branches=("kxk", "identity"))
+    with pytest.raises(BranchConfigError, match=r"'identity' does not apply.*stride 1"):
+        BranchConvNd(torch.randn(4, 4, 3, 3), None, dim=2, stride=2, branches=("kxk", "identity"))
+    with pytest.raises(BranchConfigError, match=r"'1x1' does not apply.*even"):
+        BranchConvNd(torch.randn(4, 4, 2, 2), None, dim=2, branches=("kxk", "1x1"))
+    with pytest.raises(BranchConfigError, match=r"lacks 'kxk'"):
+        BranchConvNd(w, None, dim=2, branches=("1x1",))
+    with pytest.raises(BranchConfigError, match=r"twice"):
+        BranchConvNd(w, None, dim=2, branches=("kxk", "1x1", "1x1"))
+    with pytest.raises(BranchConfigError, match=r"'identity' does not apply.*5 != 3"):
+        BranchLinear(torch.randn(3, 5), None, branches=("linear", "identity"))
+    with pytest.raises(BranchConfigError, match=r"valid kinds.*'lowrank'"):
+        BranchLinear(torch.randn(3, 5), None, branches=("linear", "1x1"))
+    with pytest.raises(BranchConfigError, match=r"'same' needs stride 1"):
+        BranchConvNd(w, None, dim=2, stride=2, padding="same")
+
+
+def test_linear_fold_and_gradients():
+    """BranchLinear: exact at init, equals separate branches, default rank, every v_b gets a gradient."""
+    g = torch.Generator().manual_seed(0)
+    lin = nn.Linear(12, 12, dtype=torch.float64)
+    m = BranchLinear(lin.weight, lin.bias, generator=g)
+    x = torch.randn(3, 5, 12, dtype=torch.float64)
+    assert m.rank == 3 and m.branches == ("linear", "identity", "lowrank")
+    assert torch.equal(m.weight, lin.weight) and torch.equal(m(x), lin(x))
+    (m(x) * torch.randn(3, 5, 12, dtype=torch.float64)).sum().backward()
+    assert all(bool((getattr(m, f"v_{b}").grad != 0).all()) for b in m.branches)
+    with torch.no_grad():
+        for b in m.branches:
+            getattr(m, f"v_{b}").normal_(generator=g)
+    ref = (m.v_linear * (x @ lin.weight.T) + m.v_identity * x
+           + m.v_lowrank * ((x @ m.lowrank_b.T) @ m.lowrank_a.T) + lin.bias)
+    assert_close(m(x), ref, atol=1e-12, rtol=0)  # float64, 12-term dot products
+    assert_close(m.fold()(x), m(x), atol=1e-12, rtol=0)
+    assert BranchLinear(torch.randn(3, 40), None, rank=2).lowrank_a.shape == (3, 2)
+
+
+def test_fx_traceable():
+    """Both layers trace with torch.fx and the traced graph reproduces the module bitwise."""
+    conv = BranchConvNd(torch.randn(4, 4, 3, 3), torch.randn(4), dim=2, padding=1, padding_mode="reflect")
+    lin = BranchLinear(torch.randn(6, 6), torch.randn(6))
+    for m, x in ((conv, torch.randn(1, 4, 8, 8)), (lin, torch.randn(2, 6))):
+        with torch.no_grad():
+            for b in m.branches:
+                getattr(m, f"v_{b}").normal_()
+        assert torch.equal(torch.fx.symbolic_trace(m)(x), m(x))
