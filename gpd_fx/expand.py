@@ -1,0 +1,185 @@
+"""``gpd_fx.expand``: trace a student and build its exact dynamic teacher (IR, then CBR)."""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from gpd_fx.errors import ExpandInputError, GPDError, VerificationError
+from gpd_fx.passes import rules as _rules  # noqa: F401  (registers the built-in rules)
+from gpd_fx.passes.registry import make_registry
+from gpd_fx.passes.trace import trace
+from gpd_fx.passes.widen import Builder
+from gpd_fx.teacher import DynamicTeacher, ExpansionReport
+
+__all__ = ["expand"]
+
+# Self-verification tolerance, relative to the largest student output magnitude. In float64
+# (eps 1.1e-16) the teacher's sums have r times more terms in a different order; even for deep
+# nets with ~1e5-term reductions the rounding stays below ~1e-11, so 1e-9 leaves two orders of
+# headroom while a wrong rule (errors of order 1) cannot pass. In float32 (eps 6e-8) the same
+# reasoning gives ~1e-4; models that cannot run in float64 are checked at 1e-3.
+TOL = {torch.float64: 1e-9, torch.float32: 1e-3}
+
+
+def _as_inputs(example_inputs) -> tuple:
+    if example_inputs is None:
+        raise ExpandInputError(
+            "expand needs example_inputs to verify the teacher, e.g. "
+            "expand(model, ratio=2, example_inputs=(torch.randn(1, 3, 64, 64),))")
+    if isinstance(example_inputs, Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, list):
+        example_inputs = tuple(example_inputs)
+    if not isinstance(example_inputs, tuple) or not example_inputs:
+        raise ExpandInputError(f"example_inputs must be a tensor or a tuple of them, got {type(example_inputs).__name__}")
+    return example_inputs
+
+
+def _to_probe_dtype(model: nn.Module, inputs: tuple) -> tuple[nn.Module, tuple, torch.dtype]:
+    """A float64 working copy of the model and inputs when the model runs in float64."""
+    work = copy.deepcopy(model).eval()
+    dinputs = tuple(x.double() if isinstance(x, Tensor) and x.is_floating_point() else x for x in inputs)
+    try:
+        work64 = copy.deepcopy(work).double()
+        with torch.no_grad():
+            work64(*dinputs)
+        return work64, dinputs, torch.float64
+    except Exception:
+        pass
+    with torch.no_grad():
+        try:
+            work(*inputs)
+        except Exception as e:
+            shapes = [tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__ for x in inputs]
+            raise ExpandInputError(
+                f"the model fails on the example inputs {shapes}: {type(e).__name__}: {e}. "
+                "Pass inputs that the model accepts, e.g. example_inputs=(torch.randn(1, 3, 224, 224),)") from e
+    return work, inputs, next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def expand(model: nn.Module, ratio: int = 2, example_inputs: Tensor | Sequence[Any] | None = None, *,
+           noise: float = 0.1, seed: int = 0, strict: bool = False,
+           leaf_modules: Iterable[type | nn.Module] | None = None,
+           concrete_args: dict[str, Any] | None = None,
+           extra_rules: dict[Any, Callable] | None = None,
+           branches: Sequence[str] | dict[str, Sequence[str]] | None = (),
+           progress: bool = False) -> DynamicTeacher:
+    """Build the dynamic teacher of ``model``: ``ratio`` times wider, same function at init.
+
+    Args:
+        model: the student, any ``torch.fx``-traceable module. Never modified.
+        ratio: integer expansion ratio r >= 1 (r = 1 gives an exact copy with the same graph).
+        example_inputs: a tensor or tuple of tensors the model accepts; used to trace shapes and
+            to verify the teacher (in float64 when the model allows).
+        noise: std of the zero-sum symmetry-breaking noise, relative to each weight's std; 0 off.
+        seed: seed of the noise and of the multi-branch parameters.
+        strict: raise :class:`~gpd_fx.errors.UnsupportedOpError` instead of cutting a boundary.
+        leaf_modules: module classes or instances not to trace into.
+        concrete_args: fixed Python-level arguments for tracing ``forward``.
+        extra_rules: ``{module type | function | method name: rule}`` user rules, tried first.
+        branches: multi-branch kinds for the teacher's conv/linear layers (CBR): ``()`` for IR only,
+            ``None`` for every kind that applies, a list of kinds, or ``{"conv": [...], "linear": [...]}``.
+        progress: show a progress bar over the graph's nodes.
+
+    Returns:
+        A :class:`~gpd_fx.DynamicTeacher`: ``dt(x)`` is the teacher, ``dt.student(x)`` the
+        student as a function of the teacher's parameters, ``dt.report`` the expansion report.
+
+    Example:
+        >>> import torch, torchvision, gpd_fx
+        >>> m = torchvision.models.resnet18(num_classes=10)
+        >>> dt = gpd_fx.expand(m, ratio=2, example_inputs=(torch.randn(1, 3, 32, 32),))
+        >>> dt.report.expanded_flop_fraction > 0.95
+        True
+    """
+    t0 = time.perf_counter()
+    if isinstance(model, DynamicTeacher) or any(isinstance(m, DynamicTeacher) for m in model.modules()):
+        raise ExpandInputError("this model is already an expanded teacher; expand the original student "
+                               "(or gpd_fx.fold(dt) it first)")
+    if not isinstance(model, nn.Module):
+        raise ExpandInputError(f"expand takes an nn.Module, got {type(model).__name__}")
+    if isinstance(ratio, bool) or not isinstance(ratio, int) or ratio < 1:
+        raise ExpandInputError(f"ratio must be an integer >= 1, got {ratio!r}")
+    if not (isinstance(noise, (int, float)) and noise >= 0):
+        raise ExpandInputError(f"noise must be a number >= 0, got {noise!r}")
+    inputs = _as_inputs(example_inputs)
+    orig_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    work, probe, probe_dtype = _to_probe_dtype(model, inputs)
+    gm = trace(work, leaf_modules=_map_leaf_instances(model, work, leaf_modules), concrete_args=concrete_args)
+    builder = Builder(gm, ratio, noise=float(noise), seed=seed, strict=strict,
+                      tol=TOL.get(probe_dtype, 1e-3), extra_rules=make_registry(extra_rules))
+    with torch.no_grad():
+        result = builder.run(probe, progress=progress)
+    teacher = result.graph_module
+    n_branch = 0
+    if branches != () and branches != []:
+        from gpd_fx.passes.cbr import add_branches
+        n_branch = add_branches(teacher, result.sources, branches, seed=seed)
+        _verify_again(teacher, work, probe, TOL.get(probe_dtype, 1e-3))
+    teacher = teacher.to(orig_dtype)
+    template = copy.deepcopy(model)
+    mapped = {s.student_name for s in result.sources}
+    _params_to_meta(template, mapped)
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+    report = ExpansionReport(
+        ratio=ratio,
+        boundaries=[b.node for b in result.boundaries],
+        boundary_reasons={b.node: f"{b.op}: {b.reason}" for b in result.boundaries},
+        fallbacks={b.node: f"{b.op}: {b.reason}" for b in result.fallbacks},
+        expanded_flop_fraction=(result.expanded_flops / result.total_flops) if result.total_flops else 1.0,
+        student_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        teacher_params=sum(p.numel() for p in teacher.parameters() if p.requires_grad),
+        student_flops=result.total_flops,
+        max_rel_error=result.max_rel_error,
+        permutations=result.permutations,
+        runtime_widenings=result.runtime_widenings,
+        branch_layers=n_branch,
+        probe_dtype=str(probe_dtype).replace("torch.", ""),
+    )
+    config = dict(ratio=ratio, noise=noise, seed=seed, strict=strict,
+                  branches=list(branches) if isinstance(branches, (list, tuple)) else branches)
+    dt = DynamicTeacher(teacher, template, result.sources, buffers, report, config)
+    dt.train(model.training)
+    report.seconds = time.perf_counter() - t0
+    return dt
+
+
+def _map_leaf_instances(model, work, leaf_modules):
+    """Leaf *instances* given for the user's model, translated to the working copy."""
+    if not leaf_modules:
+        return leaf_modules
+    names = {id(m): n for n, m in model.named_modules()}
+    out = []
+    for x in leaf_modules:
+        if isinstance(x, nn.Module):
+            if id(x) not in names:
+                raise ExpandInputError(f"leaf module {type(x).__name__} is not a submodule of the model")
+            out.append(work.get_submodule(names[id(x)]))
+        else:
+            out.append(x)
+    return out
+
+
+def _params_to_meta(template: nn.Module, mapped: set[str]) -> None:
+    for name in mapped:
+        mod_name, _, attr = name.rpartition(".")
+        mod = template.get_submodule(mod_name) if mod_name else template
+        p = getattr(mod, attr)
+        if isinstance(p, nn.Parameter):
+            setattr(mod, attr, nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad))
+
+
+def _verify_again(teacher, work, probe, tol) -> None:
+    from gpd_fx.passes.widen import _compare_tree
+
+    with torch.no_grad():
+        t = teacher(*probe)
+        s = work(*probe)
+    class _N:  # a stand-in carrying a name for the message
+        name = "output (after multi-branch rewrite)"
+    _compare_tree(t, s, _N, tol)

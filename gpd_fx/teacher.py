@@ -1,0 +1,151 @@
+"""The dynamic teacher module returned by :func:`gpd_fx.expand`, and its expansion report."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from gpd_fx.passes.student_map import ParamSource, evaluate_map
+
+__all__ = ["DynamicTeacher", "ExpansionReport"]
+
+
+@dataclass
+class ExpansionReport:
+    """What :func:`gpd_fx.expand` did.
+
+    Attributes:
+        ratio: the expansion ratio.
+        boundaries: names of the nodes that run at student width (their inputs are narrowed).
+        boundary_reasons: ``{node: "op: reason"}`` for each boundary.
+        fallbacks: nodes whose rule gave a result that did not verify and became boundaries
+            (always a bug in a rule; empty in a healthy run).
+        expanded_flop_fraction: share of the student's FLOPs (conv/matmul/attention, as counted by
+            ``torch.utils.flop_counter``) that run expanded in the teacher, 0..1.
+        student_params / teacher_params: trainable parameter counts.
+        student_flops: FLOPs of one student forward on the example input.
+        max_rel_error: max |teacher - student| / max |student| at the outputs on the probe.
+        permutations: explicit layout permutations inserted.
+        runtime_widenings: kept tensors widened at run time (not parameters).
+        branch_layers: layers rewritten into multi-branch form (CBR).
+        seconds: wall time of ``expand``.
+        probe_dtype: dtype the self-verification ran in.
+        coupling_groups: number of groups of tensors whose layouts are tied.
+    """
+
+    ratio: int
+    boundaries: list[str] = field(default_factory=list)
+    boundary_reasons: dict[str, str] = field(default_factory=dict)
+    fallbacks: dict[str, str] = field(default_factory=dict)
+    expanded_flop_fraction: float = 0.0
+    student_params: int = 0
+    teacher_params: int = 0
+    student_flops: float = 0.0
+    max_rel_error: float = 0.0
+    permutations: int = 0
+    runtime_widenings: int = 0
+    branch_layers: int = 0
+    seconds: float = 0.0
+    probe_dtype: str = ""
+
+    def summary(self) -> str:
+        return (f"ratio {self.ratio}: teacher {self.teacher_params:,} params vs student "
+                f"{self.student_params:,}; expanded FLOP share {self.expanded_flop_fraction:.3f}; "
+                f"{len(self.boundaries)} boundaries; {self.branch_layers} multi-branch layers; "
+                f"max rel. error {self.max_rel_error:.2e} ({self.probe_dtype}); {self.seconds:.2f} s")
+
+    def __str__(self) -> str:
+        lines = [self.summary()]
+        for n, why in self.boundary_reasons.items():
+            lines.append(f"  boundary {n}: {why}")
+        for n, why in self.fallbacks.items():
+            lines.append(f"  FALLBACK {n}: {why}")
+        return "\n".join(lines)
+
+
+class _BufferStore(nn.Module):
+    """Holds the student's own buffers (BN running statistics) under '/'-joined names."""
+
+    def __init__(self, buffers: dict[str, Tensor]):
+        super().__init__()
+        for name, t in buffers.items():
+            self.register_buffer(name.replace(".", "/"), t)
+
+    def as_dict(self) -> dict[str, Tensor]:
+        return {k.replace("/", "."): v for k, v in self._buffers.items()}
+
+
+class DynamicTeacher(nn.Module):
+    """A wider teacher that computes the student's function at initialisation.
+
+    ``dt(x)`` runs the teacher. ``dt.student(x)`` runs the user's own module with parameters
+    mapped (differentiably) from the teacher's, so one backward trains both. The only trainable
+    parameters are the teacher's; the student's BN running statistics are kept here as buffers
+    and updated by ``dt.student`` in train mode.
+
+    Attributes:
+        teacher: the teacher ``GraphModule``.
+        report: the :class:`ExpansionReport`.
+        expand_config: the arguments of :func:`gpd_fx.expand`, to rebuild before loading a state dict.
+    """
+
+    def __init__(self, teacher: nn.Module, template: nn.Module, sources: list[ParamSource],
+                 student_buffers: dict[str, Tensor], report: ExpansionReport, expand_config: dict[str, Any]):
+        super().__init__()
+        self.teacher = teacher
+        self.student_state = _BufferStore(student_buffers)
+        # The user's module is a template only: its mapped parameters live on the meta device,
+        # so no parameter exists twice. Not registered as a submodule for the same reason.
+        self.__dict__["_template"] = template
+        self.sources = sources
+        self.report = report
+        self.expand_config = dict(expand_config)
+        self.ratio = report.ratio
+
+    @property
+    def template(self) -> nn.Module:
+        """The user's module class and structure (mapped parameters are on the meta device)."""
+        return self._template
+
+    def forward(self, *args, **kwargs):
+        return self.teacher(*args, **kwargs)
+
+    def student_parameters(self) -> dict[str, Tensor]:
+        """The student's parameters as a differentiable function of the teacher's."""
+        return evaluate_map(self.teacher, self.sources)
+
+    def student_state_dict(self) -> dict[str, Tensor]:
+        """Mapped parameters plus the student's own buffers, keyed like the user's model."""
+        state = self.student_parameters()
+        state.update(self.student_state.as_dict())
+        return state
+
+    def student(self, *args, **kwargs):
+        """Run the user's student module with the mapped parameters and its own buffers."""
+        state = self.student_state_dict()
+        return functional_call(self._template, state, args, kwargs, tie_weights=True, strict=False)
+
+    def joint(self, *args, **kwargs):
+        """``(teacher(x), student(x))`` in one call: the forward to wrap in DDP or compile."""
+        return self.teacher(*args, **kwargs), self.student(*args, **kwargs)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self._template.train(mode)
+        return self
+
+    def _apply(self, fn, recurse=True):
+        # keep the template's non-mapped tensors (unused parameters) on the same device/dtype
+        super()._apply(fn, recurse)
+        mapped = {s.student_name for s in self.sources}
+        for name, p in list(self._template.named_parameters()):
+            if name not in mapped and p.device.type != "meta":
+                p.data = fn(p.data)
+        return self
+
+    def extra_repr(self) -> str:
+        return f"ratio={self.ratio}, {len(self.sources)} mapped student parameters"

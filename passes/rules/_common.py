@@ -1,0 +1,59 @@
+"""Small helpers shared by the rule modules (argument access, module cloning)."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch.fx as fx
+from torch import Tensor, nn
+
+from ..layout import Layout, interleaved
+from ..registry import CannotExpand
+
+
+def arg(node: fx.Node, i: int, name: str, default: Any = None) -> Any:
+    """Positional-or-keyword argument ``i``/``name`` of a student node."""
+    if len(node.args) > i:
+        return node.args[i]
+    return node.kwargs.get(name, default)
+
+
+def tensor_inputs(ctx, node: fx.Node) -> list[fx.Node]:
+    """Student argument nodes (flattened) whose value is a tensor."""
+    return [a for a in node.all_input_nodes if isinstance(ctx.b.svals.get(a), Tensor)]
+
+
+def norm_dim(d: int, ndim: int) -> int:
+    return d + ndim if d < 0 else d
+
+
+def out_layout(ctx, dim: int, width: int | None = None) -> Layout:
+    """A fresh interleaved layout for a newly expanded output channel dim."""
+    return interleaved(width if width is not None else ctx.out.shape[dim], ctx.r, dim)
+
+
+def clone_module(m: nn.Module, params: dict[str, Tensor | None], buffers: dict[str, Tensor | None] | None = None,
+                 **attrs) -> nn.Module:
+    """A shallow copy of ``m`` (same class and settings) with new parameters/buffers/attributes.
+
+    Deep-copying would duplicate the student weights only to throw them away; the new module
+    keeps everything else (stride, padding, eps, hooks-free state) from the original.
+    """
+    new = copy.copy(m)
+    new.__dict__ = m.__dict__.copy()
+    new._parameters = m._parameters.copy()
+    new._buffers = m._buffers.copy()
+    new._modules = m._modules.copy()
+    for k, v in params.items():
+        new._parameters[k] = None if v is None else nn.Parameter(v, requires_grad=m._parameters[k].requires_grad)
+    for k, v in (buffers or {}).items():
+        new._buffers[k] = v
+    for k, v in attrs.items():
+        setattr(new, k, v)
+    return new
+
+
+def need_dim(lay: Layout | None, dim: int, what: str) -> None:
+    if lay is not None and lay.dim != dim:
+        raise CannotExpand(f"{what} expects the channels on dim {dim}, the input has them on dim {lay.dim}")

@@ -1,0 +1,155 @@
+"""Contractions and attention: ``matmul``/``@``/``bmm``/``einsum``, SDPA, ``nn.MultiheadAttention``.
+
+A contraction over a dim expanded in both operands sums r copies of every product, so its
+result gets ``* (1/r)``; SDPA gets an explicit ``scale = student_scale / r`` because its default
+scale would see the wider head dim. Contractions over kept dims leave the layout where it is.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..layout import Layout, gpd_sum_correction, interleaved
+from ..registry import CannotExpand, register
+from ..weights import widen_per_channel
+from ._common import arg, clone_module
+
+
+def _matmul_param(ctx, node, a, b, la, lb):
+    """``x @ P`` with ``P`` a parameter used as a weight (in, out): apply the weight rule."""
+    from .linear_ops import _expand_output, weight_arg
+
+    pv = ctx.sval(b)
+    out_lay = interleaved(pv.shape[-1], ctx.r, ctx.out.dim() - 1) if _expand_output(ctx, pv.shape[-1]) else None
+    wd = weight_arg(ctx, b, pv.dim() - 1, pv.dim() - 2, None if out_lay is None else out_lay.at(pv.dim() - 1),
+                    la.index, pv.shape[-2])
+    return ctx.call_function(operator.matmul, ctx.dt(a), wd), out_lay
+
+
+@register(operator.matmul, torch.matmul, "matmul", torch.bmm, "bmm", "__matmul__")
+def matmul(ctx, node):
+    a, b = node.args[0], node.args[1]
+    la, lb = ctx.layout(a), ctx.layout(b)
+    if la is None and lb is None:
+        return ctx.emit_same(), None
+    sa, sb, out = ctx.sval(a), ctx.sval(b), ctx.out
+    if sa.dim() < 2 or sb.dim() < 2:
+        raise CannotExpand("matmul with a vector operand")
+    na, nb, no = sa.dim(), sb.dim(), out.dim()
+    # operand a: (..., n, k); operand b: (..., k, m); out: (..., n, m)
+    a_k, b_k = na - 1, nb - 2
+    if isinstance(la, Layout) and la.dim == a_k and lb is None and b.op == "get_attr" and nb == 2:
+        return _matmul_param(ctx, node, a, b, la, lb)
+    contracted = (isinstance(la, Layout) and la.dim == a_k) or (isinstance(lb, Layout) and lb.dim == b_k)
+    if contracted:
+        ref = la if isinstance(la, Layout) and la.dim == a_k else lb
+        ad = ctx.to_layout(a, ref.at(a_k))
+        bd = ctx.to_layout(b, ref.at(b_k))
+        for other, lay, k in ((a, la, a_k), (b, lb, b_k)):
+            if isinstance(lay, Layout) and lay.dim != k:
+                raise CannotExpand("both a contracted and a free dim are expanded")
+        y = ctx.call_function(operator.matmul, ad, bd)
+        return ctx.call_function(gpd_sum_correction, y, ctx.r), None
+    # free dims only: row dim of a -> out dim no-2, column dim of b -> out dim no-1,
+    # batch dims broadcast (aligned from the right)
+    out_lay = None
+    args = []
+    for x, lay, nx, free, out_free in ((a, la, na, na - 2, no - 2), (b, lb, nb, nb - 1, no - 1)):
+        if isinstance(lay, Layout):
+            d = out_free if lay.dim == free else lay.dim + no - nx
+            cand = lay.at(d)
+            if out_lay is not None and (out_lay.dim != d or not out_lay.same_map(cand)):
+                raise CannotExpand("two operands expanded on different output dims")
+            out_lay = cand
+    for x, lay, nx in ((a, la, na), (b, lb, nb)):
+        if lay is None and out_lay is not None and out_lay.dim < no - 2:
+            d = out_lay.dim - (no - nx)
+            if d >= 0 and ctx.sval(x).shape[d] != 1:
+                args.append(ctx.to_layout(x, out_lay.at(d)))
+                continue
+        if isinstance(lay, Layout) and lay.dim < nx - 2 and out_lay is not None:
+            args.append(ctx.to_layout(x, out_lay.at(lay.dim)))
+            continue
+        args.append(ctx.dt(x))
+    return ctx.call_function(operator.matmul, *args), out_lay
+
+
+@register(torch.einsum)
+def einsum(ctx, node):
+    eq = node.args[0]
+    ops = list(node.args[1:])
+    if len(ops) == 1 and isinstance(ops[0], (list, tuple)):
+        ops = list(ops[0])
+    lays = [ctx.layout(o) for o in ops]
+    if not any(isinstance(l, Layout) for l in lays):
+        return ctx.emit_same(), None
+    eq = eq.replace(" ", "")
+    if "..." in eq:
+        raise CannotExpand("einsum with ellipsis")
+    lhs, _, rhs = eq.partition("->")
+    specs = lhs.split(",")
+    letter, ref = None, None
+    for spec, lay in zip(specs, lays):
+        if isinstance(lay, Layout):
+            if letter is not None and spec[lay.dim] != letter:
+                raise CannotExpand("einsum with two different expanded letters")
+            letter, ref = spec[lay.dim], lay
+    if not rhs and "->" not in eq:
+        raise CannotExpand("implicit einsum output")
+    new_ops = []
+    for o, spec, lay in zip(ops, specs, lays):
+        if letter in spec:
+            new_ops.append(ctx.to_layout(o, ref.at(spec.index(letter))))
+        else:
+            new_ops.append(ctx.dt(o))
+    y = ctx.call_function(torch.einsum, node.args[0], *new_ops)
+    if letter in rhs:
+        return y, ref.at(rhs.index(letter))
+    n_with = sum(1 for spec in specs if letter in spec)
+    if n_with == 1:
+        # summed over the expanded letter in a single operand: plain sum over copies
+        return ctx.call_function(gpd_sum_correction, y, ctx.r), None
+    # contraction of several operands over the copies: each product appears r times
+    return ctx.call_function(gpd_sum_correction, y, ctx.r), None
+
+
+@register(F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
+def sdpa(ctx, node):
+    q, k, v = node.args[0], arg(node, 1, "key"), arg(node, 2, "value")
+    lq, lk, lv = ctx.layout(q), ctx.layout(k), ctx.layout(v)
+    if lq is None and lk is None and lv is None:
+        return ctx.emit_same(), None
+    nd = ctx.sval(q).dim()
+    for name, lay in (("query", lq), ("key", lk), ("value", lv)):
+        if isinstance(lay, Layout) and lay.dim != nd - 1:
+            raise CannotExpand(f"{name} expanded on a dim other than the head dim")
+    mask = arg(node, 3, "attn_mask")
+    if mask is not None and ctx.layout(mask) is not None:
+        raise CannotExpand("expanded attention mask")
+    kwargs = dict(ctx.dt(node.kwargs))
+    args = list(ctx.dt(node.args))
+    if lq is not None or lk is not None:
+        ref = lq if lq is not None else lk
+        qd = ctx.to_layout(q, ref)
+        kd = ctx.to_layout(k, ref.at(ctx.sval(k).dim() - 1))
+        args[0] = qd
+        if len(args) > 1:
+            args[1] = kd
+        else:
+            kwargs["key"] = kd
+        scale = arg(node, 7, "scale")
+        if isinstance(scale, fx.Node):
+            raise CannotExpand("dynamic attention scale")
+        if scale is None:
+            scale = 1.0 / math.sqrt(ctx.sval(q).shape[-1])
+        if len(node.args) > 7:
+            args[7] = scale / ctx.r
+        else:
+            kwargs["scale"] = scale / ctx.r
+    return ctx.call_function(F.scaled_dot_product_attention, *args, **kwargs), lv

@@ -1,0 +1,62 @@
+"""Reductions. Over kept dims they are channel-wise; over the channel dim ``mean``/``amax``/
+``amin`` of r identical copies are exact, ``sum`` is r times too large (compensated by ``/r``),
+and the rest (``std`` with a correction, ``norm``, ``prod``, arg-reductions) are not exact."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..layout import Layout, gpd_sum_correction
+from ..registry import CannotExpand, register
+from ._common import arg, norm_dim
+
+_EXACT_OVER_COPIES = {"mean", "amax", "amin", "nanmean", "max", "min"}
+_SCALED_BY_R = {"sum", "nansum"}
+
+
+def _reduced_dims(node, ctx, x):
+    nd = ctx.sval(x).dim()
+    d = arg(node, 1, "dim")
+    if d is None and len(node.args) <= 1 and "dim" not in node.kwargs:
+        return list(range(nd)), True
+    if d is None:
+        return list(range(nd)), True
+    if isinstance(d, int):
+        return [norm_dim(d, nd)], False
+    if isinstance(d, (list, tuple)):
+        return [norm_dim(k, nd) for k in d], False
+    raise CannotExpand("reduction dim is not a constant")
+
+
+def reduction(ctx, node):
+    x = node.args[0] if node.args else node.kwargs["input"]
+    lay = ctx.layout(x)
+    if lay is None:
+        return ctx.emit_same(), None
+    name = node.target if isinstance(node.target, str) else node.target.__name__
+    if name in ("max", "min") and len(node.args) > 1 and hasattr(node.args[1], "op"):
+        raise CannotExpand("binary max/min is handled element-wise")
+    dims, all_dims = _reduced_dims(node, ctx, x)
+    keepdim = bool(arg(node, 2, "keepdim", False))
+    out = ctx.out
+    if lay.dim not in dims:
+        new_dim = lay.dim if keepdim else lay.dim - sum(1 for k in dims if k < lay.dim)
+        if isinstance(out, tuple):  # (values, indices) of max/min with a dim
+            return ctx.emit_same(), tuple(lay.at(new_dim) for _ in out)
+        return ctx.emit_same(), lay.at(new_dim)
+    if isinstance(out, tuple):
+        raise CannotExpand("arg-reduction (indices) over the channel dim")
+    if name in _EXACT_OVER_COPIES:
+        return ctx.emit_same(), None
+    if name in _SCALED_BY_R:
+        y = ctx.emit_same()
+        return ctx.call_function(gpd_sum_correction, y, ctx.r), None
+    raise CannotExpand(f"{name} over the channel dim is not exact for repeated channels")
+
+
+register(torch.mean, "mean", torch.sum, "sum", torch.amax, "amax", torch.amin, "amin",
+         torch.max, "max", torch.min, "min", torch.nansum, "nansum", torch.nanmean, "nanmean",
+         torch.std, "std", torch.var, "var", torch.norm, "norm", torch.prod, "prod",
+         torch.logsumexp, "logsumexp", torch.argmax, "argmax", torch.argmin, "argmin",
+         torch.all, "all", torch.any, "any", transparent=True)(reduction)

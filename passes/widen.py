@@ -1,0 +1,590 @@
+"""Inverse Reparameterization: build the wider teacher graph node by node, verifying as it goes.
+
+The driver walks the traced student graph once. For every node it looks up the rule for the op,
+lets the rule emit the teacher version into a new graph, runs that teacher node on the probe
+input (the student node runs beside it) and checks that the teacher value equals the student
+value in the node's layout. A rule that cannot handle an instance raises ``CannotExpand``; an
+op without a rule, or a rule whose result does not verify, becomes a *boundary*: its expanded
+inputs are narrowed back to student width, it runs unchanged, and its output is kept.
+
+Running both graphs in lockstep is what makes the whole pass self-verifying: the first node
+whose values diverge is known by name, and shape arguments computed inside the model
+(``x.shape[0]``, ``C // heads``) are checked against their real teacher values.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+from torch.fx.node import map_aggregate
+from torch.utils.flop_counter import FlopCounterMode
+
+from gpd_fx.errors import UnsupportedOpError, VerificationError
+
+from .layout import Layout, gpd_narrow, gpd_repeat, gpd_widen, interleaved, permutation_between
+from .registry import CannotExpand, RuleEntry, lookup
+from .student_map import ParamSource
+from .weights import widen_per_channel
+
+__all__ = ["WidenResult", "build_teacher", "RuleContext", "Boundary"]
+
+
+@dataclass
+class Boundary:
+    node: str
+    op: str
+    reason: str
+
+
+@dataclass
+class WidenResult:
+    graph_module: fx.GraphModule
+    sources: list[ParamSource]
+    boundaries: list[Boundary]
+    fallbacks: list[Boundary]
+    expanded_flops: float
+    total_flops: float
+    max_rel_error: float
+    permutations: int
+    runtime_widenings: int
+    output_layouts: Any
+
+
+@dataclass
+class _Entry:
+    dt: Any            # teacher node (or constant / nested structure of them)
+    layout: Any        # Layout | None | nested tuple/list of those
+
+
+def describe(node: fx.Node) -> str:
+    if node.op == "call_module":
+        return f"module {node.target}"
+    if node.op == "call_method":
+        return f"method .{node.target}()"
+    if node.op == "call_function":
+        return f"function {getattr(node.target, '__module__', '')}.{getattr(node.target, '__name__', node.target)}"
+    return f"{node.op} {node.target}"
+
+
+def _exec(op: str, target: Any, args, kwargs, modules: Callable[[str], Any]):
+    if op == "call_function":
+        return target(*args, **kwargs)
+    if op == "call_method":
+        self_obj, *rest = args
+        return getattr(self_obj, target)(*rest, **kwargs)
+    if op == "call_module":
+        return modules(target)(*args, **kwargs)
+    raise ValueError(op)
+
+
+def _get_path(root: nn.Module, target: str):
+    obj = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _set_path(root: nn.Module, target: str, value) -> None:
+    *parents, name = target.split(".")
+    obj = root
+    for p in parents:
+        if not hasattr(obj, p):
+            obj.add_module(p, nn.Module())
+        obj = getattr(obj, p)
+    if isinstance(value, nn.Module):
+        if name in obj._parameters:
+            del obj._parameters[name]
+        if name in obj._buffers:
+            del obj._buffers[name]
+        obj.add_module(name, value)
+    elif isinstance(value, nn.Parameter):
+        if name in obj._modules:
+            del obj._modules[name]
+        obj.register_parameter(name, value)
+    elif isinstance(value, Tensor):
+        obj.register_buffer(name, value)
+    else:
+        setattr(obj, name, value)
+
+
+def _close(t: Tensor, ref: Tensor, tol: float) -> tuple[bool, float]:
+    if t.shape != ref.shape or t.dtype != ref.dtype:
+        return False, float("inf")
+    if not t.is_floating_point() and not t.is_complex():
+        return bool(torch.equal(t, ref)), 0.0
+    diff = (t - ref).abs()
+    # NaN/inf in the student itself (e.g. masked attention) must appear at the same places.
+    same_nonfinite = torch.equal(~torch.isfinite(t), ~torch.isfinite(ref))
+    fin = torch.isfinite(ref)
+    if not same_nonfinite:
+        return False, float("inf")
+    if not fin.any():
+        return True, 0.0
+    scale = float(ref[fin].abs().max())
+    err = float(diff[fin].max()) if diff.numel() else 0.0
+    rel = err / scale if scale > 0 else err
+    return rel <= tol, rel
+
+
+class RuleContext:
+    """What a rule sees: the student node's values and layouts, and how to emit teacher nodes."""
+
+    def __init__(self, builder: "Builder", node: fx.Node):
+        self.b = builder
+        self.node = node
+        self.r = builder.ratio
+
+    # --- reading the student side ------------------------------------------------------
+    def module(self, node: fx.Node | None = None) -> nn.Module:
+        return self.b.smods[(node or self.node).target]
+
+    def sval(self, arg):
+        return map_aggregate(arg, lambda a: self.b.svals[a] if isinstance(a, fx.Node) else a)
+
+    @property
+    def out(self):
+        return self.b.svals[self.node]
+
+    def layout(self, arg):
+        if isinstance(arg, fx.Node):
+            return self.b.env[arg].layout
+        if isinstance(arg, (list, tuple)):
+            return type(arg)(self.layout(a) for a in arg) if not hasattr(arg, "_fields") else tuple(self.layout(a) for a in arg)
+        return None
+
+    def tval(self, dt_arg):
+        return map_aggregate(dt_arg, lambda a: self.b.tvals[a] if isinstance(a, fx.Node) else a)
+
+    def kept_demand(self) -> bool:
+        return self.b.kept_demand.get(self.node, False)
+
+    @property
+    def noise(self) -> float:
+        return self.b.noise
+
+    @property
+    def generator(self) -> torch.Generator:
+        return self.b.generator
+
+    # --- teacher side ------------------------------------------------------------------
+    def dt(self, arg):
+        """The teacher counterpart of a student argument, in whatever layout it has."""
+        return self.b.dt_of(arg)
+
+    def emit(self, op: str, target, args=(), kwargs=None) -> fx.Node:
+        return self.b.emit(op, target, tuple(args), dict(kwargs or {}))
+
+    def call_function(self, fn, *args, **kwargs) -> fx.Node:
+        return self.emit("call_function", fn, args, kwargs)
+
+    def call_method(self, name: str, *args, **kwargs) -> fx.Node:
+        return self.emit("call_method", name, args, kwargs)
+
+    def emit_same(self, args=None, kwargs=None) -> fx.Node:
+        """Emit this node's op with teacher arguments (default: all arguments mapped)."""
+        n = self.node
+        args = self.dt(n.args) if args is None else args
+        kwargs = self.dt(n.kwargs) if kwargs is None else kwargs
+        target = n.target
+        if n.op == "call_module":
+            target = self.b.ensure_module(n.target, self.module())
+        return self.emit(n.op, target, args, kwargs)
+
+    def add_module(self, target: str, module: nn.Module) -> str:
+        _set_path(self.b.root, target, module)
+        self.b.added_modules[target] = module
+        return target
+
+    def add_source(self, student_name: str, module: str, attr: str, **kw) -> None:
+        self.b.sources.append(ParamSource(student_name, module, attr, node=self.node.name, **kw))
+
+    def narrow(self, arg) -> Any:
+        """Teacher counterpart of ``arg`` at student width (mean over copies)."""
+        return self.b.narrow(arg)
+
+    def to_layout(self, arg, layout: Layout) -> fx.Node:
+        """Teacher counterpart of ``arg`` converted to ``layout`` (permute or widen)."""
+        return self.b.to_layout(arg, layout)
+
+    def interleave(self, arg) -> tuple[fx.Node, Layout]:
+        """Teacher counterpart of an expanded ``arg`` in the interleaved layout."""
+        lay = self.layout(arg)
+        if lay.is_interleaved:
+            return self.dt(arg), lay
+        target = interleaved(lay.width, self.r, lay.dim)
+        return self.to_layout(arg, target), target
+
+    def index_buffer(self, index: Tensor) -> fx.Node:
+        return self.b.index_node(index)
+
+    def cut(self, reason: str):
+        raise CannotExpand(reason)
+
+
+class Builder:
+    def __init__(self, gm: fx.GraphModule, ratio: int, *, noise: float, seed: int, strict: bool,
+                 tol: float, extra_rules=None, progress: bool = False):
+        self.sgm = gm
+        self.ratio = ratio
+        self.noise = noise
+        self.strict = strict
+        self.tol = tol
+        self.extra = extra_rules
+        self.generator = torch.Generator().manual_seed(seed)
+        self.smods = dict(gm.named_modules())
+        self.graph = fx.Graph()
+        self.root = nn.Module()
+        self.env: dict[fx.Node, _Entry] = {}
+        self.svals: dict[fx.Node, Any] = {}
+        self.tvals: dict[fx.Node, Any] = {}
+        self.sources: list[ParamSource] = []
+        self.boundaries: list[Boundary] = []
+        self.fallbacks: list[Boundary] = []
+        self.added_modules: dict[str, nn.Module] = {}
+        self.param_state: dict[str, Any] = {}   # get_attr target -> "kept" | Layout
+        self.index_nodes: dict[int, fx.Node] = {}
+        self.index_count = 0
+        self.permutations = 0
+        self.runtime_widenings = 0
+        self.expanded_flops = 0.0
+        self.total_flops = 0.0
+        self.kept_demand: dict[fx.Node, bool] = {}
+        self._emitted: list[fx.Node] | None = None
+
+    # --- emission ------------------------------------------------------------------------
+    def emit(self, op, target, args, kwargs) -> fx.Node:
+        node = self.graph.create_node(op, target, args, kwargs)
+        if self._emitted is not None:
+            self._emitted.append(node)
+        if op == "get_attr":
+            self.tvals[node] = _get_path(self.root, target)
+        else:
+            a = map_aggregate(args, lambda x: self.tvals[x] if isinstance(x, fx.Node) else x)
+            k = map_aggregate(kwargs, lambda x: self.tvals[x] if isinstance(x, fx.Node) else x)
+            self.tvals[node] = _exec(op, target, a, k, lambda t: _get_path(self.root, t))
+        return node
+
+    def ensure_module(self, target: str, module: nn.Module) -> str:
+        """Make sure the teacher has (a student-size copy of) ``module`` at ``target``."""
+        if target not in self.added_modules:
+            _set_path(self.root, target, copy.deepcopy(module))
+            self.added_modules[target] = _get_path(self.root, target)
+            self._identity_sources(target, module)
+        return target
+
+    def _identity_sources(self, target: str, module: nn.Module) -> None:
+        for pname, _ in module.named_parameters():
+            mod, _, attr = f"{target}.{pname}".rpartition(".")
+            self.sources.append(ParamSource(f"{target}.{pname}", mod, attr, node="(copied)"))
+
+    def index_node(self, index: Tensor) -> fx.Node:
+        key = id(index)
+        if key not in self.index_nodes:
+            name = f"_gpd_index.i{self.index_count}"
+            self.index_count += 1
+            holder = self.root._modules.get("_gpd_index")
+            if holder is None:
+                holder = nn.Module()
+                self.root.add_module("_gpd_index", holder)
+            holder.register_buffer(name.split(".")[1], index, persistent=False)
+            self.index_nodes[key] = self.graph.create_node("get_attr", name)
+            self.tvals[self.index_nodes[key]] = index
+        return self.index_nodes[key]
+
+    # --- mapping student args -------------------------------------------------------------
+    def dt_of(self, arg):
+        def one(a):
+            if not isinstance(a, fx.Node):
+                return a
+            e = self.env[a]
+            if e.dt is None and a.op == "get_attr":
+                return self._param_kept(a)
+            return e.dt
+        return map_aggregate(arg, one)
+
+    def _param_kept(self, node: fx.Node) -> fx.Node:
+        state = self.param_state.get(node.target)
+        if isinstance(state, Layout):
+            # Already widened for another consumer: this one needs student width.
+            return self._narrow_node(self._param_widened(node, state), state)
+        if state is None:
+            self._copy_attr(node.target)
+            self.param_state[node.target] = "kept"
+        return self.emit("get_attr", node.target, (), {})
+
+    def _copy_attr(self, target: str) -> None:
+        val = _get_path(self.sgm, target)
+        if isinstance(val, nn.Parameter):
+            _set_path(self.root, target, nn.Parameter(val.detach().clone(), val.requires_grad))
+            mod, _, attr = target.rpartition(".")
+            self.sources.append(ParamSource(target, mod, attr, node="(copied)"))
+        elif isinstance(val, Tensor):
+            _set_path(self.root, target, val.detach().clone())
+        else:
+            _set_path(self.root, target, copy.deepcopy(val))
+
+    def _param_widened(self, node: fx.Node, layout: Layout) -> fx.Node:
+        val = _get_path(self.sgm, node.target)
+        state = self.param_state.get(node.target)
+        if state is None:
+            wide = widen_per_channel(val.detach(), layout.dim, layout.index)
+            if isinstance(val, nn.Parameter):
+                _set_path(self.root, node.target, nn.Parameter(wide, val.requires_grad))
+                mod, _, attr = node.target.rpartition(".")
+                self.sources.append(ParamSource(node.target, mod, attr, out=(layout.dim, layout.first_copy()),
+                                                node=node.name))
+            else:
+                _set_path(self.root, node.target, wide)
+            self.param_state[node.target] = layout
+        return self.emit("get_attr", node.target, (), {})
+
+    def to_layout(self, arg: fx.Node, layout: Layout) -> fx.Node:
+        """Teacher node for ``arg`` in ``layout`` (whose ``dim`` counts in ``arg``'s own dims)."""
+        cur = self.env[arg].layout if isinstance(arg, fx.Node) else None
+        if cur is None:
+            if isinstance(arg, fx.Node) and arg.op == "get_attr" and self.env[arg].dt is None:
+                st = self.param_state.get(arg.target)
+                if st is None or (isinstance(st, Layout) and st.dim == layout.dim and st.same_map(layout)):
+                    return self._param_widened(arg, layout)
+            x = self.dt_of(arg)
+            self.runtime_widenings += 1
+            if layout.is_interleaved:
+                return self.emit("call_function", gpd_repeat, (x, layout.dim, self.ratio), {})
+            return self.emit("call_function", gpd_widen, (x, layout.dim, self.index_node(layout.index)), {})
+        if cur.dim != layout.dim:
+            raise CannotExpand(f"operand expanded on dim {cur.dim}, needed on dim {layout.dim}")
+        if cur.same_map(layout):
+            return self.dt_of(arg)
+        self.permutations += 1
+        perm = permutation_between(cur, layout)
+        return self.emit("call_function", gpd_widen, (self.dt_of(arg), cur.dim, self.index_node(perm)), {})
+
+    def narrow(self, arg):
+        def one(a):
+            if not isinstance(a, fx.Node):
+                return a
+            lay = self.env[a].layout
+            if lay is None:
+                return self.dt_of(a)
+            if isinstance(lay, Layout):
+                return self._narrow_node(self.dt_of(a), lay)
+            # a tuple/list-valued node with expanded members: unpack, narrow, repack
+            items = []
+            for i, sub in enumerate(lay):
+                g = self.emit("call_function", operator.getitem, (self.dt_of(a), i), {})
+                items.append(self._narrow_node(g, sub) if isinstance(sub, Layout) else g)
+            return type(self.svals[a])(items) if isinstance(self.svals[a], (tuple, list)) and not hasattr(self.svals[a], "_fields") else tuple(items)
+        return map_aggregate(arg, one)
+
+    def _narrow_node(self, x: fx.Node, lay: Layout) -> fx.Node:
+        if not lay.is_interleaved:
+            self.permutations += 1
+            perm = permutation_between(lay, interleaved(lay.width, self.ratio, lay.dim))
+            x = self.emit("call_function", gpd_widen, (x, lay.dim, self.index_node(perm)), {})
+        return self.emit("call_function", gpd_narrow, (x, lay.dim, self.ratio), {})
+
+    # --- the walk --------------------------------------------------------------------------
+    def run(self, example_inputs: tuple, progress: bool = False) -> WidenResult:
+        placeholders = [n for n in self.sgm.graph.nodes if n.op == "placeholder"]
+        self._compute_kept_demand()
+        inputs = list(example_inputs)
+        nodes = list(self.sgm.graph.nodes)
+        iterator = nodes
+        if progress:
+            from tqdm.auto import tqdm
+            iterator = tqdm(nodes, desc="expand", unit="node", leave=False)
+        max_rel = 0.0
+        out_layouts = None
+        for node in iterator:
+            if node.op == "placeholder":
+                val = inputs.pop(0) if inputs else _default_of(node)
+                self.svals[node] = val
+                dt = self.graph.placeholder(node.name, type_expr=node.type)
+                dt.meta = dict(node.meta)
+                if len(node.args):
+                    dt.args = node.args
+                self.tvals[dt] = val
+                self.env[node] = _Entry(dt, None)
+                continue
+            if node.op == "get_attr":
+                self.svals[node] = _get_path(self.sgm, node.target)
+                self.env[node] = _Entry(None, None)
+                continue
+            if node.op == "output":
+                out_dt = self.narrow(node.args[0])
+                self.graph.output(out_dt)
+                outs = map_aggregate(node.args[0], lambda a: self.svals[a] if isinstance(a, fx.Node) else a)
+                touts = map_aggregate(out_dt, lambda a: self.tvals[a] if isinstance(a, fx.Node) else a)
+                max_rel = max(max_rel, _compare_tree(touts, outs, node, self.tol, strict=True))
+                continue
+            self._run_student(node)
+            self._visit(node)
+        gm = fx.GraphModule(self.root, self.graph, class_name="DynamicTeacherGraph")
+        return WidenResult(gm, self.sources, self.boundaries, self.fallbacks, self.expanded_flops,
+                           self.total_flops, max_rel, self.permutations, self.runtime_widenings,
+                           out_layouts)
+
+    def _run_student(self, node: fx.Node) -> None:
+        args = map_aggregate(node.args, lambda a: self.svals[a] if isinstance(a, fx.Node) else a)
+        kwargs = map_aggregate(node.kwargs, lambda a: self.svals[a] if isinstance(a, fx.Node) else a)
+        counter = FlopCounterMode(display=False)
+        with counter:
+            torch.manual_seed(len(self.svals))
+            self.svals[node] = _exec(node.op, node.target, args, kwargs, lambda t: self.smods[t])
+        flops = float(counter.get_total_flops())
+        node.meta.setdefault("gpd", {})["flops"] = flops
+        self.total_flops += flops
+
+    def _visit(self, node: fx.Node) -> None:
+        entry = lookup(node, self.smods, self.extra)
+        reason = None
+        if entry is None:
+            reason = "no rule for this op"
+        else:
+            snapshot = (len(self.sources), dict(self.param_state), dict(self.added_modules),
+                        self.permutations, self.runtime_widenings)
+            self._emitted = []
+            try:
+                torch.manual_seed(len(self.svals) - 1)
+                dt, lay = entry.fn(RuleContext(self, node), node)
+                lay = _drop_unit_width(lay)
+                if _any_layout(lay) or self._inputs_expanded(node):
+                    self.expanded_flops += node.meta["gpd"]["flops"]
+                ok, msg = self._check(node, dt, lay)
+                if ok:
+                    self.env[node] = _Entry(dt, lay)
+                    self._emitted = None
+                    return
+                reason = f"rule result does not match the student ({msg})"
+                if self.strict:
+                    raise VerificationError(
+                        f"While expanding {node.format_node()} ({describe(node)}): the teacher value "
+                        f"differs from the student value: {msg}. This is a bug in the rule for this op; "
+                        "run with strict=False to cut a boundary here instead.")
+                self.fallbacks.append(Boundary(node.name, describe(node), reason))
+                if _any_layout(lay) or self._inputs_expanded(node):
+                    self.expanded_flops -= node.meta["gpd"]["flops"]
+            except CannotExpand as e:
+                reason = str(e) or "rule declined"
+                if _any_layout(getattr(self.env.get(node), "layout", None)):
+                    pass
+            finally:
+                emitted, self._emitted = self._emitted, None
+            # roll back what the failed attempt did
+            for n in reversed(emitted or []):
+                if not n.users:
+                    self.graph.erase_node(n)
+            del self.sources[snapshot[0]:]
+            self.param_state = snapshot[1]
+            for t in list(self.added_modules):
+                if t not in snapshot[2]:
+                    del self.added_modules[t]
+            self.permutations, self.runtime_widenings = snapshot[3], snapshot[4]
+        self._boundary(node, reason)
+
+    def _inputs_expanded(self, node: fx.Node) -> bool:
+        return any(_any_layout(self.env[a].layout) for a in node.all_input_nodes)
+
+    def _boundary(self, node: fx.Node, reason: str) -> None:
+        if self.strict and self._inputs_expanded(node):
+            raise UnsupportedOpError(
+                f"While expanding {node.format_node()} ({describe(node)}): {reason}, and strict=True "
+                "forbids a boundary. Fix: register a rule with @gpd_fx.register_rule(<key>) or "
+                "expand(..., extra_rules={key: rule}), or pass strict=False to narrow its inputs "
+                "to student width around it.")
+        if self._inputs_expanded(node):
+            self.boundaries.append(Boundary(node.name, describe(node), reason))
+        args = self.narrow(node.args)
+        kwargs = self.narrow(node.kwargs)
+        target = node.target
+        if node.op == "call_module":
+            if target in self.added_modules:
+                # this module was widened for another call site; this call needs the original
+                target = self.ensure_module(f"{target}_student_width", self.smods[node.target])
+            else:
+                self.ensure_module(target, self.smods[node.target])
+        torch.manual_seed(len(self.svals) - 1)
+        dt = self.emit(node.op, target, args, kwargs)
+        ok, msg = self._check(node, dt, None)
+        if not ok and self.strict:
+            raise VerificationError(f"While expanding {node.format_node()}: boundary differs ({msg})")
+        self.env[node] = _Entry(dt, map_aggregate(self.svals[node], lambda _: None) if False else None)
+
+    def _check(self, node: fx.Node, dt, lay) -> tuple[bool, str]:
+        sval = self.svals[node]
+        tval = map_aggregate(dt, lambda a: self.tvals[a] if isinstance(a, fx.Node) else a)
+        try:
+            _compare_tree(tval, sval, node, self.tol, layout=lay)
+        except VerificationError as e:
+            return False, str(e)
+        return True, ""
+
+    def _compute_kept_demand(self) -> None:
+        """A node is 'kept-demanded' when all its uses lead to the output through transparent ops."""
+        for node in reversed(list(self.sgm.graph.nodes)):
+            if node.op == "output" or not node.users:
+                continue
+            ok = True
+            for u in node.users:
+                if u.op == "output":
+                    continue
+                entry = lookup(u, self.smods, self.extra)
+                if entry is None or not entry.transparent or not self.kept_demand.get(u, False):
+                    ok = False
+                    break
+            self.kept_demand[node] = ok
+
+
+def _default_of(node: fx.Node):
+    if node.args:
+        return node.args[0]
+    raise VerificationError(f"no example input for placeholder {node.name}")
+
+
+def _any_layout(lay) -> bool:
+    if isinstance(lay, Layout):
+        return True
+    if isinstance(lay, (list, tuple)):
+        return any(_any_layout(x) for x in lay)
+    if isinstance(lay, dict):
+        return any(_any_layout(x) for x in lay.values())
+    return False
+
+
+def _drop_unit_width(lay):
+    return lay
+
+
+def _compare_tree(tval, sval, node: fx.Node, tol: float, layout=None, strict: bool = False) -> float:
+    """Check teacher value == student value seen through ``layout``; return the max rel. error."""
+    if isinstance(sval, Tensor):
+        if not isinstance(tval, Tensor):
+            raise VerificationError(f"{node.name}: teacher gave {type(tval).__name__}, student a tensor")
+        ref = sval
+        if isinstance(layout, Layout):
+            if tval.dim() != sval.dim() or tval.shape[layout.dim] != layout.index.numel():
+                raise VerificationError(f"{node.name}: shape {tuple(tval.shape)} vs student "
+                                        f"{tuple(sval.shape)} expanded on dim {layout.dim}")
+            ref = sval.index_select(layout.dim, layout.index.to(sval.device))
+        ok, rel = _close(tval, ref, tol)
+        if not ok:
+            raise VerificationError(
+                f"{node.name}: teacher {tuple(tval.shape)} != student {tuple(ref.shape)}"
+                f"{' in layout dim=' + str(layout.dim) if isinstance(layout, Layout) else ''} "
+                f"(max rel. error {rel:.3g} > {tol:g})")
+        return rel
+    if isinstance(sval, (list, tuple)):
+        if not isinstance(tval, (list, tuple)) or len(tval) != len(sval):
+            raise VerificationError(f"{node.name}: structure differs")
+        lays = layout if isinstance(layout, (list, tuple)) else [layout] * len(sval)
+        return max([_compare_tree(t, s, node, tol, l) for t, s, l in zip(tval, sval, lays)] or [0.0])
+    if isinstance(sval, dict):
+        return max([_compare_tree(tval[k], sval[k], node, tol,
+                                  layout.get(k) if isinstance(layout, dict) else None) for k in sval] or [0.0])
+    return 0.0
