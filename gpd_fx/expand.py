@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from typing import Any, Callable, Iterable, Sequence
@@ -22,8 +23,9 @@ __all__ = ["expand"]
 # (eps 1.1e-16) the teacher's sums have r times more terms in a different order; even for deep
 # nets with ~1e5-term reductions the rounding stays below ~1e-11, so 1e-9 leaves two orders of
 # headroom while a wrong rule (errors of order 1) cannot pass. In float32 (eps 6e-8) the same
-# reasoning gives ~1e-4; models that cannot run in float64 are checked at 1e-3.
-TOL = {torch.float64: 1e-9, torch.float32: 1e-3}
+# reasoning gives ~1e-5..1e-4 (dot products of up to ~2e4 terms, sqrt(n)*eps per layer), so
+# float32 is checked at 1e-3: still orders below the O(1e-1) error of a wrong rule.
+TOL = {torch.float64: 1e-9, torch.float32: 1e-3, torch.bfloat16: 3e-2, torch.float16: 1e-2}
 
 
 def _as_inputs(example_inputs) -> tuple:
@@ -40,17 +42,25 @@ def _as_inputs(example_inputs) -> tuple:
     return example_inputs
 
 
-def _to_probe_dtype(model: nn.Module, inputs: tuple) -> tuple[nn.Module, tuple, torch.dtype]:
-    """A float64 working copy of the model and inputs when the model runs in float64."""
-    work = copy.deepcopy(model).eval()
-    dinputs = tuple(x.double() if isinstance(x, Tensor) and x.is_floating_point() else x for x in inputs)
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    """Eval mode for the duration of the build; every module's own flag is restored after."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
     try:
-        work64 = copy.deepcopy(work).double()
-        with torch.no_grad():
-            work64(*dinputs)
-        return work64, dinputs, torch.float64
-    except Exception:
-        pass
+        yield
+    finally:
+        for m, f in flags:
+            m.training = f
+
+
+def _probe_model(model: nn.Module, inputs: tuple, verify_dtype) -> tuple[nn.Module, tuple]:
+    """The model (or a copy in ``verify_dtype``) and inputs the lockstep verification runs on."""
+    work = model
+    if verify_dtype is not None:
+        work = copy.deepcopy(model).to(verify_dtype)
+        inputs = tuple(x.to(verify_dtype) if isinstance(x, Tensor) and x.is_floating_point() else x
+                       for x in inputs)
     with torch.no_grad():
         try:
             work(*inputs)
@@ -59,7 +69,7 @@ def _to_probe_dtype(model: nn.Module, inputs: tuple) -> tuple[nn.Module, tuple, 
             raise ExpandInputError(
                 f"the model fails on the example inputs {shapes}: {type(e).__name__}: {e}. "
                 "Pass inputs that the model accepts, e.g. example_inputs=(torch.randn(1, 3, 224, 224),)") from e
-    return work, inputs, next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    return work, inputs
 
 
 def expand(model: nn.Module, ratio: int = 2, example_inputs: Tensor | Sequence[Any] | None = None, *,
@@ -68,7 +78,7 @@ def expand(model: nn.Module, ratio: int = 2, example_inputs: Tensor | Sequence[A
            concrete_args: dict[str, Any] | None = None,
            extra_rules: dict[Any, Callable] | None = None,
            branches: Sequence[str] | dict[str, Sequence[str]] | None = (),
-           progress: bool = False) -> DynamicTeacher:
+           verify_dtype: torch.dtype | None = None, progress: bool = False) -> DynamicTeacher:
     """Build the dynamic teacher of ``model``: ``ratio`` times wider, same function at init.
 
     Args:
@@ -84,6 +94,9 @@ def expand(model: nn.Module, ratio: int = 2, example_inputs: Tensor | Sequence[A
         extra_rules: ``{module type | function | method name: rule}`` user rules, tried first.
         branches: multi-branch kinds for the teacher's conv/linear layers (CBR): ``()`` for IR only,
             ``None`` for every kind that applies, a list of kinds, or ``{"conv": [...], "linear": [...]}``.
+        verify_dtype: dtype of the self-verification (e.g. ``torch.float64`` for a check at
+            1e-9 on a converted copy). ``None`` builds and checks in the model's own dtype, which
+            is what keeps a 200M-parameter teacher within seconds and memory.
         progress: show a progress bar over the graph's nodes.
 
     Returns:
@@ -109,22 +122,25 @@ def expand(model: nn.Module, ratio: int = 2, example_inputs: Tensor | Sequence[A
         raise ExpandInputError(f"noise must be a number >= 0, got {noise!r}")
     inputs = _as_inputs(example_inputs)
     orig_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    work, probe, probe_dtype = _to_probe_dtype(model, inputs)
-    gm = trace(work, leaf_modules=_map_leaf_instances(model, work, leaf_modules), concrete_args=concrete_args)
-    builder = Builder(gm, ratio, noise=float(noise), seed=seed, strict=strict,
-                      tol=TOL.get(probe_dtype, 1e-3), extra_rules=make_registry(extra_rules))
-    with torch.no_grad():
-        result = builder.run(probe, progress=progress)
+    with _eval_mode(model):
+        work, probe = _probe_model(model, inputs, verify_dtype)
+        probe_dtype = verify_dtype or orig_dtype
+        tol = TOL.get(probe_dtype, 1e-3)
+        gm = trace(work, leaf_modules=_map_leaf_instances(model, work, leaf_modules), concrete_args=concrete_args)
+        builder = Builder(gm, ratio, noise=float(noise), seed=seed, strict=strict, tol=tol,
+                          extra_rules=make_registry(extra_rules))
+        with torch.no_grad():
+            result = builder.run(probe, progress=progress)
     teacher = result.graph_module
     n_branch = 0
     if branches != () and branches != []:
         from gpd_fx.passes.cbr import add_branches
         n_branch = add_branches(teacher, result.sources, branches, seed=seed)
-        _verify_again(teacher, work, probe, TOL.get(probe_dtype, 1e-3))
+        with _eval_mode(model):
+            _verify_again(teacher, work, probe, tol)
     teacher = teacher.to(orig_dtype)
-    template = copy.deepcopy(model)
     mapped = {s.student_name for s in result.sources}
-    _params_to_meta(template, mapped)
+    template = _template_of(model, mapped)
     buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
     report = ExpansionReport(
         ratio=ratio,
@@ -165,13 +181,15 @@ def _map_leaf_instances(model, work, leaf_modules):
     return out
 
 
-def _params_to_meta(template: nn.Module, mapped: set[str]) -> None:
+def _template_of(model: nn.Module, mapped: set[str]) -> nn.Module:
+    """A copy of the user's module whose mapped parameters are meta tensors (no data copied)."""
+    memo = {}
+    params = dict(model.named_parameters(remove_duplicate=False))
     for name in mapped:
-        mod_name, _, attr = name.rpartition(".")
-        mod = template.get_submodule(mod_name) if mod_name else template
-        p = getattr(mod, attr)
-        if isinstance(p, nn.Parameter):
-            setattr(mod, attr, nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad))
+        p = params.get(name)
+        if p is not None:
+            memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad)
+    return copy.deepcopy(model, memo)
 
 
 def _verify_again(teacher, work, probe, tol) -> None:

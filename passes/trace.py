@@ -22,6 +22,10 @@ __all__ = ["trace", "GPDTracer", "mode_dependent_modules"]
 
 
 def _timm_notrace() -> tuple[tuple[type, ...], tuple[Any, ...]]:
+    import sys
+
+    if "timm" not in sys.modules:  # a model built without timm cannot contain timm layers
+        return (), ()
     try:
         from timm.layers import get_notrace_functions, get_notrace_modules
     except Exception:  # timm missing or too old: nothing registered

@@ -42,8 +42,11 @@ def clone_module(m: nn.Module, params: dict[str, Tensor | None], buffers: dict[s
     """
     new = copy.copy(m)
     new.__dict__ = m.__dict__.copy()
-    new._parameters = m._parameters.copy()
-    new._buffers = m._buffers.copy()
+    # tensors not replaced are cloned: the teacher must never write into the user's model
+    # (a BN's num_batches_tracked is updated in place in train mode)
+    new._parameters = {k: None if v is None else nn.Parameter(v.detach().clone(), v.requires_grad)
+                       for k, v in m._parameters.items() if k not in params}
+    new._buffers = {k: None if v is None else v.clone() for k, v in m._buffers.items() if k not in (buffers or {})}
     new._modules = m._modules.copy()
     for k, v in params.items():
         new._parameters[k] = None if v is None else nn.Parameter(v, requires_grad=m._parameters[k].requires_grad)
