@@ -1,0 +1,251 @@
+"""``torch.compile`` for the training step: Inductor, or our own Triton-free ``gpd`` backend.
+
+The ``gpd`` backend is AOTAutograd (Dynamo captures the step, AOTAutograd splits it into a
+forward and a backward ATen graph) followed by our graph passes, with no code generation:
+
+- on the CPU each graph runs as the FX ``GraphModule`` it is, so no C++ compiler and no Triton
+  are needed, and the numbers equal eager up to the order of gradient accumulation;
+- on CUDA each graph is recorded once into a CUDA graph and replayed, which removes the
+  per-kernel launch overhead that dominates small-model steps -- again without Triton, for
+  machines where Triton is missing or broken.
+
+Graph passes are plain functions ``GraphModule -> GraphModule`` in :data:`GRAPH_PASSES`; add
+yours with :func:`register_graph_pass`.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import fx
+
+from gpd_fx.errors import GPDError
+
+__all__ = [
+    "COMPILE_MODES",
+    "GRAPH_PASSES",
+    "CompileError",
+    "compile_step",
+    "gpd_backend",
+    "register_graph_pass",
+]
+
+log = logging.getLogger(__name__)
+
+COMPILE_MODES = ("none", "inductor", "gpd")
+"""Values accepted by :func:`compile_step` (and ``gpd-fx train --compile``)."""
+
+
+class CompileError(GPDError, ValueError):
+    """An unknown compile mode, or a mode this machine cannot run (named in the message)."""
+
+
+GraphPass = Callable[[fx.GraphModule], fx.GraphModule]
+
+GRAPH_PASSES: list[GraphPass] = []
+"""Passes applied, in order, to every forward and backward graph the ``gpd`` backend compiles."""
+
+
+def register_graph_pass(fn: GraphPass) -> GraphPass:
+    """Decorator appending a pass to :data:`GRAPH_PASSES`.
+
+    Args:
+        fn: ``GraphModule -> GraphModule``; it may modify its argument and return it.
+
+    Returns:
+        ``fn`` unchanged.
+
+    Example:
+        >>> @register_graph_pass
+        ... def count_nodes(gm):
+        ...     print(len(gm.graph.nodes)); return gm
+        >>> GRAPH_PASSES.remove(count_nodes)
+    """
+    GRAPH_PASSES.append(fn)
+    return fn
+
+
+@register_graph_pass
+def _eliminate_dead_code(gm: fx.GraphModule) -> fx.GraphModule:
+    """Drop nodes whose results nothing uses (AOTAutograd leaves a few after partitioning)."""
+    if gm.graph.eliminate_dead_code():
+        gm.recompile()
+    return gm
+
+
+# ----------------------------------------------------------------------------- CUDA graphs
+
+
+def _signature(args: Sequence[Any]) -> tuple:
+    """What a recorded CUDA graph depends on: shapes, strides, dtypes, devices and scalar values."""
+    sig = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            sig.append((tuple(a.shape), a.stride(), a.dtype, a.device, a.requires_grad))
+        else:
+            sig.append(a)
+    return tuple(sig)
+
+
+class _CUDAGraphRunner:
+    """Runs a boxed ATen graph function through CUDA graphs, one graph per input signature.
+
+    The first ``warmup`` calls of a signature run eagerly (cuDNN/cuBLAS pick algorithms and
+    allocate workspaces then, which must not happen during capture) and record which inputs
+    keep their address between calls: those are parameters and buffers, updated in place by
+    the optimiser, so the graph reads them where they live. Every other input (the batch,
+    saved activations in the backward) is copied into a static buffer before each replay.
+    Outputs are cloned out of the graph's static memory, because the next replay overwrites
+    it while callers (autograd, the logger) may still hold them.
+
+    Anything not capturable (CPU tensors, too many distinct shapes, a capture error) falls
+    back to running the graph as-is, so the result is always correct.
+    """
+
+    _boxed_call = True  # AOTAutograd calls us with one list of arguments
+
+    def __init__(self, fn: Callable[[list], Any], warmup: int = 2, max_graphs: int = 8) -> None:
+        self.fn = fn
+        self.warmup = warmup
+        self.max_graphs = max_graphs
+        self.pool = torch.cuda.graph_pool_handle()
+        self.calls: dict[tuple, int] = {}
+        self.ptrs: dict[tuple, list[int | None]] = {}
+        self.graphs: dict[tuple, Any] = {}
+        self.failed: set[tuple] = set()
+
+    def __call__(self, args: list) -> Any:
+        key = _signature(args)
+        entry = self.graphs.get(key)
+        if entry is not None:
+            return self._replay(entry, key, args)
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        if (key in self.failed or len(self.graphs) >= self.max_graphs
+                or not tensors or any(not t.is_cuda for t in tensors)):
+            return self.fn(list(args))
+        n = self.calls.get(key, 0) + 1
+        self.calls[key] = n
+        ptrs = [a.data_ptr() if isinstance(a, torch.Tensor) else None for a in args]
+        if n == 1:
+            self.ptrs[key] = ptrs
+        else:
+            # an input is "stable" only if it sat at the same address on every warm-up call
+            self.ptrs[key] = [p if p == q else None for p, q in zip(self.ptrs[key], ptrs)]
+        if n <= self.warmup:
+            return self.fn(list(args))
+        try:
+            entry = self._capture(args, self.ptrs[key])
+        except Exception as err:  # e.g. an op that syncs with the host; eager is still right
+            warnings.warn(f"gpd backend: CUDA graph capture failed, running this graph without it ({err})")
+            self.failed.add(key)
+            return self.fn(list(args))
+        self.graphs[key] = entry
+        return self._replay(entry, key, args)
+
+    def _capture(self, args: list, stable: list[int | None]) -> tuple:
+        static_in = []
+        for a, p in zip(args, stable):
+            if isinstance(a, torch.Tensor) and p is None:
+                static_in.append(a.detach().clone())
+            else:
+                static_in.append(a)
+        # a few runs on a side stream, as torch.cuda.graphs documents, before the capture
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self.fn(list(static_in))
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            static_out = self.fn(list(static_in))
+        return graph, static_in, static_out
+
+    def _replay(self, entry: tuple, key: tuple, args: list) -> Any:
+        graph, static_in, static_out = entry
+        for i, (a, s) in enumerate(zip(args, static_in)):
+            if not isinstance(a, torch.Tensor) or a is s:
+                continue
+            if self.ptrs[key][i] is not None and a.data_ptr() != s.data_ptr():
+                # a parameter was re-allocated (e.g. model.to()): the graph reads stale memory
+                del self.graphs[key]
+                self.failed.add(key)
+                return self.fn(list(args))
+            if a.data_ptr() != s.data_ptr():
+                s.copy_(a)
+        args.clear()  # boxed convention: free the inputs as early as eager would
+        graph.replay()
+        if isinstance(static_out, (list, tuple)):
+            return type(static_out)(o.clone() if isinstance(o, torch.Tensor) else o for o in static_out)
+        return static_out.clone() if isinstance(static_out, torch.Tensor) else static_out
+
+
+# ----------------------------------------------------------------------------- backend
+
+
+def _make_compiler(cuda_graphs: bool) -> Callable[[fx.GraphModule, list], Callable]:
+    from functorch.compile import make_boxed_func
+
+    def compiler(gm: fx.GraphModule, example_inputs: list) -> Callable:
+        for graph_pass in GRAPH_PASSES:
+            gm = graph_pass(gm)
+        fn = make_boxed_func(gm.forward)
+        on_cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
+        if cuda_graphs and on_cuda:
+            return _CUDAGraphRunner(fn)
+        return fn
+
+    return compiler
+
+
+def gpd_backend(cuda_graphs: bool = True) -> Callable:
+    """Our ``torch.compile`` backend: AOTAutograd + :data:`GRAPH_PASSES`, no code generation.
+
+    Args:
+        cuda_graphs: record and replay CUDA graphs for graphs whose inputs are on CUDA.
+
+    Returns:
+        A backend for ``torch.compile(fn, backend=gpd_backend())``.
+
+    Example:
+        >>> f = torch.compile(lambda x: (x.sin() * 2).sum(), backend=gpd_backend())
+        >>> float(f(torch.zeros(3)))
+        0.0
+    """
+    from torch._dynamo.backends.common import aot_autograd
+
+    compiler = _make_compiler(cuda_graphs)
+    return aot_autograd(fw_compiler=compiler, bw_compiler=compiler)
+
+
+def compile_step(fn: Callable, mode: str = "none", *, dynamic: bool | None = False) -> Callable:
+    """Compile a training-step function (forward + loss; its backward is compiled with it).
+
+    Args:
+        fn: the function, e.g. ``lambda x, y: loss(model(x), y)``.
+        mode: ``"none"`` (eager, returned unchanged), ``"inductor"`` (``torch.compile`` default
+            backend; on the CPU it needs a C++ compiler, on CUDA Triton) or ``"gpd"``
+            (:func:`gpd_backend`: no Triton, CUDA graphs on CUDA).
+        dynamic: passed to ``torch.compile``. ``False`` (default) specialises on the batch
+            size; the training loader drops its last partial batch so a step sees one shape.
+
+    Returns:
+        The compiled callable (same signature as ``fn``).
+
+    Raises:
+        CompileError: unknown mode.
+
+    Example:
+        >>> step = compile_step(lambda x: (x * 2).sum(), "gpd")
+        >>> float(step(torch.ones(2)))
+        4.0
+    """
+    if mode not in COMPILE_MODES:
+        raise CompileError(f"unknown compile mode {mode!r}; choose one of {list(COMPILE_MODES)}")
+    if mode == "none":
+        return fn
+    if mode == "inductor":
+        return torch.compile(fn, backend="inductor", dynamic=dynamic)
+    return torch.compile(fn, backend=gpd_backend(), dynamic=dynamic)

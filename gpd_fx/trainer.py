@@ -1,0 +1,1172 @@
+"""GPD training end to end: expand -> train teacher and student jointly -> fold -> export.
+
+One optimisation step (design.md section 3)::
+
+    t, s  = dt(x), dt.student(x)              # teacher and student forwards
+    loss  = gpd_loss(t, s, y, cfg.loss, T(x))  # CE for both, KD T->both, KD DT->S
+    loss.backward(); optimizer.step()          # one backward; parameters are the DT's only
+
+Everything a run needs to continue exactly is in its checkpoint (``OUT/checkpoint.pt``):
+the teacher (which holds the student's BN statistics), optimizer, scheduler, epoch and
+step, every rank's RNG states, the config and the metrics so far. It is written atomically
+after every epoch and on Ctrl-C, and never after a non-finite loss.
+
+Multi-process training uses ``torchrun`` and DDP: when ``WORLD_SIZE > 1`` in the environment
+the process group is initialised from the ``env://`` variables (gloo on CPU, NCCL on CUDA),
+the data are sharded, and only rank 0 writes files and shows progress bars.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import io
+import json
+import math
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as tdist
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from gpd_fx.checkpoint import (CheckpointError, atomic_write, load_checkpoint, load_state_dict_checked,
+                               load_student, save_checkpoint, save_student)
+from gpd_fx.compile import COMPILE_MODES, compile_step
+from gpd_fx.errors import GPDError
+from gpd_fx.losses import GPDLossConfig, gpd_loss, get_kd_loss
+from gpd_fx.models import DEFAULT_STUDENT, build_model
+
+__all__ = [
+    "StepInfo",
+    "TrainConfig",
+    "TrainConfigError",
+    "TrainResult",
+    "TrainingDivergedError",
+    "TrainingInterrupted",
+    "evaluate",
+    "fit_plain",
+    "fold_checkpoint",
+    "run",
+    "train",
+]
+
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("cosine", "step", "none")
+AMP_MODES = ("off", "bf16")
+# fields that fix the shape of the teacher: a resumed run must use the checkpoint's values
+_STRUCTURAL = ("model", "ratio", "branches", "image_size", "in_chans")
+
+
+class TrainConfigError(GPDError, ValueError):
+    """An invalid :class:`TrainConfig` value, or a resume that does not match the checkpoint."""
+
+
+class TrainingDivergedError(GPDError, FloatingPointError):
+    """The loss became NaN or infinite; the message names the step and the checkpoint kept."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or ``KeyboardInterrupt``) stopped training after a checkpoint was saved.
+
+    A ``KeyboardInterrupt`` so that code which does not know about it still stops.
+
+    Attributes:
+        checkpoint: the checkpoint to pass to ``--resume`` (``None`` on ranks other than 0).
+        global_step: optimisation steps completed and saved.
+    """
+
+    def __init__(self, checkpoint: Path | None, global_step: int) -> None:
+        super().__init__(f"training interrupted after step {global_step}; checkpoint: {checkpoint}")
+        self.checkpoint = checkpoint
+        self.global_step = global_step
+
+
+class _AbortNow(KeyboardInterrupt):
+    """A second Ctrl-C: stop at once, without writing (the step in flight may be half done)."""
+
+
+# ------------------------------------------------------------------------------- config
+
+
+@dataclass
+class TrainConfig:
+    """Everything a GPD run needs; stored in its checkpoint.
+
+    Attributes:
+        model: student model spec (see :func:`gpd_fx.models.build_model`); metadata only when
+            :func:`train` is given a module.
+        data: ``"digits"`` or an ImageFolder directory (see :func:`gpd_fx.data.build_datasets`).
+        image_size: side of the square input images.
+        in_chans: input image channels.
+        val_fraction: share of the data held out for validation when there is no ``val/``.
+        epochs: number of epochs (a resumed run continues up to this number).
+        batch_size: samples per step, per process.
+        lr: peak learning rate.
+        optimizer: ``"sgd"`` (momentum, Nesterov) or ``"adamw"``.
+        momentum: SGD momentum.
+        weight_decay: applied to weights of rank >= 2 only (not to biases, norms or branch
+            scales, whose decay only hurts).
+        schedule: ``"cosine"`` (to 0), ``"step"`` (x0.1 at 50% and 75%) or ``"none"``; per step.
+        warmup_epochs: linear warm-up length in epochs (fractions allowed).
+        grad_clip: clip the global gradient norm to this value; 0 disables.
+        ratio: expansion ratio r >= 1 of the dynamic teacher.
+        noise: symmetry-breaking noise of :func:`gpd_fx.expand`, relative to each weight's std.
+        branches: CBR multi-branch kinds: ``"none"`` (IR only), ``"all"`` or a comma list.
+        expand_seed: seed of the expansion noise and branches.
+        loss: the :class:`~gpd_fx.losses.GPDLossConfig`.
+        seed: seed of initialisation, data order and every other random choice.
+        compile: ``"none"``, ``"inductor"`` or ``"gpd"`` (see :func:`gpd_fx.compile.compile_step`).
+        device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+        amp: ``"off"`` or ``"bf16"`` autocast.
+        out_dir: where checkpoint, metrics, plot and the folded student go.
+        resume: a checkpoint to continue from, or ``None``.
+        teacher: static teacher model spec, or ``None`` for training from scratch.
+        teacher_checkpoint: weights of the static teacher. Without one, the static teacher is
+            first trained plainly for ``teacher_epochs`` and saved as ``OUT/static_teacher.pt``.
+        teacher_epochs: epochs of that pre-training (``None``: ``epochs``).
+        student_checkpoint: pretrained student weights to fine-tune from.
+        max_steps_per_epoch: cap on steps per epoch (quick runs and tests), ``None``: no cap.
+        log_every: also print a line every N steps (0: one line per epoch only).
+        num_workers: data loader worker processes.
+        progress: show tqdm progress bars (rank 0 only).
+        export_onnx: export the folded student to ONNX and check it with onnxruntime.
+        fuse_bn: fuse BN into the preceding conv/linear when folding.
+    """
+
+    model: str = DEFAULT_STUDENT
+    data: str = "digits"
+    image_size: int = 32
+    in_chans: int = 3
+    val_fraction: float = 0.2
+    epochs: int = 6
+    batch_size: int = 64
+    lr: float = 0.05
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    warmup_epochs: float = 0.0
+    grad_clip: float = 0.0
+    ratio: int = 2
+    noise: float = 0.1
+    branches: str = "none"
+    expand_seed: int = 0
+    loss: GPDLossConfig = field(default_factory=GPDLossConfig)
+    seed: int = 0
+    compile: str = "none"
+    device: str = "auto"
+    amp: str = "off"
+    out_dir: str = "runs/gpd"
+    resume: str | None = None
+    teacher: str | None = None
+    teacher_checkpoint: str | None = None
+    teacher_epochs: int | None = None
+    student_checkpoint: str | None = None
+    max_steps_per_epoch: int | None = None
+    log_every: int = 0
+    num_workers: int = 0
+    progress: bool = True
+    export_onnx: bool = True
+    fuse_bn: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.loss, Mapping):  # from a checkpoint or JSON
+            self.loss = GPDLossConfig(**self.loss)
+
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise TrainConfigError(msg)
+
+        need(isinstance(self.ratio, int) and not isinstance(self.ratio, bool) and self.ratio >= 1,
+             f"ratio must be an integer >= 1 (the teacher is ratio x wider), got {self.ratio!r}")
+        need(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+        need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        need(self.lr > 0 and math.isfinite(self.lr), f"lr must be a positive number, got {self.lr}")
+        need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        need(0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}")
+        need(self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        need(self.grad_clip >= 0, f"grad_clip must be >= 0, got {self.grad_clip}")
+        need(self.noise >= 0, f"noise must be >= 0, got {self.noise}")
+        need(self.image_size >= 1, f"image_size must be >= 1, got {self.image_size}")
+        need(self.in_chans >= 1, f"in_chans must be >= 1, got {self.in_chans}")
+        need(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")
+        need(self.log_every >= 0, f"log_every must be >= 0, got {self.log_every}")
+        need(self.max_steps_per_epoch is None or self.max_steps_per_epoch >= 1,
+             f"max_steps_per_epoch must be >= 1 or None, got {self.max_steps_per_epoch}")
+        need(self.teacher_epochs is None or self.teacher_epochs >= 1,
+             f"teacher_epochs must be >= 1 or None, got {self.teacher_epochs}")
+        need(self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r}; choose one of {list(OPTIMIZERS)}")
+        need(self.schedule in SCHEDULES, f"unknown schedule {self.schedule!r}; choose one of {list(SCHEDULES)}")
+        need(self.compile in COMPILE_MODES, f"unknown compile mode {self.compile!r}; choose one of {list(COMPILE_MODES)}")
+        need(self.amp in AMP_MODES, f"unknown amp mode {self.amp!r}; choose one of {list(AMP_MODES)}")
+        need(self.teacher_checkpoint is None or self.teacher is not None,
+             "teacher_checkpoint needs teacher (the static teacher's model spec) to build the model")
+
+    def expand_branches(self) -> Sequence[str] | None:
+        """``branches`` in the form :func:`gpd_fx.expand` takes: ``()``, ``None`` or a list."""
+        text = (self.branches or "none").strip()
+        if text == "none":
+            return ()
+        if text == "all":
+            return None
+        return [b.strip() for b in text.split(",") if b.strip()]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Primitive-only form (for checkpoints, JSON and ``TrainConfig(**d)``)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "TrainConfig":
+        """Inverse of :meth:`to_dict`, ignoring keys this version does not know."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass
+class StepInfo:
+    """What a callback passed to :func:`train` sees after each completed step.
+
+    Attributes:
+        epoch: 0-based epoch.
+        step: steps completed in this epoch.
+        global_step: steps completed in the whole run.
+        loss: the step's loss.
+    """
+
+    epoch: int
+    step: int
+    global_step: int
+    loss: float
+
+
+@dataclass
+class TrainResult:
+    """The outcome of :func:`train`.
+
+    Attributes:
+        dt: the trained dynamic teacher (on the training device, eval mode).
+        student: the folded student, a plain module of the user's class (CPU, eval mode).
+        history: one metrics dict per epoch (what ``metrics.jsonl`` holds).
+        teacher_acc: final validation accuracy of the dynamic teacher (fraction).
+        student_acc: final validation accuracy of ``dt.student``.
+        folded_acc: validation accuracy of the folded student (equals ``student_acc`` up to
+            float ties).
+        static_acc: validation accuracy of the static teacher, if any.
+        paths: files written: ``checkpoint``, ``metrics_jsonl``, ``metrics_csv``, ``plot``,
+            ``student_pt``, ``student_safetensors``, ``onnx`` (those that exist).
+        onnx_max_abs_diff: onnxruntime vs PyTorch on the folded student, if exported.
+        seconds: wall time of the run.
+    """
+
+    dt: nn.Module
+    student: nn.Module
+    history: list[dict[str, Any]]
+    teacher_acc: float
+    student_acc: float
+    folded_acc: float
+    static_acc: float | None = None
+    paths: dict[str, Path] = field(default_factory=dict)
+    onnx_max_abs_diff: float | None = None
+    seconds: float = 0.0
+
+
+# ------------------------------------------------------------------------- environment
+
+
+@dataclass
+class _Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    owns_group: bool = False  # we initialised the process group, so we tear it down
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _init_distributed(device: str) -> _Dist:
+    """Join the ``torchrun`` process group described by the environment, if there is one."""
+    if tdist.is_available() and tdist.is_initialized():
+        return _Dist(tdist.get_rank(), tdist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return _Dist()
+    if not tdist.is_available():
+        raise TrainConfigError("WORLD_SIZE > 1 but this PyTorch build has no torch.distributed")
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    tdist.init_process_group(backend=backend, init_method="env://")
+    return _Dist(tdist.get_rank(), tdist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), owns_group=True)
+
+
+def _resolve_device(name: str, dist: _Dist) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise TrainConfigError(f"device {name!r} requested but CUDA is not available; use --device cpu")
+        if name == "cuda":
+            name = f"cuda:{dist.local_rank}" if dist.enabled else "cuda"
+        device = torch.device(name)
+        torch.cuda.set_device(device)
+        return device
+    if name != "cpu":
+        raise TrainConfigError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N")
+    return torch.device("cpu")
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    """Every RNG a step may draw from, as tensors and primitives (``weights_only`` safe)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, keys, gauss = state["python"]
+    random.setstate((version, tuple(keys), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class _Printer:
+    """Prints on rank 0 only, through tqdm so that lines do not tear progress bars."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+
+    def __call__(self, msg: str) -> None:
+        if self.enabled:
+            from tqdm import tqdm
+
+            tqdm.write(msg, file=sys.stdout)
+            sys.stdout.flush()
+
+
+@contextlib.contextmanager
+def _deferred_sigint(printer: _Printer) -> Iterator[dict[str, bool]]:
+    """Turn the first Ctrl-C into a flag checked between steps; a second one aborts at once.
+
+    A ``KeyboardInterrupt`` raised in the middle of ``optimizer.step()`` would leave some
+    parameters updated and others not, so the checkpoint saved afterwards would be of no
+    step at all. Deferring the first interrupt to the end of the step avoids that.
+    Signal handlers can only be installed from the main thread; elsewhere this is a no-op.
+    """
+    flag = {"stop": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):  # noqa: ARG001 - signature fixed by signal
+        if flag["stop"]:
+            raise _AbortNow()
+        flag["stop"] = True
+        printer("\ninterrupt: saving a checkpoint after this step (Ctrl-C again to quit without saving)")
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+# -------------------------------------------------------------------------------- data
+
+
+class _EpochSampler(Sampler[int]):
+    """Seeded per-epoch order, sharded over ranks, able to skip the samples already seen.
+
+    The order of epoch ``e`` depends only on ``(seed, e)``, never on a generator's history,
+    which is what lets a run resumed mid-epoch see exactly the batches it would have seen.
+    Like ``DistributedSampler`` the order is padded (by repeating its start) to a multiple of
+    the world size, so every rank runs the same number of steps -- DDP needs that.
+    """
+
+    def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1, shuffle: bool = True) -> None:
+        self.n, self.seed, self.rank, self.world, self.shuffle = n, seed, rank, world, shuffle
+        self.epoch = 0
+        self.skip = 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
+
+    def _indices(self) -> list[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        total = math.ceil(self.n / self.world) * self.world
+        order += order[: total - self.n]
+        return order[self.rank:total:self.world]
+
+    def per_rank(self) -> int:
+        return math.ceil(self.n / self.world)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._indices()[self.skip:])
+
+    def __len__(self) -> int:
+        return self.per_rank() - self.skip
+
+
+class _ShardSampler(Sampler[int]):
+    """Validation shard ``rank::world`` without padding, so all-reduced counts are exact."""
+
+    def __init__(self, n: int, rank: int, world: int) -> None:
+        self.indices = list(range(rank, n, world))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def _check_dataset(ds: Dataset, name: str) -> int:
+    try:
+        n = len(ds)  # type: ignore[arg-type]
+    except TypeError:
+        raise TrainConfigError(f"the {name} set has no len(); gpd_fx needs a map-style Dataset") from None
+    if n == 0:
+        raise TrainConfigError(f"the {name} set is empty; check the data directory or the split")
+    return n
+
+
+# ------------------------------------------------------------------------- optimisation
+
+
+def _build_optimizer(params: Sequence[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    decay = [p for p in params if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in params if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def _lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """Multiplier of the peak learning rate at optimisation step ``step`` (0-based)."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "none":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return 0.1 ** (int(progress >= 0.5) + int(progress >= 0.75))  # "step"
+
+
+def _build_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    total = cfg.epochs * steps_per_epoch
+    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+    # a closure over ints only: LambdaLR stores nothing of it in its state dict
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, total, warmup, cfg.schedule))
+
+
+# ---------------------------------------------------------------------------- evaluate
+
+
+def _progress_bar(enabled: bool, **kwargs: Any):
+    from tqdm import tqdm
+
+    # mininterval keeps non-TTY logs (CI, files) from filling up with bar refreshes
+    return tqdm(disable=not enabled, mininterval=1.0, dynamic_ncols=True, file=sys.stderr, **kwargs)
+
+
+@torch.no_grad()
+def evaluate(models: Mapping[str, Callable[[Tensor], Tensor]], loader: DataLoader, device: torch.device | str,
+             *, progress: bool = False, desc: str = "eval") -> dict[str, float]:
+    """Accuracy and mean cross-entropy of several models on one loader, in one pass.
+
+    Under ``torch.distributed`` every rank evaluates its shard and the sums are all-reduced,
+    so each rank returns the metrics of the whole set. Modules are evaluated in eval mode
+    and put back into the mode they were in.
+
+    Args:
+        models: ``{name: callable}``, e.g. ``{"teacher": dt, "student": dt.student}``.
+        loader: yields ``(images, labels)``.
+        device: where to run.
+        progress: show a progress bar.
+        desc: the bar's label.
+
+    Returns:
+        ``{f"{name}_acc": fraction, f"{name}_loss": mean CE}`` for every name, and ``"n"``.
+
+    Example:
+        >>> evaluate({"student": model}, val_loader, "cpu")["student_acc"]  # doctest: +SKIP
+        0.97
+    """
+    owners = {name: getattr(fn, "__self__", fn) for name, fn in models.items()}
+    modes = {name: m.training for name, m in owners.items() if isinstance(m, nn.Module)}
+    for name in modes:
+        owners[name].eval()
+    device = torch.device(device)
+    sums = torch.zeros(2 * len(models) + 1, dtype=torch.float64, device=device)
+    try:
+        for x, y in _progress_bar(progress, iterable=loader, desc=desc, leave=False):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            for i, fn in enumerate(models.values()):
+                logits = fn(x).float()
+                sums[2 * i] += (logits.argmax(1) == y).sum()
+                sums[2 * i + 1] += nn.functional.cross_entropy(logits, y, reduction="sum")
+            sums[-1] += y.numel()
+    finally:
+        for name, mode in modes.items():
+            owners[name].train(mode)
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.all_reduce(sums)
+    n = max(1.0, float(sums[-1]))
+    out: dict[str, float] = {"n": float(sums[-1])}
+    for i, name in enumerate(models):
+        out[f"{name}_acc"] = float(sums[2 * i]) / n
+        out[f"{name}_loss"] = float(sums[2 * i + 1]) / n
+    return out
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def _write_metrics(history: list[dict[str, Any]], out: Path) -> tuple[Path, Path]:
+    """Rewrite ``metrics.jsonl`` and ``metrics.csv`` from the history (atomic, resume-safe).
+
+    Rewriting rather than appending keeps the files equal to the checkpoint's history after
+    a resume, with no duplicated or lost epochs.
+    """
+    jsonl = atomic_write(out / "metrics.jsonl",
+                         lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in history)))
+    keys: list[str] = []
+    for row in history:
+        keys += [k for k in row if k not in keys]
+
+    def write_csv(tmp: Path) -> None:
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(history)
+        tmp.write_text(buf.getvalue())
+
+    return jsonl, atomic_write(out / "metrics.csv", write_csv)
+
+
+class _Joint(nn.Module):
+    """``x -> (dt(x), dt.student(x))`` as one ``forward``, the unit DDP and compile wrap.
+
+    DDP only synchronises gradients of computations that run inside its wrapped module's
+    ``forward``; calling ``dt.student`` next to it would bypass the wrapper.
+    """
+
+    def __init__(self, dt: nn.Module) -> None:
+        super().__init__()
+        self.dt = dt
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.dt(x), self.dt.student(x)
+
+
+class _Accum:
+    """Running sums of one epoch's training metrics, kept on the device (no per-step sync)."""
+
+    KEYS = ("loss", "ce_teacher", "ce_student", "kd_teacher_static", "kd_student_static", "kd_student_dt")
+
+    def __init__(self, device: torch.device, saved: Mapping[str, float] | None = None) -> None:
+        self.sums = torch.zeros(len(self.KEYS) + 3, dtype=torch.float64, device=device)
+        if saved:
+            self.sums.copy_(torch.tensor([saved[k] for k in self.names()], dtype=torch.float64))
+
+    def names(self) -> list[str]:
+        return [*self.KEYS, "teacher_correct", "student_correct", "n"]
+
+    def add(self, loss: Tensor, parts: Mapping[str, Tensor], t: Tensor, s: Tensor, y: Tensor) -> None:
+        vals = [loss.detach(), *(parts[k] for k in self.KEYS[1:])]
+        n = y.numel()
+        row = torch.stack([v.double() * n for v in vals]
+                          + [(t.argmax(1) == y).sum().double(), (s.argmax(1) == y).sum().double(),
+                             torch.tensor(float(n), dtype=torch.float64, device=y.device)])
+        self.sums += row
+
+    def state(self) -> dict[str, float]:
+        return dict(zip(self.names(), self.sums.tolist()))
+
+    def summary(self) -> dict[str, float]:
+        st = self.state()
+        if tdist.is_available() and tdist.is_initialized():
+            total = self.sums.clone()
+            tdist.all_reduce(total)
+            st = dict(zip(self.names(), total.tolist()))
+        n = max(1.0, st["n"])
+        out = {f"train_{k}": st[k] / n for k in self.KEYS}
+        out["train_teacher_acc"] = st["teacher_correct"] / n
+        out["train_student_acc"] = st["student_correct"] / n
+        return out
+
+
+# ------------------------------------------------------------------------------ train
+
+
+def _expand(model: nn.Module, cfg: TrainConfig, example: Tensor) -> nn.Module:
+    import gpd_fx  # at call time: gpd_fx/__init__ may import this module
+
+    return gpd_fx.expand(model, ratio=cfg.ratio, example_inputs=(example,), noise=cfg.noise,
+                         seed=cfg.expand_seed, branches=cfg.expand_branches())
+
+
+def _fold(dt: nn.Module, fuse_bn: bool) -> nn.Module:
+    import gpd_fx
+
+    return gpd_fx.fold(dt, fuse_bn=fuse_bn)
+
+
+def _check_resume(ckpt: Mapping[str, Any], cfg: TrainConfig, path: str) -> None:
+    saved = ckpt["config"]
+    for name in _STRUCTURAL:
+        if name in saved and saved[name] != getattr(cfg, name):
+            raise TrainConfigError(f"checkpoint {path!r} was written with {name}={saved[name]!r} but this run has "
+                                   f"{name}={getattr(cfg, name)!r}; use the same value to resume "
+                                   "(or start a new run without --resume)")
+
+
+def _example_batch(ds: Dataset, k: int = 2) -> Tensor:
+    return torch.stack([ds[i][0] for i in range(min(k, len(ds)))])  # type: ignore[arg-type]
+
+
+def train(model: nn.Module, cfg: TrainConfig, train_ds: Dataset, val_ds: Dataset,
+          static_teacher: nn.Module | None = None, *,
+          callbacks: Sequence[Callable[[StepInfo], None]] = ()) -> TrainResult:
+    """Train ``model`` with Gap Preserving Distillation and return the folded student.
+
+    Expands ``model`` into a dynamic teacher ``ratio`` times wider, trains teacher and student
+    jointly (one forward of each, one backward per step) with :func:`gpd_fx.losses.gpd_loss`,
+    evaluates both every epoch, checkpoints every epoch, then folds the student back into
+    ``model``'s class and saves it (``.pt``, ``.safetensors`` and optionally ``.onnx``).
+
+    Args:
+        model: the student; never modified (``expand`` copies it). With
+            ``cfg.student_checkpoint`` its weights are loaded first (fine-tuning).
+        cfg: the run's :class:`TrainConfig`. ``cfg.resume`` continues from a checkpoint.
+        train_ds: map-style training set of ``(image, label)``.
+        val_ds: validation set.
+        static_teacher: optional pretrained teacher distilled into both (kept frozen, eval).
+        callbacks: called with a :class:`StepInfo` after every completed step (rank 0 and
+            others alike); raising ``KeyboardInterrupt`` there stops like Ctrl-C does.
+
+    Returns:
+        A :class:`TrainResult`.
+
+    Raises:
+        TrainingDivergedError: a non-finite loss (the last good checkpoint is kept).
+        TrainingInterrupted: Ctrl-C; a checkpoint of the last completed step was saved.
+        CheckpointError: ``cfg.resume`` or a weights file is corrupt or does not match.
+        TrainConfigError: bad configuration, empty data set, resume mismatch.
+
+    Example:
+        >>> from gpd_fx.data import digits_datasets
+        >>> from gpd_fx.models import small_cnn
+        >>> tr, va, k = digits_datasets(image_size=16)
+        >>> res = train(small_cnn(k), TrainConfig(epochs=1, out_dir="/tmp/gpd"), tr, va)  # doctest: +SKIP
+        >>> res.paths["student_pt"]  # doctest: +SKIP
+        PosixPath('/tmp/gpd/student.pt')
+    """
+    t_start = time.perf_counter()
+    n_train = _check_dataset(train_ds, "training")
+    _check_dataset(val_ds, "validation")
+    dist = _init_distributed(cfg.device)
+    try:
+        return _train(model, cfg, train_ds, val_ds, static_teacher, callbacks, dist, n_train, t_start)
+    finally:
+        if dist.owns_group:
+            tdist.destroy_process_group()
+
+
+def _train(model, cfg, train_ds, val_ds, static_teacher, callbacks, dist, n_train, t_start) -> TrainResult:
+    device = _resolve_device(cfg.device, dist)
+    printer = _Printer(dist.main)
+    show = cfg.progress and dist.main
+    out = Path(cfg.out_dir)
+    ckpt_path = out / "checkpoint.pt"
+
+    ckpt = None
+    if cfg.resume:
+        ckpt = load_checkpoint(cfg.resume)
+        _check_resume(ckpt, cfg, str(cfg.resume))
+    elif cfg.student_checkpoint:
+        load_state_dict_checked(model, load_student(cfg.student_checkpoint),
+                                f"student checkpoint {cfg.student_checkpoint!r}")
+
+    # ---- expand (on the CPU in float32, identically on every rank) ----
+    example = _example_batch(train_ds).float()
+    dt = _expand(model, cfg, example)
+    num_classes = _num_classes(dt, example)
+    dt = dt.to(device)
+    if ckpt is not None:
+        load_state_dict_checked(dt, ckpt["dt"], f"checkpoint {str(cfg.resume)!r}")
+    if dist.main:
+        printer(f"expanded: {dt.report.summary() if hasattr(dt.report, 'summary') else dt.report}")
+
+    if static_teacher is not None:
+        static_teacher = static_teacher.to(device).eval().requires_grad_(False)
+
+    # ---- data ----
+    sampler = _EpochSampler(n_train, cfg.seed, dist.rank, dist.world)
+    per_rank = sampler.per_rank()
+    # drop the last partial batch: BN fails on a batch of one, and compiled steps see one shape
+    drop_last = per_rank >= cfg.batch_size
+    pin = device.type == "cuda"
+    loader_gen = torch.Generator()
+    train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, drop_last=drop_last,
+                              num_workers=cfg.num_workers, pin_memory=pin, generator=loader_gen)
+    val_loader = DataLoader(val_ds, batch_size=max(cfg.batch_size, 256), num_workers=cfg.num_workers,
+                            sampler=_ShardSampler(len(val_ds), dist.rank, dist.world), pin_memory=pin)
+    steps_per_epoch = per_rank // cfg.batch_size if drop_last else 1
+    if cfg.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
+
+    # ---- optimisation ----
+    params = list(dt.parameters())
+    optimizer = _build_optimizer(params, cfg)
+    scheduler = _build_scheduler(optimizer, cfg, steps_per_epoch)
+    start_epoch, start_step, global_step = 0, 0, 0
+    history: list[dict[str, Any]] = []
+    accum_saved = None
+    if ckpt is not None:
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+        except (ValueError, KeyError, RuntimeError) as err:
+            raise CheckpointError(f"checkpoint {str(cfg.resume)!r}: optimizer/scheduler state does not match "
+                                  f"this run ({str(err).splitlines()[0]})") from None
+        start_epoch, start_step = int(ckpt["epoch"]), int(ckpt.get("step_in_epoch", 0))
+        global_step = int(ckpt.get("global_step", 0))
+        history = list(ckpt.get("history", []))
+        accum_saved = ckpt.get("epoch_accum")
+        rngs = ckpt.get("rng") or []
+        if dist.rank < len(rngs):
+            _set_rng_state(rngs[dist.rank])
+        else:
+            _seed_everything(cfg.seed + 1000 * global_step + dist.rank)
+        printer(f"resumed from {cfg.resume}: epoch {start_epoch}, step {start_step} (global step {global_step})")
+    else:
+        _seed_everything(cfg.seed + dist.rank)
+
+    net: nn.Module = _Joint(dt)
+    if dist.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
+    loss_cfg = cfg.loss
+    amp = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.amp == "bf16" else contextlib.nullcontext()
+
+    def step_fn(x: Tensor, y: Tensor, static_logits: Tensor | None):
+        t_logits, s_logits = net(x)
+        loss, parts = gpd_loss(t_logits.float(), s_logits.float(), y, loss_cfg, static_logits)
+        return loss, parts, t_logits.detach(), s_logits.detach()
+
+    step = compile_step(step_fn, cfg.compile)
+
+    static_acc = None
+    if static_teacher is not None:
+        static_acc = evaluate({"static": static_teacher}, val_loader, device)["static_acc"]
+        printer(f"static teacher {cfg.teacher or type(static_teacher).__name__}: val acc {100 * static_acc:.2f}%")
+
+    def checkpoint_state(epoch: int, step_in_epoch: int, accum: _Accum | None) -> dict[str, Any]:
+        rng = _rng_state()
+        rngs = [rng]
+        if dist.enabled:
+            rngs = [None] * dist.world
+            tdist.all_gather_object(rngs, rng)  # every rank's own RNG, for an exact resume
+        return {
+            "dt": dt.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
+            "epoch_accum": accum.state() if accum is not None else None,
+            "rng": rngs, "config": cfg.to_dict(), "expand_config": dict(getattr(dt, "expand_config", {})),
+            "model_spec": cfg.model, "num_classes": num_classes,
+            "image_size": cfg.image_size, "in_chans": cfg.in_chans, "history": history, "world_size": dist.world,
+        }
+
+    def save(epoch: int, step_in_epoch: int, accum: _Accum | None) -> None:
+        state = checkpoint_state(epoch, step_in_epoch, accum)  # collective: every rank
+        if dist.main:
+            save_checkpoint(state, ckpt_path)
+        if dist.enabled:
+            tdist.barrier()
+
+    paths: dict[str, Path] = {}
+    dt.train()
+    with _deferred_sigint(printer) as sig:
+        accum: _Accum | None = None
+        epoch, step_in_epoch = start_epoch, start_step
+        try:
+            for epoch in range(start_epoch, cfg.epochs):
+                t_epoch = time.perf_counter()
+                step_in_epoch = start_step if epoch == start_epoch else 0
+                accum = _Accum(device, accum_saved if epoch == start_epoch else None)
+                sampler.set_epoch(epoch, skip=step_in_epoch * cfg.batch_size)
+                loader_gen.manual_seed(cfg.seed + epoch)  # worker seeds, same on resume
+                dt.train()
+                bar = _progress_bar(show, total=steps_per_epoch, initial=step_in_epoch,
+                                    desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False)
+                try:
+                    for x, y in train_loader:
+                        if step_in_epoch >= steps_per_epoch:
+                            break
+                        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                        static_logits = None
+                        if static_teacher is not None:
+                            with torch.no_grad(), amp:
+                                static_logits = static_teacher(x).float()
+                        optimizer.zero_grad(set_to_none=True)
+                        with amp:
+                            loss, parts, t_logits, s_logits = step(x, y, static_logits)
+                        # one host sync per step: a non-finite loss must stop the run before
+                        # its update reaches the weights, and all ranks must agree to stop
+                        flags = torch.stack([(~torch.isfinite(loss.detach())).double(),
+                                             torch.tensor(float(sig["stop"]), dtype=torch.float64, device=device)])
+                        if dist.enabled:
+                            tdist.all_reduce(flags, op=tdist.ReduceOp.MAX)
+                        bad, stop = (bool(v) for v in flags.tolist())
+                        if bad:
+                            raise TrainingDivergedError(
+                                f"loss is {float(loss.detach()):.4g} at epoch {epoch + 1}, step {step_in_epoch + 1} "
+                                f"(global step {global_step + 1}); stopped before updating the weights"
+                                + (f"; the last good checkpoint {str(ckpt_path)!r} is kept" if ckpt_path.exists() else "")
+                                + "; try a lower --lr or --grad-clip")
+                        loss.backward()
+                        if cfg.grad_clip > 0:
+                            nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                        optimizer.step()
+                        scheduler.step()
+                        global_step += 1
+                        step_in_epoch += 1
+                        accum.add(loss, parts, t_logits, s_logits, y)
+                        loss_value = float(loss.detach())
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
+                        if cfg.log_every and global_step % cfg.log_every == 0:
+                            printer(f"epoch {epoch + 1} step {step_in_epoch}/{steps_per_epoch} loss {loss_value:.4f} "
+                                    f"lr {scheduler.get_last_lr()[0]:.3g}")
+                        info = StepInfo(epoch, step_in_epoch, global_step, loss_value)
+                        for cb in callbacks:
+                            cb(info)
+                        if stop:
+                            raise KeyboardInterrupt
+                finally:
+                    bar.close()
+
+                # ---- end of epoch: evaluate, record, checkpoint ----
+                if dist.enabled:
+                    # DDP keeps parameters in sync, but BN statistics drift per rank within an
+                    # epoch; take rank 0's so that every rank evaluates and saves one model
+                    for b in dt.buffers():
+                        tdist.broadcast(b, 0)
+                train_metrics = accum.summary()
+                val = evaluate({"teacher": dt, "student": dt.student}, val_loader, device,
+                               progress=show, desc="eval")
+                row = {"epoch": epoch + 1, "global_step": global_step, "lr": scheduler.get_last_lr()[0],
+                       **train_metrics,
+                       "val_teacher_acc": val["teacher_acc"], "val_student_acc": val["student_acc"],
+                       "val_teacher_loss": val["teacher_loss"], "val_student_loss": val["student_loss"],
+                       "gap": val["teacher_acc"] - val["student_acc"],
+                       "epoch_seconds": time.perf_counter() - t_epoch}
+                if static_acc is not None:
+                    row["val_static_acc"] = static_acc
+                history.append(row)
+                step_in_epoch, accum = 0, None
+                save(epoch + 1, 0, None)
+                if dist.main:
+                    paths["metrics_jsonl"], paths["metrics_csv"] = _write_metrics(history, out)
+                    from gpd_fx.plot import plot_accuracy
+
+                    paths["plot"] = plot_accuracy(history, out / "accuracy.png",
+                                                  title=f"GPD {cfg.model} x{cfg.ratio}")
+                printer(f"epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f}  "
+                        f"val acc teacher {100 * row['val_teacher_acc']:.2f}%  "
+                        f"student {100 * row['val_student_acc']:.2f}%  gap {100 * row['gap']:+.2f}  "
+                        f"({row['epoch_seconds']:.1f} s)")
+        except _AbortNow:
+            raise
+        except KeyboardInterrupt:
+            # the state is that of `global_step` completed steps (see _deferred_sigint)
+            save(epoch, step_in_epoch, accum)
+            printer(f"interrupted: checkpoint of step {global_step} saved to {ckpt_path}; "
+                    f"continue with --resume {ckpt_path}")
+            raise TrainingInterrupted(ckpt_path if dist.main else None, global_step) from None
+
+    if not history:  # resumed from a finished run: nothing was trained here
+        history = list(ckpt["history"]) if ckpt else []
+    if dist.main:
+        paths["checkpoint"] = ckpt_path
+        if "metrics_jsonl" not in paths and history:
+            from gpd_fx.plot import plot_accuracy
+
+            paths["metrics_jsonl"], paths["metrics_csv"] = _write_metrics(history, out)
+            paths["plot"] = plot_accuracy(history, out / "accuracy.png", title=f"GPD {cfg.model} x{cfg.ratio}")
+
+    # ---- fold, final evaluation, export ----
+    dt.eval()
+    student = _fold(dt, cfg.fuse_bn).to(device).eval()
+    final = evaluate({"teacher": dt, "student": dt.student, "folded": student}, val_loader, device,
+                     progress=show, desc="final eval")
+    student = student.cpu()
+    onnx_diff = None
+    if dist.main:
+        meta = {"model_spec": cfg.model, "num_classes": num_classes, "image_size": cfg.image_size,
+                "in_chans": cfg.in_chans, "fused_bn": cfg.fuse_bn}
+        paths["student_pt"], paths["student_safetensors"] = save_student(student, out / "student.pt", meta)
+        if cfg.export_onnx:
+            onnx_diff, onnx_path = _maybe_export(student, example, out / "student.onnx", printer)
+            if onnx_path is not None:
+                paths["onnx"] = onnx_path
+        summary = {"teacher_acc": final["teacher_acc"], "student_acc": final["student_acc"],
+                   "folded_acc": final["folded_acc"], "static_acc": static_acc, "onnx_max_abs_diff": onnx_diff,
+                   "epochs": cfg.epochs, "global_step": global_step,
+                   "seconds": time.perf_counter() - t_start, "paths": {k: str(v) for k, v in paths.items()}}
+        atomic_write(out / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
+        paths["summary"] = out / "summary.json"
+    return TrainResult(dt=dt, student=student, history=history, teacher_acc=final["teacher_acc"],
+                       student_acc=final["student_acc"], folded_acc=final["folded_acc"], static_acc=static_acc,
+                       paths=paths, onnx_max_abs_diff=onnx_diff, seconds=time.perf_counter() - t_start)
+
+
+def _num_classes(dt: nn.Module, example: Tensor) -> int:
+    """Number of logits, from the teacher's output on the example batch (eval mode, no grad)."""
+    was = dt.training
+    dt.eval()
+    with torch.no_grad():
+        k = int(dt(example).shape[-1])
+    dt.train(was)
+    return k
+
+
+def _maybe_export(student: nn.Module, example: Tensor, path: Path, printer: _Printer) -> tuple[float | None, Path | None]:
+    from gpd_fx.export import ExportError, export_onnx, onnx_available
+
+    if not onnx_available():
+        printer("ONNX export skipped: onnx/onnxscript/onnxruntime are not installed (pip install 'gpd_fx[onnx]')")
+        return None, None
+    try:
+        return export_onnx(student, example, path), path
+    except ExportError as err:
+        # the trained student is saved already; a failed export must not lose it
+        printer(f"ONNX export failed (student.pt and student.safetensors are saved): {err}")
+        return None, None
+
+
+# --------------------------------------------------------------------------- plain fit
+
+
+def fit_plain(model: nn.Module, cfg: TrainConfig, train_ds: Dataset, val_ds: Dataset, *,
+              teacher: nn.Module | None = None, kd: str = "kd", kd_weight: float = 1.0,
+              epochs: int | None = None, desc: str = "plain") -> tuple[nn.Module, list[dict[str, Any]]]:
+    """Train one model plainly with cross-entropy, optionally plus KD from a frozen teacher.
+
+    Used to pre-train a static teacher and as the baseline of ``benchmarks/accuracy.py``
+    (plain student; Hinton KD student). Same optimizer, schedule and data order as
+    :func:`train`; no checkpoints (runs are short), single process.
+
+    Args:
+        model: trained in place.
+        cfg: optimizer, schedule, batch size, seed, device, progress.
+        train_ds: training set.
+        val_ds: validation set.
+        teacher: frozen teacher for ``CE + kd_weight * KD(model, teacher)``.
+        kd: :data:`gpd_fx.losses.KD_LOSSES` name of the KD term.
+        kd_weight: its weight.
+        epochs: overrides ``cfg.epochs``.
+        desc: progress-bar label.
+
+    Returns:
+        ``(model, history)`` with ``val_acc`` per epoch in ``history``; the model in eval mode.
+    """
+    n = _check_dataset(train_ds, "training")
+    _check_dataset(val_ds, "validation")
+    device = _resolve_device(cfg.device, _Dist())
+    epochs = cfg.epochs if epochs is None else epochs
+    _seed_everything(cfg.seed)
+    model = model.to(device).train()
+    if teacher is not None:
+        teacher = teacher.to(device).eval().requires_grad_(False)
+    kd_fn = get_kd_loss(kd)
+    sampler = _EpochSampler(n, cfg.seed)
+    drop_last = n >= cfg.batch_size
+    loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, drop_last=drop_last,
+                        num_workers=cfg.num_workers)
+    val_loader = DataLoader(val_ds, batch_size=max(256, cfg.batch_size), num_workers=cfg.num_workers)
+    steps = n // cfg.batch_size if drop_last else 1
+    if cfg.max_steps_per_epoch:
+        steps = min(steps, cfg.max_steps_per_epoch)
+    run_cfg = dataclasses.replace(cfg, epochs=epochs)
+    params = list(model.parameters())
+    opt = _build_optimizer(params, run_cfg)
+    sched = _build_scheduler(opt, run_cfg, steps)
+    history = []
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch)
+        model.train()
+        for i, (x, y) in enumerate(_progress_bar(cfg.progress, iterable=loader, total=steps, leave=False,
+                                                 desc=f"{desc} {epoch + 1}/{epochs}")):
+            if i >= steps:
+                break
+            x, y = x.to(device), y.to(device)
+            logits = model(x)
+            loss = nn.functional.cross_entropy(logits, y)
+            if teacher is not None:
+                with torch.no_grad():
+                    t = teacher(x)
+                loss = loss + kd_weight * kd_fn(logits, t, y, run_cfg.loss)
+            if not torch.isfinite(loss):
+                raise TrainingDivergedError(f"{desc}: loss is {float(loss):.4g} at epoch {epoch + 1}, step {i + 1}; "
+                                            "try a lower --lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        val = evaluate({"model": model}, val_loader, device)
+        history.append({"epoch": epoch + 1, "val_acc": val["model_acc"], "val_loss": val["model_loss"]})
+    return model.eval(), history
+
+
+# --------------------------------------------------------------------------------- run
+
+
+def _static_teacher(cfg: TrainConfig, num_classes: int, train_ds: Dataset, val_ds: Dataset) -> nn.Module | None:
+    """Build the static teacher: load its checkpoint, reuse ``OUT/static_teacher.pt``, or train it."""
+    if cfg.teacher is None:
+        return None
+    teacher = build_model(cfg.teacher, num_classes, cfg.image_size, cfg.in_chans)
+    if cfg.teacher_checkpoint:
+        load_state_dict_checked(teacher, load_student(cfg.teacher_checkpoint),
+                                f"teacher checkpoint {cfg.teacher_checkpoint!r}")
+        return teacher
+    cached = Path(cfg.out_dir) / "static_teacher.pt"
+    if cached.is_file():
+        load_state_dict_checked(teacher, load_student(cached), f"static teacher {str(cached)!r}")
+        return teacher
+    # Every rank trains the same teacher from the same seed on the full data: identical
+    # results without any communication, and this is a short, one-off phase.
+    epochs = cfg.teacher_epochs or cfg.epochs
+    _Printer(_is_main_process())(f"no --teacher-checkpoint: training static teacher {cfg.teacher} "
+                                 f"for {epochs} epochs first")
+    torch.manual_seed(cfg.seed)
+    teacher, hist = fit_plain(teacher, cfg, train_ds, val_ds, epochs=epochs, desc="static teacher")
+    if _is_main_process():
+        save_student(teacher.cpu(), cached, {"model_spec": cfg.teacher, "num_classes": num_classes,
+                                             "image_size": cfg.image_size, "in_chans": cfg.in_chans})
+    return teacher
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def run(cfg: TrainConfig, *, callbacks: Sequence[Callable[[StepInfo], None]] = ()) -> TrainResult:
+    """Build data, student and static teacher from ``cfg`` and :func:`train`; what ``gpd-fx train`` runs.
+
+    Args:
+        cfg: the configuration; ``cfg.model``, ``cfg.data`` and ``cfg.teacher`` are specs.
+        callbacks: passed to :func:`train`.
+
+    Returns:
+        The :class:`TrainResult`.
+
+    Example:
+        >>> res = run(TrainConfig(epochs=1, out_dir="/tmp/gpd"))  # doctest: +SKIP
+        >>> round(res.student_acc, 2)  # doctest: +SKIP
+        0.9
+    """
+    from gpd_fx.data import build_datasets
+
+    train_ds, val_ds, num_classes = build_datasets(cfg.data, cfg.image_size, channels=cfg.in_chans,
+                                                   seed=cfg.seed, val_fraction=cfg.val_fraction)
+    _check_dataset(train_ds, "training")
+    _check_dataset(val_ds, "validation")
+    torch.manual_seed(cfg.seed)  # same initial student on every rank and every run
+    model = build_model(cfg.model, num_classes, cfg.image_size, cfg.in_chans)
+    static = _static_teacher(cfg, num_classes, train_ds, val_ds)
+    return train(model, cfg, train_ds, val_ds, static, callbacks=callbacks)
+
+
+# -------------------------------------------------------------------------------- fold
+
+
+def fold_checkpoint(path: str | os.PathLike, out: str | os.PathLike | None = None, *, fuse_bn: bool = False,
+                    export_onnx: bool = False) -> dict[str, Path]:
+    """Fold the student out of a training checkpoint; what ``gpd-fx fold`` runs.
+
+    Rebuilds the student from the checkpoint's model spec, re-runs :func:`gpd_fx.expand`
+    with the stored arguments, loads the teacher's state and folds.
+
+    Args:
+        path: a ``checkpoint.pt`` written by :func:`train`.
+        out: destination ``.pt`` (default ``student.pt`` beside the checkpoint); the
+            ``.safetensors`` and ``.onnx`` go beside it.
+        fuse_bn: fuse BN into the preceding conv/linear.
+        export_onnx: also export ONNX, verified with onnxruntime.
+
+    Returns:
+        ``{"student_pt", "student_safetensors"[, "onnx"]}`` paths.
+
+    Raises:
+        CheckpointError: corrupt checkpoint, no model spec, or a state that does not match.
+
+    Example:
+        >>> fold_checkpoint("runs/gpd/checkpoint.pt")["student_pt"]  # doctest: +SKIP
+        PosixPath('runs/gpd/student.pt')
+    """
+    ckpt = load_checkpoint(path)
+    cfg = TrainConfig.from_dict(ckpt["config"])
+    spec = ckpt.get("model_spec")
+    num_classes = ckpt.get("num_classes")
+    if not spec or not num_classes:
+        raise CheckpointError(f"checkpoint {str(path)!r} records no model spec (the student was passed to train() "
+                              "as a module); rebuild the model in Python, gpd_fx.expand it with the checkpoint's "
+                              "'expand_config' and call gpd_fx.fold")
+    image_size, in_chans = int(ckpt.get("image_size", cfg.image_size)), int(ckpt.get("in_chans", cfg.in_chans))
+    torch.manual_seed(cfg.seed)
+    model = build_model(spec, int(num_classes), image_size, in_chans)
+    # expand only needs shapes from the example; the weights come from the checkpoint
+    example = torch.randn(2, in_chans, image_size, image_size)
+    dt = _expand(model, cfg, example)
+    load_state_dict_checked(dt, ckpt["dt"], f"checkpoint {str(path)!r}")
+    student = _fold(dt.eval(), fuse_bn).cpu().eval()
+    dest = Path(out) if out is not None else Path(path).parent / "student.pt"
+    meta = {"model_spec": spec, "num_classes": int(num_classes), "image_size": image_size, "in_chans": in_chans,
+            "fused_bn": fuse_bn}
+    paths: dict[str, Path] = {}
+    paths["student_pt"], paths["student_safetensors"] = save_student(student, dest, meta)
+    if export_onnx:
+        from gpd_fx.export import export_onnx as _export
+
+        diff = _export(student, example, dest.with_suffix(".onnx"))
+        paths["onnx"] = dest.with_suffix(".onnx")
+        _Printer(True)(f"ONNX: onnxruntime vs torch max |diff| {diff:.2g}")
+    return paths
