@@ -8,11 +8,12 @@
 from gpd_fx.errors import (ExpandInputError, FoldError, GPDError, TraceError, UnsupportedOpError,
                            VerificationError)
 from gpd_fx.expand import expand
+from gpd_fx.passes.fold import fold
 from gpd_fx.passes.registry import CannotExpand, register as register_rule
 from gpd_fx.teacher import DynamicTeacher, ExpansionReport
 
 __all__ = [
-    "expand", "DynamicTeacher", "ExpansionReport", "register_rule", "CannotExpand",
+    "expand", "fold", "DynamicTeacher", "ExpansionReport", "register_rule", "CannotExpand",
     "GPDError", "ExpandInputError", "TraceError", "UnsupportedOpError", "VerificationError", "FoldError",
 ]
 __version__ = "0.1.0"

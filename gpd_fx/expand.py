@@ -77,7 +77,7 @@ def expand(model: nn.Module, ratio: int = 2, example_inputs: Tensor | Sequence[A
            leaf_modules: Iterable[type | nn.Module] | None = None,
            concrete_args: dict[str, Any] | None = None,
            extra_rules: dict[Any, Callable] | None = None,
-           branches: Sequence[str] | dict[str, Sequence[str]] | None = (),
+           branches: Sequence[str] | dict[str, Sequence[str]] | None = None,
            verify_dtype: torch.dtype | None = None, progress: bool = False) -> DynamicTeacher:
     """Build the dynamic teacher of ``model``: ``ratio`` times wider, same function at init.
 

@@ -1,0 +1,134 @@
+"""Fold: evaluate the student map once and load it into a copy of the user's own module.
+
+The result has the user's class and state-dict keys, so it loads into their code unchanged;
+``fuse_bn=True`` additionally folds eval-mode BatchNorm into the preceding conv/linear.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+from gpd_fx.errors import FoldError
+
+from .student_map import map_tensor, teacher_tensor
+
+__all__ = ["fold", "fuse_bn"]
+
+
+def fold(dt, fuse_bn: bool = False):
+    """Fold a trained dynamic teacher back into a plain student of the user's class.
+
+    Args:
+        dt: a :class:`gpd_fx.DynamicTeacher` returned by :func:`gpd_fx.expand`.
+        fuse_bn: also return a deployable copy with BatchNorm fused into the preceding
+            conv/linear (a ``GraphModule``; BN in eval mode uses its running statistics).
+
+    Returns:
+        The student (same class and state-dict keys as the model given to ``expand``, in eval
+        mode), or ``(student, fused)`` when ``fuse_bn=True``.
+
+    Raises:
+        FoldError: ``dt`` is not an expanded teacher, or its parameters no longer have the
+            shapes the student map expects (for instance after a wrong ``load_state_dict``).
+
+    Example:
+        >>> student = gpd_fx.fold(dt)
+        >>> torch.testing.assert_close(student(x), dt.eval().student(x))
+    """
+    from gpd_fx.teacher import DynamicTeacher
+
+    if not isinstance(dt, DynamicTeacher):
+        raise FoldError(f"fold takes the DynamicTeacher returned by gpd_fx.expand, got {type(dt).__name__}")
+    template = dt.template
+    expected = dict(template.named_parameters(remove_duplicate=False))
+    state = {}
+    with torch.no_grad():
+        for src in dt.sources:
+            try:
+                tt = teacher_tensor(dt.teacher, src)
+                _check_teacher_shape(tt, src)
+                t = map_tensor(tt, src)
+            except Exception as e:
+                raise FoldError(
+                    f"cannot map teacher tensor {src.teacher_name!r} to student parameter "
+                    f"{src.student_name!r} (recorded at node {src.node}): {type(e).__name__}: {e}. "
+                    "Were the teacher's parameters replaced? Rebuild with gpd_fx.expand and load a "
+                    "state dict saved from the same configuration.") from e
+            want = expected.get(src.student_name)
+            if want is not None and tuple(want.shape) != tuple(t.shape):
+                raise FoldError(
+                    f"student parameter {src.student_name!r} should have shape {tuple(want.shape)} but the "
+                    f"teacher tensor {src.teacher_name!r} maps to {tuple(t.shape)}")
+            state[src.student_name] = t.detach().clone()
+    student = copy.deepcopy(template)
+    full = student.state_dict(keep_vars=True)
+    for k in full:
+        if k in state:
+            full[k] = state[k]
+    buffers = dt.student_state.as_dict()
+    persistent = set(full)
+    for name, b in buffers.items():
+        if name in persistent:
+            full[name] = b.detach().clone()
+    missing = [k for k, v in full.items() if isinstance(v, torch.Tensor) and v.device.type == "meta"]
+    if missing:
+        raise FoldError(f"no teacher source for student tensors {missing[:5]}")
+    student.load_state_dict({k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in full.items()},
+                            strict=True, assign=True)
+    # non-persistent buffers are not in the state dict: set them directly
+    for name, b in buffers.items():
+        if name not in persistent:
+            mod, _, attr = name.rpartition(".")
+            (student.get_submodule(mod) if mod else student)._buffers[attr] = b.detach().clone()
+    for p in student.parameters():
+        p.requires_grad_(True)
+    student.eval()
+    if fuse_bn:
+        return student, fuse_batchnorm(student)
+    return student
+
+
+def _check_teacher_shape(t: torch.Tensor, src) -> None:
+    if src.inp is not None and t.shape[src.inp[0]] != src.inp[1].numel():
+        raise ValueError(f"dim {src.inp[0]} has size {t.shape[src.inp[0]]}, expected {src.inp[1].numel()}")
+    if src.out is not None and t.shape[src.out[0]] <= int(src.out[1].max()):
+        raise ValueError(f"dim {src.out[0]} has size {t.shape[src.out[0]]}, too small for the teacher layout")
+
+
+def fuse_batchnorm(model: nn.Module) -> fx.GraphModule:
+    """A copy of ``model`` (eval mode) with each BN fused into the conv/linear feeding only it."""
+    from .trace import trace
+
+    model = copy.deepcopy(model).eval()
+    gm = trace(model)
+    modules = dict(gm.named_modules())
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or not isinstance(modules.get(node.target), nn.modules.batchnorm._BatchNorm):
+            continue
+        prev = node.args[0]
+        if not isinstance(prev, fx.Node) or prev.op != "call_module" or len(prev.users) != 1:
+            continue
+        layer, bn = modules[prev.target], modules[node.target]
+        if not bn.track_running_stats or bn.running_mean is None:
+            continue
+        if type(layer) in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+            fused = fuse_conv_bn_eval(layer, bn)
+        else:
+            # Linear+BN1d would need the activation's rank (BN1d on (N, C) vs (N, C, L)); not fused.
+            continue
+        parent, _, name = prev.target.rpartition(".")
+        setattr(gm.get_submodule(parent) if parent else gm, name, fused)
+        modules[prev.target] = fused
+        node.replace_all_uses_with(prev)
+        gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+fuse_bn = fuse_batchnorm

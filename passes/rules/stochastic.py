@@ -1,0 +1,30 @@
+"""Per-sample stochastic depth (drop-path) modules from torchvision and timm.
+
+They read ``self.training`` and so are kept as leaves by the tracer; the mask they draw has
+shape ``(N, 1, ...)`` and never looks at channels, so they act the same on any layout (and draw
+the same random numbers for the student and the teacher).
+"""
+
+from __future__ import annotations
+
+from ..registry import register
+
+_KEYS: list = []
+try:
+    from torchvision.ops import StochasticDepth
+
+    _KEYS.append(StochasticDepth)
+except ImportError:  # torchvision is a dependency, but keep the rule set importable without it
+    pass
+try:
+    from timm.layers import DropPath
+
+    _KEYS.append(DropPath)
+except ImportError:
+    pass
+
+
+@register(*_KEYS, transparent=True)
+def drop_path(ctx, node):
+    x = node.args[0]
+    return ctx.emit_same(), ctx.layout(x)
