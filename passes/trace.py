@@ -14,6 +14,7 @@ from typing import Any, Iterable
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 from gpd_fx.errors import TraceError
@@ -59,11 +60,29 @@ def _mentions_training(module: nn.Module) -> bool:
     return "training" in src
 
 
+_DROPOUT_FNS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
+                F.feature_alpha_dropout, torch.dropout}
+
+
+def _signature(graph: fx.Graph) -> list[tuple]:
+    """Node-by-node description of a graph; a dropout with p == 0 is the same in both modes."""
+    sig = []
+    for n in graph.nodes:
+        if n.op == "call_function" and n.target in _DROPOUT_FNS:
+            p = n.args[1] if len(n.args) > 1 else n.kwargs.get("p", 0.5)
+            if isinstance(p, (int, float)) and p == 0:
+                sig.append((n.op, "dropout(p=0)", repr(n.args[:1])))
+                continue
+        sig.append((n.op, str(n.target), repr(n.args), repr(n.kwargs)))
+    return sig
+
+
 def mode_dependent_modules(model: nn.Module, tracer_factory) -> list[nn.Module]:
     """Submodules whose traced graph depends on ``self.training`` (or that cannot be traced alone).
 
     Only modules outside ``torch.nn`` whose ``forward`` mentions ``training`` are candidates;
-    each is traced standalone in train and eval mode, and kept as a leaf when the code differs.
+    each is traced standalone in train and eval mode, and kept as a leaf when the graphs differ
+    (ignoring dropouts with p == 0, which do nothing in either mode).
     """
     found: list[nn.Module] = []
     probe = tracer_factory()
@@ -72,19 +91,20 @@ def mode_dependent_modules(model: nn.Module, tracer_factory) -> list[nn.Module]:
             continue
         if any(_is_submodule_of(m, f) for f in found):
             continue
-        was = m.training
+        flags = [(sub, sub.training) for sub in m.modules()]
         try:
-            codes = []
+            sigs = []
             for mode in (True, False):
                 m.train(mode)
-                codes.append(fx.GraphModule(m, tracer_factory().trace(m)).code)
-            if codes[0] != codes[1]:
+                sigs.append(_signature(tracer_factory().trace(m)))
+            if sigs[0] != sigs[1]:
                 found.append(m)
         except Exception:
-            # It cannot be traced on its own: judge it by its source, conservatively a leaf.
+            # It cannot be traced on its own: conservatively a leaf.
             found.append(m)
         finally:
-            m.train(was)
+            for sub, f in flags:
+                sub.training = f
     return found
 
 

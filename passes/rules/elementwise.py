@@ -249,3 +249,26 @@ def meta(ctx, node):
         if isinstance(ctx.out, Tensor) and isinstance(lay, Layout):
             raise CannotExpand(f"tensor attribute {name}")
     return ctx.emit_same(), None
+
+
+def _swin_patch_merging_pad():
+    try:
+        from torchvision.models.swin_transformer import _patch_merging_pad
+    except ImportError:
+        return []
+    return [_patch_merging_pad]
+
+
+@register(*_swin_patch_merging_pad())
+def swin_patch_merging(ctx, node):
+    """torchvision Swin's patch merging (an fx-wrapped function): pad H/W of a channels-last
+    tensor, take the four 2x2 phases and concatenate them along channels."""
+    x = node.args[0]
+    lay = ctx.layout(x)
+    if lay is None:
+        return ctx.emit_same(), None
+    if lay.dim != ctx.sval(x).dim() - 1:
+        raise CannotExpand("channels-last patch merging with the channels elsewhere")
+    c = lay.width
+    index = torch.cat([lay.index + k * c for k in range(4)])
+    return ctx.emit_same(), Layout(lay.dim, index, ctx.r)
