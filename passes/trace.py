@@ -1,10 +1,10 @@
-"""FX capture of the student: ``torch.fx`` plus timm's no-trace registry and mode-dependent leaves.
+"""FX capture of the student: ``torch.fx`` plus timm's no-trace registry and a live training flag.
 
-``torch.fx`` evaluates Python control flow at trace time, so a submodule that passes
-``self.training`` to a function (``F.dropout(x, p, self.training)``, drop-path) would have the
-flag baked into the graph and the teacher would stop following ``.train()``/``.eval()``. Such
-submodules are detected by tracing them in both modes and comparing the code; those whose graph
-changes with the mode become leaves (design.md §4).
+``torch.fx`` evaluates Python at trace time, so ``F.dropout(x, p, self.training)`` would bake the
+flag into the graph and the teacher would stop following ``.train()``/``.eval()`` (design.md §4).
+During tracing every traced module's ``training`` attribute is replaced by a :class:`_LiveFlag`:
+passed as an argument, it becomes a graph node that reads the mode at run time; used in Python
+control flow (``if self.training``), it marks its module, which is then kept as a leaf.
 """
 
 from __future__ import annotations
@@ -14,12 +14,14 @@ from typing import Any, Iterable
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 
 from gpd_fx.errors import TraceError
 
-__all__ = ["trace", "GPDTracer", "mode_dependent_modules"]
+__all__ = ["trace", "GPDTracer", "MODE_ATTR"]
+
+# Name of the empty submodule whose ``training`` flag the graph reads (it follows ``.train()``).
+MODE_ATTR = "_gpd_mode"
 
 
 def _timm_notrace() -> tuple[tuple[type, ...], tuple[Any, ...]]:
@@ -52,64 +54,69 @@ class GPDTracer(fx.Tracer):
         return super().is_leaf_module(m, module_qualified_name)
 
 
-def _mentions_training(module: nn.Module) -> bool:
-    try:
-        src = inspect.getsource(type(module).forward)
-    except (OSError, TypeError):
-        return False
-    return "training" in src
+class _LiveFlag:
+    """Stands in for ``module.training`` while tracing; remembers if Python branched on it."""
 
+    def __init__(self, value: bool):
+        self.value = bool(value)
+        self.branched = False
 
-_DROPOUT_FNS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
-                F.feature_alpha_dropout, torch.dropout}
+    def __bool__(self) -> bool:
+        self.branched = True
+        return self.value
 
 
 def _signature(graph: fx.Graph) -> list[tuple]:
-    """Node-by-node description of a graph; a dropout with p == 0 is the same in both modes."""
-    sig = []
-    for n in graph.nodes:
-        if n.op == "call_function" and n.target in _DROPOUT_FNS:
-            p = n.args[1] if len(n.args) > 1 else n.kwargs.get("p", 0.5)
-            if isinstance(p, (int, float)) and p == 0:
-                sig.append((n.op, "dropout(p=0)", repr(n.args[:1])))
-                continue
-        sig.append((n.op, str(n.target), repr(n.args), repr(n.kwargs)))
-    return sig
+    return [(n.op, str(n.target), repr(n.args), repr(n.kwargs)) for n in graph.nodes]
 
 
-def mode_dependent_modules(model: nn.Module, tracer_factory) -> list[nn.Module]:
-    """Submodules whose traced graph depends on ``self.training`` (or that cannot be traced alone).
+def _mode_invariant(m: nn.Module, factory) -> bool:
+    """True when ``m`` traces to the same graph in train and eval mode.
 
-    Only modules outside ``torch.nn`` whose ``forward`` mentions ``training`` are candidates;
-    each is traced standalone in train and eval mode, and kept as a leaf when the graphs differ
-    (ignoring dropouts with p == 0, which do nothing in either mode).
+    Python that branches on ``self.training`` only to pick between equal values (timm's
+    ``dropout_p = self.attn_drop.p if self.training else 0.`` with p = 0) bakes nothing that
+    matters; such modules are traced through instead of being kept as leaves.
     """
-    found: list[nn.Module] = []
-    probe = tracer_factory()
+    flags = [(sub, sub.training) for sub in m.modules()]
+    try:
+        sigs = []
+        for mode in (True, False):
+            m.train(mode)
+            sigs.append(_signature(factory().trace(m)))
+        return sigs[0] == sigs[1]
+    except Exception:
+        return False
+    finally:
+        for sub, f in flags:
+            sub.training = f
+
+
+class _FlagTracer(GPDTracer):
+    """Records a :class:`_LiveFlag` argument as a node reading the root's mode at run time."""
+
+    def create_arg(self, a: Any):
+        if isinstance(a, _LiveFlag):
+            mode = self.create_node("get_attr", MODE_ATTR, (), {})
+            return self.create_node("call_function", getattr, (mode, "training"), {})
+        return super().create_arg(a)
+
+
+def _trace_with_flags(model: nn.Module, tracer: _FlagTracer, concrete_args, invariant: set[int]):
+    """Trace with live flags; returns the graph and the modules that branched on their flag."""
+    flags: dict[nn.Module, tuple[bool, _LiveFlag]] = {}
     for name, m in model.named_modules():
-        if not name or probe.is_leaf_module(m, name) or not _mentions_training(m):
+        if (name and tracer.is_leaf_module(m, name)) or id(m) in invariant:
             continue
-        if any(_is_submodule_of(m, f) for f in found):
-            continue
-        flags = [(sub, sub.training) for sub in m.modules()]
-        try:
-            sigs = []
-            for mode in (True, False):
-                m.train(mode)
-                sigs.append(_signature(tracer_factory().trace(m)))
-            if sigs[0] != sigs[1]:
-                found.append(m)
-        except Exception:
-            # It cannot be traced on its own: conservatively a leaf.
-            found.append(m)
-        finally:
-            for sub, f in flags:
-                sub.training = f
-    return found
-
-
-def _is_submodule_of(m: nn.Module, parent: nn.Module) -> bool:
-    return any(sub is m for sub in parent.modules())
+        flag = _LiveFlag(m.training)
+        flags[m] = (m.training, flag)
+        m.training = flag
+    try:
+        graph = tracer.trace(model, concrete_args=concrete_args)
+    finally:
+        for m, (value, _) in flags.items():
+            m.training = value
+    branched = [m for m, (_, f) in flags.items() if f.branched and m is not model]
+    return graph, branched
 
 
 def trace(model: nn.Module, *, leaf_modules: Iterable[type | nn.Module] | None = None,
@@ -135,22 +142,47 @@ def trace(model: nn.Module, *, leaf_modules: Iterable[type | nn.Module] | None =
     def factory():
         return GPDTracer(leaf_types, leaf_insts, autowrap_functions)
 
-    leaf_insts = leaf_insts + mode_dependent_modules(model, factory)
-    tracer = factory()
-    try:
-        graph = tracer.trace(model, concrete_args=concrete_args)
-    except Exception as e:  # fx raises many types; re-raise one with a fix in the message
-        where = _innermost_user_frame(e)
-        raise TraceError(
-            f"torch.fx could not trace {type(model).__name__}: {type(e).__name__}: {e}{where}\n"
-            "Fix: pass the submodule class that contains this code as a leaf, e.g. "
-            "expand(model, ..., leaf_modules=[ThatModule]); it then becomes one node (a boundary "
-            "unless a rule for it is registered), or fix Python-level arguments with concrete_args."
-        ) from e
-    name = model.__class__.__name__
-    gm = fx.GraphModule(tracer.root, graph, name)
+    graph = None
+    invariant: set[int] = set()
+    for _ in range(16):  # each round settles the modules that branched on `training`
+        tracer = _FlagTracer(leaf_types, leaf_insts, autowrap_functions)
+        try:
+            graph, branched = _trace_with_flags(model, tracer, concrete_args, invariant)
+        except Exception as e:  # fx raises many types; re-raise one with a fix in the message
+            where = _innermost_user_frame(e)
+            raise TraceError(
+                f"torch.fx could not trace {type(model).__name__}: {type(e).__name__}: {e}{where}\n"
+                "Fix: pass the submodule class that contains this code as a leaf, e.g. "
+                "expand(model, ..., leaf_modules=[ThatModule]); it then becomes one node (a boundary "
+                "unless a rule for it is registered), or fix Python-level arguments with concrete_args."
+            ) from e
+        if not branched:
+            break
+        for m in branched:
+            if _mode_invariant(m, lambda: GPDTracer(leaf_types, leaf_insts, autowrap_functions)):
+                invariant.add(id(m))
+            else:
+                leaf_insts = leaf_insts + [m]
+    # Root built from a dict of the graph's targets: the user's model is never touched, and the
+    # mode-flag submodule exists only in the graph module.
+    targets: dict[str, Any] = {}
+    for node in graph.nodes:
+        if node.op in ("call_module", "get_attr") and node.target != MODE_ATTR:
+            targets[node.target] = _get_attr_path(model, node.target)
+    mode = nn.Module()
+    mode.training = model.training
+    targets[MODE_ATTR] = mode
+    gm = fx.GraphModule(targets, graph, model.__class__.__name__)
+    gm.training = model.training
     gm.meta["gpd_leaf_instances"] = [id(m) for m in leaf_insts]
     return gm
+
+
+def _get_attr_path(root: nn.Module, target: str):
+    obj = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def _innermost_user_frame(e: BaseException) -> str:

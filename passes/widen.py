@@ -15,6 +15,7 @@ whose values diverge is known by name, and shape arguments computed inside the m
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import operator
 from dataclasses import dataclass, field
@@ -452,6 +453,8 @@ class Builder:
     def _visit(self, node: fx.Node) -> None:
         entry = lookup(node, self.smods, self.extra)
         reason = None
+        if entry is None and _inlinable(node) and self._inline(node):
+            return
         if entry is None:
             reason = "no rule for this op"
         else:
@@ -495,6 +498,70 @@ class Builder:
                     del self.added_modules[t]
             self.permutations, self.runtime_widenings = snapshot[3], snapshot[4]
         self._boundary(node, reason)
+
+    def _inline(self, node: fx.Node) -> bool:
+        """Expand a wrapped Python function (fx.wrap, timm's no-trace functions) op by op.
+
+        The function is traced on its own, with every argument that is not a graph value fixed
+        as a constant, and its nodes are processed exactly like the model's. Returns False (the
+        caller then cuts a boundary) when it cannot be traced.
+        """
+        if not self._inputs_expanded(node) or self._inline_depth > 4:
+            return False
+        fn = node.target
+        try:
+            sig = inspect.signature(fn)
+            bound = sig.bind(*node.args, **node.kwargs)
+            bound.apply_defaults()
+        except (TypeError, ValueError):
+            return False
+        names = []
+        for name, value in bound.arguments.items():
+            param = sig.parameters[name]
+            if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+                return False
+            found = []
+            map_aggregate(value, lambda a: found.append(a) if isinstance(a, fx.Node) else None)
+            if found:
+                names.append(name)
+        # A wrapper whose only parameters are the graph-valued arguments; everything else is a
+        # constant of the call (fx's own concrete_args would add asserts for each of them).
+        dynamic = {f"_a{i}": bound.arguments[n] for i, n in enumerate(names)}
+        src = (f"def _inlined({', '.join(dynamic)}):\n"
+               + "".join(f"    _bound.arguments[{n!r}] = _a{i}\n" for i, n in enumerate(names))
+               + "    return _fn(*_bound.args, **_bound.kwargs)\n")
+        scope = {"_fn": fn, "_bound": copy.copy(bound)}
+        scope["_bound"].arguments = dict(bound.arguments)
+        exec(src, scope)  # noqa: S102 - generated from parameter names only
+        try:
+            from .trace import GPDTracer
+
+            sub = GPDTracer().trace(scope["_inlined"])
+        except Exception:
+            return False
+        flops = node.meta.get("gpd", {}).get("flops", 0.0)
+        self.total_flops -= flops   # the body's ops are counted one by one below
+        self._inline_depth += 1
+        try:
+            for sn in sub.nodes:
+                if sn.op == "placeholder":
+                    value = dynamic[sn.target]
+                    self.svals[sn] = map_aggregate(value, lambda a: self.svals[a] if isinstance(a, fx.Node) else a)
+                    self.env[sn] = _Entry(self.dt_of(value), _layouts_of(self, value))
+                elif sn.op == "output":
+                    out = sn.args[0]
+                    self.svals[node] = map_aggregate(out, lambda a: self.svals[a] if isinstance(a, fx.Node) else a)
+                    self.env[node] = _Entry(self.dt_of(out), _layouts_of(self, out))
+                elif sn.op == "get_attr":
+                    return False
+                else:
+                    self._run_student(sn)
+                    self._visit(sn)
+        finally:
+            self._inline_depth -= 1
+        return True
+
+    _inline_depth = 0
 
     def _inputs_expanded(self, node: fx.Node) -> bool:
         return any(_any_layout(self.env[a].layout) for a in node.all_input_nodes)
@@ -547,6 +614,26 @@ class Builder:
                     ok = False
                     break
             self.kept_demand[node] = ok
+
+
+def _set_flag(d: dict, name: str) -> None:
+    d[name] = True
+
+
+def _inlinable(node: fx.Node) -> bool:
+    fn = node.target
+    return (node.op == "call_function" and inspect.isfunction(fn)
+            and not getattr(fn, "__module__", "").startswith(("torch.", "builtins", "operator")))
+
+
+def _layouts_of(builder, value):
+    def one(a):
+        if isinstance(a, fx.Node):
+            return builder.env[a].layout
+        if isinstance(a, (list, tuple)):
+            return type(a)(one(x) for x in a) if not hasattr(a, "_fields") else tuple(one(x) for x in a)
+        return None
+    return one(value)
 
 
 def _default_of(node: fx.Node):

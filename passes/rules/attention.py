@@ -153,3 +153,124 @@ def sdpa(ctx, node):
         else:
             kwargs["scale"] = scale / ctx.r
     return ctx.call_function(F.scaled_dot_product_attention, *args, **kwargs), lv
+
+
+# ---- attention with r times more heads ------------------------------------------------------
+# Multi-head modules whose head count is an argument (nn.MultiheadAttention, Swin's window
+# attention) are widened with *more heads* instead of wider ones: the teacher has r*H heads of
+# the same head dim, head h*r+k a copy of student head h. The per-head softmax scale is then
+# unchanged (no compensation needed), and the channel map of the projections is simply the
+# "head-major" layout below.
+def head_major(width: int, heads: int, r: int, dim: int) -> Layout:
+    """Teacher channel ``(h*r + k)*D + d`` holds student channel ``h*D + d`` (D = width/heads)."""
+    d = width // heads
+    i = torch.arange(width * r)
+    return Layout(dim, (i // (r * d)) * d + i % d, r)
+
+
+def _stacked(lay: Layout, parts: int, dim: int) -> Layout:
+    """The layout of ``parts`` stacked projections (q, k, v) each in layout ``lay``."""
+    c = lay.width
+    return Layout(dim, torch.cat([lay.index + j * c for j in range(parts)]), lay.ratio)
+
+
+def _swin_attention_fns():
+    try:
+        from torchvision.models.swin_transformer import shifted_window_attention
+    except ImportError:
+        return []
+    return [shifted_window_attention]
+
+
+@register(*_swin_attention_fns())
+def swin_window_attention(ctx, node):
+    """torchvision's ``shifted_window_attention`` (an fx-wrapped function) with r*H heads."""
+    import inspect
+
+    from .linear_ops import _expand_output, weight_arg
+
+    sig = inspect.signature(node.target)
+    bound = sig.bind(*node.args, **node.kwargs)
+    a = bound.arguments
+    x = a["input"]
+    lay = ctx.layout(x)
+    nd = ctx.sval(x).dim()
+    if lay is None or lay.dim != nd - 1:
+        raise CannotExpand("window attention expects expanded channels-last input")
+    heads = a["num_heads"]
+    if isinstance(heads, fx.Node):
+        raise CannotExpand("dynamic head count")
+    c = lay.width
+    hm = head_major(c, heads, ctx.r, 0)
+    qkv_lay = _stacked(hm, 3, 0)
+    out_lay = interleaved(c, ctx.r, 0) if _expand_output(ctx, c) else None
+    new = dict(ctx.dt(a))
+    new["qkv_weight"] = weight_arg(ctx, a["qkv_weight"], 0, 1, qkv_lay, lay.index, c)
+    new["proj_weight"] = weight_arg(ctx, a["proj_weight"], 0, 1, out_lay, hm.index, c)
+    if a.get("qkv_bias") is not None:
+        new["qkv_bias"] = ctx.to_layout(a["qkv_bias"], qkv_lay)
+    if a.get("proj_bias") is not None and out_lay is not None:
+        new["proj_bias"] = ctx.to_layout(a["proj_bias"], out_lay)
+    rpb = a["relative_position_bias"]
+    head_dim = ctx.sval(rpb).dim() - 3
+    new["relative_position_bias"] = ctx.to_layout(rpb, interleaved(heads, ctx.r, head_dim))
+    if a.get("logit_scale") is not None:
+        new["logit_scale"] = ctx.to_layout(a["logit_scale"], interleaved(heads, ctx.r, 0))
+    new["num_heads"] = heads * ctx.r
+    y = ctx.call_function(node.target, **new)
+    return y, None if out_lay is None else out_lay.at(nd - 1)
+
+
+@register(nn.MultiheadAttention)
+def multihead_attention(ctx, node):
+    """``nn.MultiheadAttention`` with packed in-projection, widened to r*H heads."""
+    m = ctx.module()
+    if not m._qkv_same_embed_dim or m.bias_k is not None or m.add_zero_attn:
+        raise CannotExpand("only packed q/k/v projections without bias_k/add_zero_attn are widened")
+    q, k, v = node.args[0], arg(node, 1, "key"), arg(node, 2, "value")
+    lays = [ctx.layout(t) for t in (q, k, v)]
+    e = m.embed_dim
+    nd = ctx.sval(q).dim()
+    ref = next((l for l in lays if l is not None), None)
+    if ref is None:
+        return ctx.emit_same(), None
+    if ref.dim != nd - 1:
+        raise CannotExpand("attention input expanded on a dim other than the embedding")
+    ins = [ctx.to_layout(t, ref) for t in (q, k, v)]
+    r = ctx.r
+    hm = head_major(e, m.num_heads, r, 0)
+    qkv_lay = _stacked(hm, 3, 0)
+    from .linear_ops import _expand_output, widen_linear_weight
+    from ..weights import widen_per_channel
+
+    out_lay = interleaved(e, r, 0) if _expand_output(ctx, e) else None
+    w_in, src_in = widen_linear_weight(ctx, m.in_proj_weight, 0, 1, qkv_lay, ref.index, e)
+    w_out, src_out = widen_linear_weight(ctx, m.out_proj.weight, 0, 1, out_lay, hm.index, e)
+    new = nn.MultiheadAttention(e * r, m.num_heads * r, dropout=m.dropout, bias=m.in_proj_bias is not None,
+                                batch_first=m.batch_first, dtype=w_in.dtype)
+    new.train(m.training)
+    with torch.no_grad():
+        new.in_proj_weight.copy_(w_in)
+        if m.in_proj_bias is not None:
+            new.in_proj_bias.copy_(widen_per_channel(m.in_proj_bias.detach(), 0, qkv_lay.index))
+        if out_lay is None:
+            new.out_proj = nn.Linear(e * r, e, bias=m.out_proj.bias is not None, dtype=w_out.dtype)
+        new.out_proj.weight.copy_(w_out)
+        if m.out_proj.bias is not None:
+            b = m.out_proj.bias.detach()
+            new.out_proj.bias.copy_(b if out_lay is None else widen_per_channel(b, 0, out_lay.index))
+    target = ctx.add_module(node.target, new)
+    t = node.target
+    ctx.add_source(f"{t}.in_proj_weight", t, "in_proj_weight", **src_in)
+    if m.in_proj_bias is not None:
+        ctx.add_source(f"{t}.in_proj_bias", t, "in_proj_bias", out=(0, qkv_lay.first_copy()))
+    ctx.add_source(f"{t}.out_proj.weight", f"{t}.out_proj", "weight", **src_out)
+    if m.out_proj.bias is not None:
+        ctx.add_source(f"{t}.out_proj.bias", f"{t}.out_proj", "bias",
+                       **({"out": (0, out_lay.first_copy())} if out_lay is not None else {}))
+    kwargs = dict(ctx.dt(node.kwargs))
+    for name in ("key", "value"):
+        kwargs.pop(name, None)
+    y = ctx.emit("call_module", target, tuple(ins) + tuple(ctx.dt(node.args[3:])), kwargs)
+    lay_out = None if out_lay is None else out_lay.at(nd - 1)
+    return y, (lay_out, None)

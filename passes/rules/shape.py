@@ -315,8 +315,9 @@ def getitem(ctx, node):
             raise CannotExpand("indexing with an expanded index tensor")
         return ctx.emit_same(), None
     items = list(idx) if isinstance(idx, tuple) else [idx]
-    if any(isinstance(i, fx.Node) and isinstance(ctx.sval(i), Tensor) for i in items):
-        raise CannotExpand("advanced (tensor) indexing of an expanded tensor")
+    tensor_items = [k for k, i in enumerate(items) if isinstance(i, fx.Node) and isinstance(ctx.sval(i), Tensor)]
+    if tensor_items:
+        return _gather_rows(ctx, node, x, lay, items, tensor_items)
     nd = sv.dim()
     n_consuming = sum(1 for i in items if i is not None and i is not Ellipsis)
     if Ellipsis in items:
@@ -345,6 +346,20 @@ def getitem(ctx, node):
             out_d += 1
         in_d += 1
     return ctx.call_function(operator.getitem, ctx.dt(x), tuple(new_items)), out_lay
+
+
+def _gather_rows(ctx, node, x, lay: Layout, items, tensor_items):
+    """``x[idx]`` / ``x[:, idx]`` with one integer index tensor on a dim before the channel dim
+    (relative-position-bias tables): the channel dim moves by ``idx.dim() - 1``."""
+    if len(tensor_items) != 1 or any(i is None or i is Ellipsis for i in items):
+        raise CannotExpand("advanced indexing pattern")
+    k = tensor_items[0]
+    index = ctx.sval(items[k])
+    if index.dtype == torch.bool or k >= lay.dim or ctx.layout(items[k]) is not None:
+        raise CannotExpand("advanced (tensor) indexing on or after the channel dim")
+    if any(not (isinstance(i, slice) and i == slice(None)) for j, i in enumerate(items) if j != k):
+        raise CannotExpand("advanced indexing mixed with slices")
+    return ctx.emit_same(), lay.at(lay.dim - 1 + index.dim())
 
 
 def _slice_channel(ctx, node, x, lay: Layout, items, pos):

@@ -11,15 +11,15 @@ from ..registry import register
 
 _KEYS: list = []
 try:
-    from torchvision.ops import StochasticDepth
+    from torchvision.ops import StochasticDepth, stochastic_depth
 
-    _KEYS.append(StochasticDepth)
+    _KEYS += [StochasticDepth, stochastic_depth]
 except ImportError:  # torchvision is a dependency, but keep the rule set importable without it
     pass
 try:
-    from timm.layers import DropPath
+    from timm.layers import DropPath, drop_path as timm_drop_path
 
-    _KEYS.append(DropPath)
+    _KEYS += [DropPath, timm_drop_path]
 except ImportError:
     pass
 
