@@ -189,6 +189,14 @@ class RuleContext:
     def emit(self, op: str, target, args=(), kwargs=None) -> fx.Node:
         return self.b.emit(op, target, tuple(args), dict(kwargs or {}))
 
+    def student_scalar(self, arg):
+        """Teacher counterpart of a graph value used as a *value* (not a size).
+
+        Python numbers computed from a widened shape (``(C // heads) ** -0.5``) differ in the
+        teacher; where such a number meets a tensor it must keep the student's value.
+        """
+        return self.b.student_scalar(arg)
+
     def call_function(self, fn, *args, **kwargs) -> fx.Node:
         return self.emit("call_function", fn, args, kwargs)
 
@@ -374,13 +382,23 @@ class Builder:
         perm = permutation_between(cur, layout)
         return self.emit("call_function", gpd_widen, (self.dt_of(arg), cur.dim, self.index_node(perm)), {})
 
+    def student_scalar(self, a):
+        if isinstance(a, fx.Node):
+            sv = self.svals.get(a)
+            if not isinstance(sv, Tensor) and isinstance(sv, (int, float, bool)):
+                d = self.dt_of(a)
+                tv = self.tvals[d] if isinstance(d, fx.Node) else d
+                if tv != sv:
+                    return sv
+        return self.dt_of(a)
+
     def narrow(self, arg):
         def one(a):
             if not isinstance(a, fx.Node):
                 return a
             lay = self.env[a].layout
             if lay is None:
-                return self.dt_of(a)
+                return self.student_scalar(a)
             if isinstance(lay, Layout):
                 return self._narrow_node(self.dt_of(a), lay)
             # a tuple/list-valued node with expanded members: unpack, narrow, repack

@@ -75,6 +75,8 @@ def broadcast(ctx, node):
             ref = lay.at(lay.dim + out.dim() - ctx.sval(a).dim())
             break
     if ref is None:
+        if tensors:
+            return ctx.emit_same(_replace(ctx, node.args, {}), _replace(ctx, node.kwargs, {})), None
         return ctx.emit_same(), None
     if not isinstance(out, Tensor):
         raise CannotExpand("element-wise op returned a non-tensor")
@@ -99,7 +101,12 @@ def _replace(ctx, value, converted):
     from torch.fx.node import map_aggregate
     import torch.fx as fx
 
-    return map_aggregate(value, lambda a: converted[a] if isinstance(a, fx.Node) and a in converted else ctx.dt(a))
+    def one(a):
+        if isinstance(a, fx.Node) and a in converted:
+            return converted[a]
+        return ctx.student_scalar(a) if isinstance(a, fx.Node) else a
+
+    return map_aggregate(value, one)
 
 
 register(*_ACTIVATION_MODULES, *_ACTIVATION_FUNCTIONS, *_ACTIVATION_METHODS, transparent=True)(broadcast)

@@ -1,0 +1,271 @@
+"""expand: exactness on small hand-written modules, the report, and errors on bad input."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import gpd_fx
+from gpd_fx.errors import ExpandInputError, TraceError, UnsupportedOpError
+
+# float64 models: the teacher sums r times more terms in another order, so outputs differ by a
+# few ulps times the reduction length (~1e-15 relative); 1e-10 is far above that and far below
+# the O(1e-2..1) error of any wrong rule.
+TOL = 1e-10
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach(), b.detach()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+def check(model: nn.Module, x: torch.Tensor, ratio: int = 2, train: bool = True, **kw) -> gpd_fx.DynamicTeacher:
+    model = model.double()
+    x = x.double()
+    dt = gpd_fx.expand(model, ratio=ratio, example_inputs=(x,), **kw)
+    assert dt.report.fallbacks == {}
+    for mode in ([False, True] if train else [False]):
+        model.train(mode)
+        dt.train(mode)
+        with torch.no_grad():
+            torch.manual_seed(0)
+            ref = model(x)
+            torch.manual_seed(0)
+            out = dt(x)
+            torch.manual_seed(0)
+            stu = dt.student(x)
+        assert rel_err(out, ref) < TOL, f"teacher differs in {'train' if mode else 'eval'} mode"
+        assert rel_err(stu, ref) < TOL, f"student differs in {'train' if mode else 'eval'} mode"
+    return dt
+
+
+class ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+        self.dw = nn.Conv2d(6, 6, 3, padding=1, groups=6)
+        self.grp = nn.Conv2d(6, 9, 1, groups=3)
+        self.gn = nn.GroupNorm(3, 9)
+        self.se1 = nn.Conv2d(9, 3, 1)
+        self.se2 = nn.Conv2d(3, 9, 1)
+        self.fc = nn.Linear(9 * 4 * 4, 5)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.stem(x)))
+        x = x + self.dw(x)
+        x = self.gn(self.grp(x))
+        g = torch.sigmoid(self.se2(F.relu(self.se1(x.mean((2, 3), keepdim=True)))))
+        x = F.max_pool2d(x * g, 2)
+        return self.fc(torch.flatten(x, 1))
+
+
+def test_cnn_exact_all_ratios():
+    """Residual, depthwise, grouped, GroupNorm, SE gating and flatten->linear stay exact."""
+    for r in (1, 2, 3, 4):
+        dt = check(ConvNet(), torch.randn(3, 3, 8, 8), ratio=r)
+        assert dt.report.boundaries == []
+        assert dt.report.expanded_flop_fraction == pytest.approx(1.0)
+
+
+class Shuffle(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1)
+        self.b = nn.Conv2d(4, 4, 3, padding=1, groups=4)
+        self.c = nn.Conv2d(8, 6, 1)
+
+    def forward(self, x):
+        x = self.a(x)
+        n, c, h, w = x.shape
+        x = x.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)   # channel shuffle
+        x1, x2 = x.chunk(2, dim=1)
+        return self.c(torch.cat([x1, self.b(x2)], 1))
+
+
+def test_channel_shuffle_and_split_without_boundary():
+    """A channel shuffle is followed exactly (explicit layout), with no boundary cut."""
+    dt = check(Shuffle(), torch.randn(2, 3, 6, 6), ratio=3)
+    assert dt.report.boundaries == []
+
+
+class Tokens(nn.Module):
+    def __init__(self, c=8, heads=2):
+        super().__init__()
+        self.embed = nn.Conv2d(3, c, 2, stride=2)
+        self.cls = nn.Parameter(torch.randn(1, 1, c))
+        self.pos = nn.Parameter(torch.randn(1, 17, c))
+        self.norm = nn.LayerNorm(c)
+        self.qkv = nn.Linear(c, 3 * c)
+        self.proj = nn.Linear(c, c)
+        self.gamma = nn.Parameter(torch.rand(c))
+        self.heads = heads
+        self.head = nn.Linear(c, 4)
+
+    def forward(self, x):
+        x = self.embed(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos
+        b, n, c = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        a = (q @ k.transpose(-2, -1)) * (c // self.heads) ** -0.5
+        y = (a.softmax(-1) @ v).transpose(1, 2).reshape(b, n, c)
+        x = x + self.gamma * self.proj(y)
+        y2 = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c)
+        return self.head(x[:, 0] + y2.mean(1))
+
+
+def test_attention_block_exact():
+    """Class token, pos-embed, fused qkv reshape, explicit and SDPA attention, layer scale."""
+    dt = check(Tokens(), torch.randn(2, 3, 8, 8), ratio=3)
+    assert dt.report.boundaries == []
+
+
+def test_multihead_attention_module():
+    """nn.MultiheadAttention gets r times more heads and stays exact."""
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(5, 8)
+            self.mha = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.out = nn.Linear(8, 3)
+
+        def forward(self, x):
+            h = self.inp(x)
+            y, _ = self.mha(h, h, h, need_weights=False)
+            return self.out(y + h)
+
+    dt = check(M(), torch.randn(2, 7, 5), ratio=2)
+    assert dt.report.boundaries == []
+
+
+def test_unknown_op_becomes_boundary_and_strict_raises():
+    """An op without a rule is narrowed around (exact); strict=True names it instead."""
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 4, 3)
+            self.b = nn.Conv2d(4, 4, 1)
+
+        def forward(self, x):
+            return self.b(torch.fft.fft(self.a(x), dim=1).real)
+
+    dt = check(M(), torch.randn(2, 3, 6, 6), ratio=2)
+    assert len(dt.report.boundaries) == 1
+    assert "fft" in next(iter(dt.report.boundary_reasons.values()))
+    assert 0 < dt.report.expanded_flop_fraction <= 1
+    with pytest.raises(UnsupportedOpError, match="fft"):
+        gpd_fx.expand(M(), 2, (torch.randn(2, 3, 6, 6),), strict=True)
+
+
+def test_training_flag_stays_live():
+    """F.dropout(x, p, self.training) follows dt.train()/dt.eval() instead of being baked."""
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 6)
+            self.b = nn.Linear(6, 2)
+
+        def forward(self, x):
+            return self.b(F.dropout(self.a(x), 0.5, self.training))
+
+    m = M().eval()
+    x = torch.randn(64, 4)
+    dt = gpd_fx.expand(m, 2, (x,))
+    dt.eval()
+    assert rel_err(dt(x), m(x)) < 1e-5
+    dt.train()
+    assert not torch.allclose(dt(x), m(x))   # dropout active: the flag is read at run time
+
+
+def test_input_model_not_modified():
+    """expand leaves the user's parameters, buffers and modes untouched."""
+    m = ConvNet().train()
+    before = copy.deepcopy(m.state_dict())
+    gpd_fx.expand(m, 3, (torch.randn(2, 3, 8, 8),))
+    assert m.training and all(mod.training for mod in m.modules())
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_report_counts_and_noise_breaks_symmetry():
+    """Parameter counts are right and the copies of a weight differ when noise > 0."""
+    m = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+    dt = gpd_fx.expand(m, 2, (torch.randn(2, 4),))
+    assert dt.report.student_params == sum(p.numel() for p in m.parameters())
+    w = dt.teacher.get_submodule("2").weight_linear if hasattr(dt.teacher.get_submodule("2"), "weight_linear") \
+        else dt.teacher.get_submodule("2").weight
+    assert w.shape[1] == 12
+    assert not torch.equal(w[:, 0::2], w[:, 1::2])
+    dt0 = gpd_fx.expand(m, 2, (torch.randn(2, 4),), noise=0.0, branches=())
+    w0 = dt0.teacher.get_submodule("2").weight
+    assert torch.equal(w0[:, 0::2], w0[:, 1::2])
+
+
+def test_same_seed_same_teacher():
+    """The noise and branch parameters are reproducible from the seed."""
+    m = ConvNet()
+    x = torch.randn(2, 3, 8, 8)
+    a = gpd_fx.expand(m, 2, (x,), seed=3).state_dict()
+    b = gpd_fx.expand(m, 2, (x,), seed=3).state_dict()
+    c = gpd_fx.expand(m, 2, (x,), seed=4).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+@pytest.mark.parametrize("ratio", [0, -1, 1.5, True, "2"])
+def test_bad_ratio(ratio):
+    """A ratio that is not an integer >= 1 is refused with a typed error."""
+    with pytest.raises(ExpandInputError, match="ratio"):
+        gpd_fx.expand(ConvNet(), ratio, (torch.randn(1, 3, 8, 8),))
+
+
+def test_missing_and_wrong_inputs():
+    """Missing example inputs and inputs the model rejects give clear errors."""
+    with pytest.raises(ExpandInputError, match="example_inputs"):
+        gpd_fx.expand(ConvNet(), 2)
+    with pytest.raises(ExpandInputError, match=r"fails on the example inputs \[\(1, 5, 8, 8\)\]"):
+        gpd_fx.expand(ConvNet(), 2, (torch.randn(1, 5, 8, 8),))
+
+
+def test_already_expanded():
+    """Expanding a teacher again is refused."""
+    dt = gpd_fx.expand(ConvNet(), 2, (torch.randn(1, 3, 8, 8),))
+    with pytest.raises(ExpandInputError, match="already an expanded teacher"):
+        gpd_fx.expand(dt, 2, (torch.randn(1, 3, 8, 8),))
+
+
+def test_untraceable_model_names_line_and_fix():
+    """Data-dependent control flow fails with the line and the leaf_modules hint; the hint works."""
+
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+
+        def forward(self, x):
+            if x.sum() > 0:
+                return self.a(x)
+            return -self.a(x)
+
+    class Outer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = Branchy()
+            self.b = nn.Linear(4, 6)
+            self.c = nn.Linear(6, 2)
+
+        def forward(self, x):
+            return self.c(torch.relu(self.b(self.inner(x))))
+
+    with pytest.raises(TraceError, match=r"(?s)x.sum\(\) > 0.*leaf_modules"):
+        gpd_fx.expand(Outer(), 2, (torch.randn(2, 4),))
+    dt = gpd_fx.expand(Outer(), 2, (torch.randn(2, 4),), leaf_modules=[Branchy])
+    assert dt.report.expanded_flop_fraction > 0
