@@ -134,7 +134,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--export-onnx", action=argparse.BooleanOptionalAction, default=None,
                    help="export the folded student to ONNX and check it with onnxruntime (default: on)")
     g.add_argument("--fuse-bn", action=argparse.BooleanOptionalAction, default=None,
-                   help="fuse batch norm into the preceding layer of the folded student (default: off)")
+                   help="export ONNX with batch norm fused into the preceding conv; student.pt stays "
+                        "the unfused student of your model class (default: off)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -160,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="a checkpoint.pt written by gpd-fx train")
     p.add_argument("--out", metavar="PATH", help="destination .pt (default: student.pt beside the checkpoint); "
                                                  "the .safetensors and .onnx go beside it")
-    p.add_argument("--fuse-bn", action="store_true", help="fuse batch norm into the preceding conv/linear")
+    p.add_argument("--fuse-bn", action="store_true", help="export ONNX with batch norm fused into the preceding "
+                                                          "conv (the .pt stays your model class, unfused)")
     p.add_argument("--export-onnx", action="store_true", help="also export ONNX and check it with onnxruntime")
     p = sub.add_parser("zoo", help="expansion coverage table over model zoos (benchmarks/zoo.py)",
                        description="Runs benchmarks/zoo.py from the source checkout; arguments after 'zoo' "

@@ -107,7 +107,9 @@ class TrainConfig:
         model: student model spec (see :func:`gpd_fx.models.build_model`); metadata only when
             :func:`train` is given a module.
         data: ``"digits"`` or an ImageFolder directory (see :func:`gpd_fx.data.build_datasets`).
-        image_size: side of the square input images.
+        image_size: side of the square input images. Digits are 8x8 natively; 16 keeps the
+            default job fast on a laptop CPU. ImageNet-style models want 224 (ViTs need a
+            multiple of their patch size).
         in_chans: input image channels.
         val_fraction: share of the data held out for validation when there is no ``val/``.
         epochs: number of epochs (a resumed run continues up to this number).
@@ -141,12 +143,13 @@ class TrainConfig:
         num_workers: data loader worker processes.
         progress: show tqdm progress bars (rank 0 only).
         export_onnx: export the folded student to ONNX and check it with onnxruntime.
-        fuse_bn: fuse BN into the preceding conv/linear when folding.
+        fuse_bn: export the ONNX model with BN fused into the preceding conv (a deployment
+            graph); ``student.pt`` always holds the unfused student of the user's class.
     """
 
     model: str = DEFAULT_STUDENT
     data: str = "digits"
-    image_size: int = 32
+    image_size: int = 16
     in_chans: int = 3
     val_fraction: float = 0.2
     epochs: int = 6
@@ -641,10 +644,15 @@ def _expand(model: nn.Module, cfg: TrainConfig, example: Tensor) -> nn.Module:
                          seed=cfg.expand_seed, branches=cfg.expand_branches())
 
 
-def _fold(dt: nn.Module, fuse_bn: bool) -> nn.Module:
+def _fold(dt: nn.Module, fuse_bn: bool) -> tuple[nn.Module, nn.Module]:
+    """``(student, deployable)``: the user's class, and the BN-fused graph (or the same student)."""
     import gpd_fx
 
-    return gpd_fx.fold(dt, fuse_bn=fuse_bn)
+    if fuse_bn:
+        student, fused = gpd_fx.fold(dt, fuse_bn=True)
+        return student.eval(), fused.eval()
+    student = gpd_fx.fold(dt)
+    return student.eval(), student
 
 
 def _check_resume(ckpt: Mapping[str, Any], cfg: TrainConfig, path: str) -> None:
@@ -877,7 +885,9 @@ def _train(model, cfg, train_ds, val_ds, static_teacher, callbacks, dist, n_trai
                         info = StepInfo(epoch, step_in_epoch, global_step, loss_value)
                         for cb in callbacks:
                             cb(info)
-                        if stop:
+                        # a single process can also honour a Ctrl-C that came during the
+                        # callbacks; under DDP only the flag all-reduced above is agreed on
+                        if stop or (sig["stop"] and not dist.enabled):
                             raise KeyboardInterrupt
                 finally:
                     bar.close()
@@ -933,17 +943,19 @@ def _train(model, cfg, train_ds, val_ds, static_teacher, callbacks, dist, n_trai
 
     # ---- fold, final evaluation, export ----
     dt.eval()
-    student = _fold(dt, cfg.fuse_bn).to(device).eval()
+    student, deploy = _fold(dt, cfg.fuse_bn)
+    student = student.to(device)
     final = evaluate({"teacher": dt, "student": dt.student, "folded": student}, val_loader, device,
                      progress=show, desc="final eval")
     student = student.cpu()
+    deploy = deploy.cpu()
     onnx_diff = None
     if dist.main:
         meta = {"model_spec": cfg.model, "num_classes": num_classes, "image_size": cfg.image_size,
-                "in_chans": cfg.in_chans, "fused_bn": cfg.fuse_bn}
+                "in_chans": cfg.in_chans}
         paths["student_pt"], paths["student_safetensors"] = save_student(student, out / "student.pt", meta)
         if cfg.export_onnx:
-            onnx_diff, onnx_path = _maybe_export(student, example, out / "student.onnx", printer)
+            onnx_diff, onnx_path = _maybe_export(deploy, example, out / "student.onnx", printer)
             if onnx_path is not None:
                 paths["onnx"] = onnx_path
         summary = {"teacher_acc": final["teacher_acc"], "student_acc": final["student_acc"],
@@ -1129,7 +1141,8 @@ def fold_checkpoint(path: str | os.PathLike, out: str | os.PathLike | None = Non
         path: a ``checkpoint.pt`` written by :func:`train`.
         out: destination ``.pt`` (default ``student.pt`` beside the checkpoint); the
             ``.safetensors`` and ``.onnx`` go beside it.
-        fuse_bn: fuse BN into the preceding conv/linear.
+        fuse_bn: export ONNX with BN fused into the preceding conv (the ``.pt`` stays the
+            unfused student of the user's class, so it loads into their code).
         export_onnx: also export ONNX, verified with onnxruntime.
 
     Returns:
@@ -1157,16 +1170,16 @@ def fold_checkpoint(path: str | os.PathLike, out: str | os.PathLike | None = Non
     example = torch.randn(2, in_chans, image_size, image_size)
     dt = _expand(model, cfg, example)
     load_state_dict_checked(dt, ckpt["dt"], f"checkpoint {str(path)!r}")
-    student = _fold(dt.eval(), fuse_bn).cpu().eval()
+    student, deploy = _fold(dt.eval(), fuse_bn)
+    student, deploy = student.cpu(), deploy.cpu()
     dest = Path(out) if out is not None else Path(path).parent / "student.pt"
-    meta = {"model_spec": spec, "num_classes": int(num_classes), "image_size": image_size, "in_chans": in_chans,
-            "fused_bn": fuse_bn}
+    meta = {"model_spec": spec, "num_classes": int(num_classes), "image_size": image_size, "in_chans": in_chans}
     paths: dict[str, Path] = {}
     paths["student_pt"], paths["student_safetensors"] = save_student(student, dest, meta)
     if export_onnx:
         from gpd_fx.export import export_onnx as _export
 
-        diff = _export(student, example, dest.with_suffix(".onnx"))
+        diff = _export(deploy, example, dest.with_suffix(".onnx"))
         paths["onnx"] = dest.with_suffix(".onnx")
         _Printer(True)(f"ONNX: onnxruntime vs torch max |diff| {diff:.2g}")
     return paths
