@@ -128,7 +128,8 @@ def fuse_batchnorm(model: nn.Module) -> fx.GraphModule:
         gm.graph.erase_node(node)
     gm.graph.lint()
     gm.recompile()
-    return gm
+    gm.delete_all_unused_submodules()
+    return gm.eval()
 
 
 fuse_bn = fuse_batchnorm
