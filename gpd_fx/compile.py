@@ -26,6 +26,7 @@ from gpd_fx.errors import GPDError
 
 __all__ = [
     "COMPILE_MODES",
+    "CUDA_GRAPH_STATS",
     "GRAPH_PASSES",
     "CompileError",
     "compile_step",
@@ -44,6 +45,9 @@ class CompileError(GPDError, ValueError):
 
 
 GraphPass = Callable[[fx.GraphModule], fx.GraphModule]
+
+CUDA_GRAPH_STATS = {"captured": 0, "replayed": 0, "fallbacks": 0}
+"""Counters of the ``gpd`` backend's CUDA-graph runner, for tests and benchmarks."""
 
 GRAPH_PASSES: list[GraphPass] = []
 """Passes applied, in order, to every forward and backward graph the ``gpd`` backend compiles."""
@@ -97,9 +101,14 @@ class _CUDAGraphRunner:
     allocate workspaces then, which must not happen during capture) and record which inputs
     keep their address between calls: those are parameters and buffers, updated in place by
     the optimiser, so the graph reads them where they live. Every other input (the batch,
-    saved activations in the backward) is copied into a static buffer before each replay.
-    Outputs are cloned out of the graph's static memory, because the next replay overwrites
-    it while callers (autograd, the logger) may still hold them.
+    saved activations in the backward) gets a static buffer that it is copied into before
+    each replay. An input found at another address than the one captured is copied too, so
+    a replay always reads the current values (AOTAutograd graphs never write their inputs:
+    mutations are applied outside the graph, so copying in is all a replay needs).
+
+    Outputs living in the graph's private memory are cloned out, because the next replay
+    overwrites it while callers (autograd's saved tensors, the logger) may still hold them.
+    Outputs that alias a parameter are returned as they are, keeping their view metadata.
 
     Anything not capturable (CPU tensors, too many distinct shapes, a capture error) falls
     back to running the graph as-is, so the result is always correct.
@@ -121,7 +130,7 @@ class _CUDAGraphRunner:
         key = _signature(args)
         entry = self.graphs.get(key)
         if entry is not None:
-            return self._replay(entry, key, args)
+            return self._replay(entry, args)
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
         if (key in self.failed or len(self.graphs) >= self.max_graphs
                 or not tensors or any(not t.is_cuda for t in tensors)):
@@ -141,9 +150,11 @@ class _CUDAGraphRunner:
         except Exception as err:  # e.g. an op that syncs with the host; eager is still right
             warnings.warn(f"gpd backend: CUDA graph capture failed, running this graph without it ({err})")
             self.failed.add(key)
+            CUDA_GRAPH_STATS["fallbacks"] += 1
             return self.fn(list(args))
         self.graphs[key] = entry
-        return self._replay(entry, key, args)
+        CUDA_GRAPH_STATS["captured"] += 1
+        return self._replay(entry, args)
 
     def _capture(self, args: list, stable: list[int | None]) -> tuple:
         static_in = []
@@ -152,7 +163,7 @@ class _CUDAGraphRunner:
                 static_in.append(a.detach().clone())
             else:
                 static_in.append(a)
-        # a few runs on a side stream, as torch.cuda.graphs documents, before the capture
+        # one run on a side stream before the capture, as torch.cuda.graphs documents
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -161,25 +172,25 @@ class _CUDAGraphRunner:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             static_out = self.fn(list(static_in))
-        return graph, static_in, static_out
+        stable_storages = {a.untyped_storage().data_ptr() for a, p in zip(args, stable)
+                           if isinstance(a, torch.Tensor) and p is not None}
+        outs = static_out if isinstance(static_out, (list, tuple)) else [static_out]
+        # True: the output lives in graph memory (clone it); False: it views a parameter
+        private = [isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() not in stable_storages
+                   for o in outs]
+        return graph, static_in, static_out, private
 
-    def _replay(self, entry: tuple, key: tuple, args: list) -> Any:
-        graph, static_in, static_out = entry
-        for i, (a, s) in enumerate(zip(args, static_in)):
-            if not isinstance(a, torch.Tensor) or a is s:
-                continue
-            if self.ptrs[key][i] is not None and a.data_ptr() != s.data_ptr():
-                # a parameter was re-allocated (e.g. model.to()): the graph reads stale memory
-                del self.graphs[key]
-                self.failed.add(key)
-                return self.fn(list(args))
-            if a.data_ptr() != s.data_ptr():
+    def _replay(self, entry: tuple, args: list) -> Any:
+        graph, static_in, static_out, private = entry
+        for a, s in zip(args, static_in):
+            if isinstance(a, torch.Tensor) and a.data_ptr() != s.data_ptr():
                 s.copy_(a)
         args.clear()  # boxed convention: free the inputs as early as eager would
         graph.replay()
+        CUDA_GRAPH_STATS["replayed"] += 1
         if isinstance(static_out, (list, tuple)):
-            return type(static_out)(o.clone() if isinstance(o, torch.Tensor) else o for o in static_out)
-        return static_out.clone() if isinstance(static_out, torch.Tensor) else static_out
+            return type(static_out)(o.clone() if p else o for o, p in zip(static_out, private))
+        return static_out.clone() if private[0] else static_out
 
 
 # ----------------------------------------------------------------------------- backend
