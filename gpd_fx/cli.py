@@ -309,8 +309,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         >>> main(["train", "--epochs", "1", "--out", "/tmp/gpd"])  # doctest: +SKIP
         0
     """
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    if argv and argv[0] == "zoo":
+        # everything after 'zoo' (its --help too) belongs to benchmarks/zoo.py; argparse's
+        # REMAINDER would refuse a leading option such as --models
+        args = argparse.Namespace(command="zoo", zoo_args=argv[1:])
+    else:
+        args = parser.parse_args(argv)
     from gpd_fx.trainer import TrainingInterrupted
 
     commands = {"train": _cmd_train, "fold": _cmd_fold, "zoo": _cmd_zoo}
