@@ -16,14 +16,14 @@ from ._common import arg, clone_module, need_dim
 def _widen_affine(ctx, node, m, lay: Layout, pdim: int, params=("weight", "bias"),
                   buffers=("running_mean", "running_var"), **attrs):
     newp, newb = {}, {}
-    for p in params:
-        t = getattr(m, p, None)
-        if isinstance(t, torch.Tensor):
-            newp[p] = widen_per_channel(t.detach(), pdim, lay.index)
-    for bname in buffers:
-        t = getattr(m, bname, None)
-        if isinstance(t, torch.Tensor):
-            newb[bname] = widen_per_channel(t.detach(), pdim, lay.index)
+    for name in tuple(params) + tuple(buffers):
+        t = m._parameters.get(name)
+        if t is not None:
+            newp[name] = widen_per_channel(t.detach(), pdim, lay.index)
+            continue
+        t = m._buffers.get(name)
+        if isinstance(t, torch.Tensor) and t.dim() > 0:   # frozen BN keeps weight/bias as buffers
+            newb[name] = widen_per_channel(t.detach(), pdim, lay.index)
     new = clone_module(m, newp, newb, **attrs)
     target = ctx.add_module(node.target, new)
     for p in newp:

@@ -341,7 +341,7 @@ def getitem(ctx, node):
             else:
                 raise CannotExpand("integer index on the channel dim")
         else:
-            new_items.append(ctx.dt(it) if isinstance(it, fx.Node) else it)
+            new_items.append(ctx.dt(it))
         if isinstance(it, slice):
             out_d += 1
         in_d += 1
@@ -376,7 +376,7 @@ def _slice_channel(ctx, node, x, lay: Layout, items, pos):
     rest = list(items)
     rest[pos] = slice(None)
     # first apply the other indices (which keep the channel position at `pos` minus ints before it)
-    other = tuple(ctx.dt(v) if isinstance(v, fx.Node) else v for v in rest)
+    other = tuple(ctx.dt(v) for v in rest)
     y = ctx.call_function(operator.getitem, ctx.dt(x), other)
     out_dim = sum(1 for v in rest[:pos] if not isinstance(v, int)) + 0
     y = ctx.call_function(torch.index_select, y, out_dim, ctx.index_buffer(keep))

@@ -1,0 +1,59 @@
+"""Rules for timm's fused norm+activation layers that timm registers as no-trace leaves."""
+
+from __future__ import annotations
+
+import torch.fx as fx
+from torch import nn
+
+from ..registry import RULES, CannotExpand, register
+from ._common import need_dim
+from .norm import _widen_affine
+
+
+def is_channelwise(module: nn.Module) -> bool:
+    """True when ``module`` only applies ops registered as channel-wise (activations, dropout).
+
+    Modules with a rule of their own are looked up; any other module is traced and every node
+    must be such an op, so a custom activation counts while anything that mixes channels does not.
+    """
+    cls = type(module)
+    for base in cls.__mro__:
+        entry = RULES.modules.get(base)
+        if entry is not None and (base is cls or cls.forward is base.forward):
+            return entry.transparent and not list(module.parameters())
+    try:
+        graph = fx.Tracer().trace(module)
+    except Exception:
+        return False
+    for n in graph.nodes:
+        if n.op in ("placeholder", "output"):
+            continue
+        entry = (RULES.functions.get(n.target) if n.op == "call_function" else
+                 RULES.methods.get(n.target) if n.op == "call_method" else None)
+        if entry is None or not entry.transparent:
+            return False
+    return True
+
+
+def _timm_bn_act():
+    try:
+        from timm.layers.norm_act import BatchNormAct2d, FrozenBatchNormAct2d, SyncBatchNormAct
+    except ImportError:
+        return []
+    return [BatchNormAct2d, SyncBatchNormAct, FrozenBatchNormAct2d]
+
+
+@register(*_timm_bn_act(), transparent=True)
+def batch_norm_act(ctx, node):
+    """BatchNorm + dropout + activation in one leaf: per-channel BN widened, the rest channel-wise."""
+    x = node.args[0]
+    lay = ctx.layout(x)
+    if lay is None:
+        return ctx.emit_same(), None
+    need_dim(lay, 1, "batch norm")
+    m = ctx.module()
+    for sub in (getattr(m, "drop", None), getattr(m, "act", None)):
+        if sub is not None and not is_channelwise(sub):
+            raise CannotExpand(f"{type(sub).__name__} inside {type(m).__name__} is not channel-wise")
+    target = _widen_affine(ctx, node, m, lay, 0, num_features=lay.index.numel())
+    return ctx.emit("call_module", target, (ctx.dt(x),), {}), lay
