@@ -10,6 +10,7 @@ control flow (``if self.training``), it marks its module, which is then kept as 
 from __future__ import annotations
 
 import inspect
+import re
 from typing import Any, Iterable
 
 import torch
@@ -67,7 +68,27 @@ class _LiveFlag:
 
 
 def _signature(graph: fx.Graph) -> list[tuple]:
-    return [(n.op, str(n.target), repr(n.args), repr(n.kwargs)) for n in graph.nodes]
+    # tensor constants are numbered per trace; their names carry no meaning
+    norm = re.compile(r"_tensor_constant\d+")
+    return [norm.sub("_tensor_constant", str((n.op, str(n.target), repr(n.args), repr(n.kwargs))))
+            for n in graph.nodes]
+
+
+class _RestoreAttrs:
+    """fx stores tensor constants as new attributes on the traced modules; take them off again."""
+
+    def __init__(self, root: nn.Module):
+        self.before = {m: set(m.__dict__) | set(m._buffers) for m in root.modules()}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for m, names in self.before.items():
+            for k in [k for k in m.__dict__ if k not in names and k.startswith("_tensor_constant")]:
+                delattr(m, k)
+            for k in [k for k in m._buffers if k not in names and k.startswith("_tensor_constant")]:
+                del m._buffers[k]
 
 
 def _mode_invariant(m: nn.Module, factory) -> bool:
@@ -80,9 +101,10 @@ def _mode_invariant(m: nn.Module, factory) -> bool:
     flags = [(sub, sub.training) for sub in m.modules()]
     try:
         sigs = []
-        for mode in (True, False):
-            m.train(mode)
-            sigs.append(_signature(factory().trace(m)))
+        with _RestoreAttrs(m):
+            for mode in (True, False):
+                m.train(mode)
+                sigs.append(_signature(factory().trace(m)))
         return sigs[0] == sigs[1]
     except Exception:
         return False
@@ -142,36 +164,37 @@ def trace(model: nn.Module, *, leaf_modules: Iterable[type | nn.Module] | None =
     def factory():
         return GPDTracer(leaf_types, leaf_insts, autowrap_functions)
 
-    graph = None
-    invariant: set[int] = set()
-    for _ in range(16):  # each round settles the modules that branched on `training`
-        tracer = _FlagTracer(leaf_types, leaf_insts, autowrap_functions)
-        try:
-            graph, branched = _trace_with_flags(model, tracer, concrete_args, invariant)
-        except Exception as e:  # fx raises many types; re-raise one with a fix in the message
-            where = _innermost_user_frame(e)
-            raise TraceError(
-                f"torch.fx could not trace {type(model).__name__}: {type(e).__name__}: {e}{where}\n"
-                "Fix: pass the submodule class that contains this code as a leaf, e.g. "
-                "expand(model, ..., leaf_modules=[ThatModule]); it then becomes one node (a boundary "
-                "unless a rule for it is registered), or fix Python-level arguments with concrete_args."
-            ) from e
-        if not branched:
-            break
-        for m in branched:
-            if _mode_invariant(m, lambda: GPDTracer(leaf_types, leaf_insts, autowrap_functions)):
-                invariant.add(id(m))
-            else:
-                leaf_insts = leaf_insts + [m]
-    # Root built from a dict of the graph's targets: the user's model is never touched, and the
-    # mode-flag submodule exists only in the graph module.
-    targets: dict[str, Any] = {}
-    for node in graph.nodes:
-        if node.op in ("call_module", "get_attr") and node.target != MODE_ATTR:
-            targets[node.target] = _get_attr_path(model, node.target)
-    mode = nn.Module()
-    mode.training = model.training
-    targets[MODE_ATTR] = mode
+    with _RestoreAttrs(model):
+        graph = None
+        invariant: set[int] = set()
+        for _ in range(16):  # each round settles the modules that branched on `training`
+            tracer = _FlagTracer(leaf_types, leaf_insts, autowrap_functions)
+            try:
+                graph, branched = _trace_with_flags(model, tracer, concrete_args, invariant)
+            except Exception as e:  # fx raises many types; re-raise one with a fix in the message
+                where = _innermost_user_frame(e)
+                raise TraceError(
+                    f"torch.fx could not trace {type(model).__name__}: {type(e).__name__}: {e}{where}\n"
+                    "Fix: pass the submodule class that contains this code as a leaf, e.g. "
+                    "expand(model, ..., leaf_modules=[ThatModule]); it then becomes one node (a boundary "
+                    "unless a rule for it is registered), or fix Python-level arguments with concrete_args."
+                ) from e
+            if not branched:
+                break
+            for m in branched:
+                if _mode_invariant(m, lambda: GPDTracer(leaf_types, leaf_insts, autowrap_functions)):
+                    invariant.add(id(m))
+                else:
+                    leaf_insts = leaf_insts + [m]
+        # Root built from a dict of the graph's targets: the user's model is never touched, and the
+        # mode-flag submodule exists only in the graph module.
+        targets: dict[str, Any] = {}
+        for node in graph.nodes:
+            if node.op in ("call_module", "get_attr") and node.target != MODE_ATTR:
+                targets[node.target] = _get_attr_path(model, node.target)
+        mode = nn.Module()
+        mode.training = model.training
+        targets[MODE_ATTR] = mode
     gm = fx.GraphModule(targets, graph, model.__class__.__name__)
     gm.training = model.training
     gm.meta["gpd_leaf_instances"] = [id(m) for m in leaf_insts]

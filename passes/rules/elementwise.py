@@ -186,16 +186,23 @@ _POOL_FUNCTIONS = [F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg
 register(*_POOL_MODULES, *_POOL_FUNCTIONS, transparent=True)(_trailing_dims_rule(_pool_dims))
 
 
-def _pad_dims(ctx, node, nd):
-    if node.op == "call_module":
-        return len(ctx.module().padding) // 2
-    return len(arg(node, 1, "pad")) // 2
-
-
-register(nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d,
-         nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d, nn.ReplicationPad1d,
-         nn.ReplicationPad2d, nn.ReplicationPad3d, nn.CircularPad1d, nn.CircularPad2d,
-         nn.CircularPad3d, F.pad)(_trailing_dims_rule(_pad_dims))
+@register(nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d,
+          nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d, nn.ReplicationPad1d,
+          nn.ReplicationPad2d, nn.ReplicationPad3d, nn.CircularPad1d, nn.CircularPad2d,
+          nn.CircularPad3d, F.pad)
+def pad(ctx, node):
+    """Padding: exact when the channel dim itself gets no padding (channels-last pads give it 0)."""
+    x = node.args[0]
+    lay = ctx.layout(x)
+    if lay is None:
+        return ctx.emit_same(), None
+    nd = ctx.sval(x).dim()
+    amounts = ctx.module().padding if node.op == "call_module" else ctx.sval(arg(node, 1, "pad"))
+    amounts = list(amounts)
+    k = nd - 1 - lay.dim   # pads are listed from the last dim backwards, two per dim
+    if 2 * k + 1 < len(amounts) and (amounts[2 * k] != 0 or amounts[2 * k + 1] != 0):
+        raise CannotExpand("pads the expanded channel dim")
+    return ctx.emit_same(), lay
 
 
 # ---- ops along one given dim ---------------------------------------------------------------

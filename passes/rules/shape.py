@@ -93,7 +93,7 @@ def fix_sizes(ctx, size_args: list, desired: list[int]) -> list:
     """
     out = []
     for a, want in zip(size_args, desired):
-        d = ctx.dt(a)
+        d = a.node if isinstance(a, _Teacher) else ctx.dt(a)
         v = ctx.tval(d) if isinstance(d, fx.Node) else d
         if v == want or v == -1:
             out.append(d)
@@ -106,6 +106,13 @@ def fix_sizes(ctx, size_args: list, desired: list[int]) -> list:
     return out
 
 
+class _Teacher:
+    """A size argument that is already a teacher node (an element of a teacher ``torch.Size``)."""
+
+    def __init__(self, node: fx.Node):
+        self.node = node
+
+
 def _size_list(node: fx.Node, start: int, ctx) -> tuple[list, bool]:
     rest = list(node.args[start:])
     if not rest and "shape" in node.kwargs:
@@ -116,7 +123,7 @@ def _size_list(node: fx.Node, start: int, ctx) -> tuple[list, bool]:
         return list(rest[0]), True
     if len(rest) == 1 and isinstance(rest[0], fx.Node) and not isinstance(ctx.sval(rest[0]), int):
         sv = ctx.sval(rest[0])
-        return [ctx.call_function(operator.getitem, ctx.dt(rest[0]), i) for i in range(len(sv))], True
+        return [_Teacher(ctx.call_function(operator.getitem, ctx.dt(rest[0]), i)) for i in range(len(sv))], True
     return rest, False
 
 
@@ -288,7 +295,8 @@ def repeat(ctx, node):
     if lay is None:
         return ctx.emit_same(), None
     reps, _ = _size_list(node, 1, ctx)
-    reps = [ctx.sval(a) if isinstance(a, fx.Node) else a for a in reps]
+    reps = [ctx.tval(a.node) if isinstance(a, _Teacher) else ctx.sval(a) if isinstance(a, fx.Node) else a
+            for a in reps]
     nd_out = ctx.out.dim()
     d = lay.dim + nd_out - ctx.sval(x).dim()
     k = reps[len(reps) - nd_out + d] if len(reps) >= nd_out - d else 1
