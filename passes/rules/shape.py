@@ -481,3 +481,22 @@ def unbind(ctx, node):
     if dim == lay.dim:
         raise CannotExpand("unbind along the channel dim")
     return ctx.emit_same(), tuple(lay.at(lay.dim - (1 if dim < lay.dim else 0)) for _ in ctx.out)
+
+
+@register("reshape_as", "view_as", transparent=True)
+def reshape_as(ctx, node):
+    """``x.reshape_as(other)``: a reshape whose sizes come from ``other``'s teacher shape."""
+    x, other = node.args[0], node.args[1]
+    lay = ctx.layout(x)
+    src, dst = list(ctx.sval(x).shape), list(ctx.out.shape)
+    if lay is None:
+        tshape, out_lay, xd = dst, None, ctx.dt(x)
+    else:
+        tshape, out_lay, need_inter = reshape_layout(src, dst, lay, ctx.r)
+        xd = ctx.interleave(x)[0] if need_inter else ctx.dt(x)
+    od = ctx.dt(other)
+    if list(ctx.tval(od).shape) == list(tshape):
+        return ctx.call_method(node.target, xd, od), out_lay
+    sizes = [ctx.call_function(operator.getitem, ctx.call_method("size", od), i) for i in range(len(dst))]
+    sizes = fix_sizes(ctx, [_Teacher(s) for s in sizes], tshape)
+    return ctx.call_method("reshape", xd, *sizes), out_lay
