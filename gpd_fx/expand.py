@@ -156,6 +156,8 @@ def expand(model: nn.Module, ratio: int = 2, example_inputs: Tensor | Sequence[A
         runtime_widenings=result.runtime_widenings,
         branch_layers=n_branch,
         probe_dtype=str(probe_dtype).replace("torch.", ""),
+        coupling_graph=result.coupling,
+        coupling_groups=_components(result.coupling),
     )
     config = dict(ratio=ratio, noise=noise, seed=seed, strict=strict,
                   branches=list(branches) if isinstance(branches, (list, tuple)) else branches)
@@ -190,6 +192,12 @@ def _template_of(model: nn.Module, mapped: set[str]) -> nn.Module:
         if p is not None:
             memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad)
     return copy.deepcopy(model, memo)
+
+
+def _components(graph) -> int:
+    import networkx as nx
+
+    return nx.number_connected_components(graph) if graph is not None and len(graph) else 0
 
 
 def _verify_again(teacher, work, probe, tol) -> None:

@@ -34,7 +34,9 @@ class ExpansionReport:
         branch_layers: layers rewritten into multi-branch form (CBR).
         seconds: wall time of ``expand``.
         probe_dtype: dtype the self-verification ran in.
-        coupling_groups: number of groups of tensors whose layouts are tied.
+        coupling_groups: number of groups of expanded tensors whose channel maps are tied
+            (residual adds, concat inputs, shared layouts); ``coupling_graph`` is the
+            ``networkx.Graph`` behind it (nodes are graph node names) for inspection.
     """
 
     ratio: int
@@ -51,6 +53,8 @@ class ExpansionReport:
     branch_layers: int = 0
     seconds: float = 0.0
     probe_dtype: str = ""
+    coupling_groups: int = 0
+    coupling_graph: Any = field(default=None, repr=False)
 
     def summary(self) -> str:
         return (f"ratio {self.ratio}: teacher {self.teacher_params:,} params vs student "

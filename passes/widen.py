@@ -56,7 +56,7 @@ class WidenResult:
     max_rel_error: float
     permutations: int
     runtime_widenings: int
-    output_layouts: Any
+    coupling: Any = None
 
 
 @dataclass
@@ -418,7 +418,6 @@ class Builder:
 
     # --- the walk --------------------------------------------------------------------------
     def run(self, example_inputs: tuple, progress: bool = False) -> WidenResult:
-        placeholders = [n for n in self.sgm.graph.nodes if n.op == "placeholder"]
         self._compute_kept_demand()
         inputs = list(example_inputs)
         nodes = list(self.sgm.graph.nodes)
@@ -427,7 +426,6 @@ class Builder:
             from tqdm.auto import tqdm
             iterator = tqdm(nodes, desc="expand", unit="node", leave=False)
         max_rel = 0.0
-        out_layouts = None
         for node in iterator:
             if node.op == "placeholder":
                 val = inputs.pop(0) if inputs else _default_of(node)
@@ -455,7 +453,23 @@ class Builder:
         gm = fx.GraphModule(self.root, self.graph, class_name="DynamicTeacherGraph")
         return WidenResult(gm, self.sources, self.boundaries, self.fallbacks, self.expanded_flops,
                            self.total_flops, max_rel, self.permutations, self.runtime_widenings,
-                           out_layouts)
+                           self._coupling_graph())
+
+    def _coupling_graph(self):
+        """Expanded tensors whose channel maps are tied (an op passes its input's map through,
+        or combines inputs that share one): the connected components are the coupling groups."""
+        import networkx as nx
+
+        g = nx.Graph()
+        for node, entry in self.env.items():
+            if not isinstance(entry.layout, Layout) or node.op in ("placeholder", "get_attr"):
+                continue
+            g.add_node(node.name, dim=entry.layout.dim, width=entry.layout.width)
+            for a in node.all_input_nodes:
+                lay = self.env[a].layout if a in self.env else None
+                if isinstance(lay, Layout) and lay.index is entry.layout.index:
+                    g.add_edge(node.name, a.name)
+        return g
 
     def _run_student(self, node: fx.Node) -> None:
         args = map_aggregate(node.args, lambda a: self.svals[a] if isinstance(a, fx.Node) else a)
@@ -482,7 +496,6 @@ class Builder:
             try:
                 torch.default_generator.manual_seed(len(self.svals) - 1)
                 dt, lay = entry.fn(RuleContext(self, node), node)
-                lay = _drop_unit_width(lay)
                 if _any_layout(lay) or self._inputs_expanded(node):
                     self.expanded_flops += node.meta["gpd"]["flops"]
                 ok, msg = self._check(node, dt, lay)
@@ -501,8 +514,6 @@ class Builder:
                     self.expanded_flops -= node.meta["gpd"]["flops"]
             except CannotExpand as e:
                 reason = str(e) or "rule declined"
-                if _any_layout(getattr(self.env.get(node), "layout", None)):
-                    pass
             finally:
                 emitted, self._emitted = self._emitted, None
             # roll back what the failed attempt did
@@ -607,7 +618,7 @@ class Builder:
         ok, msg = self._check(node, dt, None)
         if not ok and self.strict:
             raise VerificationError(f"While expanding {node.format_node()}: boundary differs ({msg})")
-        self.env[node] = _Entry(dt, map_aggregate(self.svals[node], lambda _: None) if False else None)
+        self.env[node] = _Entry(dt, None)
 
     def _check(self, node: fx.Node, dt, lay) -> tuple[bool, str]:
         sval = self.svals[node]
@@ -668,10 +679,6 @@ def _any_layout(lay) -> bool:
     if isinstance(lay, dict):
         return any(_any_layout(x) for x in lay.values())
     return False
-
-
-def _drop_unit_width(lay):
-    return lay
 
 
 def _compare_tree(tval, sval, node: fx.Node, tol: float, layout=None, strict: bool = False) -> float:
