@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import inspect
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -127,6 +128,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                                                             f"Triton, CUDA graphs on CUDA) (default: {d.compile})")
     g.add_argument("--device", help=f"auto, cpu, cuda or cuda:N (default: {d.device})")
     g.add_argument("--amp", choices=AMP_MODES, help=f"mixed precision autocast (default: {d.amp})")
+    g.add_argument("--threads", type=int, help="intra-op CPU threads; 0 = PyTorch's default (all cores). Default: "
+                                              "$OMP_NUM_THREADS if set, else 1 -- small models gain little from "
+                                              "more, and threads competing for busy cores slow training several-fold "
+                                              "(torchrun sets 1 per process for the same reason)")
     g.add_argument("--log-every", type=int, help="also print a line every N steps; 0 = per epoch only "
                                                  f"(default: {d.log_every})")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
@@ -211,9 +216,21 @@ def _train_config(args: argparse.Namespace):
     return TrainConfig.from_dict(base)
 
 
+def _set_threads(threads: int | None) -> None:
+    import torch
+
+    if threads is None:
+        if os.environ.get("OMP_NUM_THREADS"):
+            return  # the user (or torchrun) chose already
+        threads = 1
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from gpd_fx.trainer import run
 
+    _set_threads(args.threads)
     cfg = _train_config(args)
     res = run(cfg)
     if not res.paths:  # ranks other than 0 write and print nothing

@@ -456,6 +456,15 @@ class _ShardSampler(Sampler[int]):
         return len(self.indices)
 
 
+def _agree(flag: bool, dist: _Dist, device: torch.device) -> bool:
+    """``flag`` or-reduced over all ranks (each rank may have seen its own Ctrl-C)."""
+    if not dist.enabled:
+        return flag
+    t = torch.tensor([float(flag)], device=device)  # NCCL reduces CUDA tensors only
+    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def _check_dataset(ds: Dataset, name: str) -> int:
     try:
         n = len(ds)  # type: ignore[arg-type]
@@ -679,8 +688,8 @@ def train(model: nn.Module, cfg: TrainConfig, train_ds: Dataset, val_ds: Dataset
     ``model``'s class and saves it (``.pt``, ``.safetensors`` and optionally ``.onnx``).
 
     Args:
-        model: the student; never modified (``expand`` copies it). With
-            ``cfg.student_checkpoint`` its weights are loaded first (fine-tuning).
+        model: the student; ``expand`` copies it, so training never changes it. With
+            ``cfg.student_checkpoint`` (fine-tuning) those weights are loaded into it first.
         cfg: the run's :class:`TrainConfig`. ``cfg.resume`` continues from a checkpoint.
         train_ds: map-style training set of ``(image, label)``.
         val_ds: validation set.
@@ -832,7 +841,9 @@ def _train(model, cfg, train_ds, val_ds, static_teacher, callbacks, dist, n_trai
     dt.train()
     with _deferred_sigint(printer) as sig:
         accum: _Accum | None = None
-        epoch, step_in_epoch = start_epoch, start_step
+        # where a checkpoint written now would resume: updated only together with the state
+        # it describes, so that an interrupt anywhere saves a consistent position
+        pos = {"epoch": start_epoch, "step": start_step}
         try:
             for epoch in range(start_epoch, cfg.epochs):
                 t_epoch = time.perf_counter()
@@ -876,6 +887,7 @@ def _train(model, cfg, train_ds, val_ds, static_teacher, callbacks, dist, n_trai
                         global_step += 1
                         step_in_epoch += 1
                         accum.add(loss, parts, t_logits, s_logits, y)
+                        pos["epoch"], pos["step"] = epoch, step_in_epoch
                         loss_value = float(loss.detach())
                         bar.update(1)
                         bar.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
@@ -910,7 +922,8 @@ def _train(model, cfg, train_ds, val_ds, static_teacher, callbacks, dist, n_trai
                 if static_acc is not None:
                     row["val_static_acc"] = static_acc
                 history.append(row)
-                step_in_epoch, accum = 0, None
+                accum = None
+                pos["epoch"], pos["step"] = epoch + 1, 0
                 save(epoch + 1, 0, None)
                 if dist.main:
                     paths["metrics_jsonl"], paths["metrics_csv"] = _write_metrics(history, out)
@@ -922,11 +935,13 @@ def _train(model, cfg, train_ds, val_ds, static_teacher, callbacks, dist, n_trai
                         f"val acc teacher {100 * row['val_teacher_acc']:.2f}%  "
                         f"student {100 * row['val_student_acc']:.2f}%  gap {100 * row['gap']:+.2f}  "
                         f"({row['epoch_seconds']:.1f} s)")
+                if _agree(sig["stop"], dist, device) and epoch + 1 < cfg.epochs:
+                    raise KeyboardInterrupt  # Ctrl-C during evaluation: stop before the next epoch
         except _AbortNow:
             raise
         except KeyboardInterrupt:
             # the state is that of `global_step` completed steps (see _deferred_sigint)
-            save(epoch, step_in_epoch, accum)
+            save(pos["epoch"], pos["step"], accum)
             printer(f"interrupted: checkpoint of step {global_step} saved to {ckpt_path}; "
                     f"continue with --resume {ckpt_path}")
             raise TrainingInterrupted(ckpt_path if dist.main else None, global_step) from None
@@ -1021,7 +1036,10 @@ def fit_plain(model: nn.Module, cfg: TrainConfig, train_ds: Dataset, val_ds: Dat
     """
     n = _check_dataset(train_ds, "training")
     _check_dataset(val_ds, "validation")
-    device = _resolve_device(cfg.device, _Dist())
+    # no process group here, but under torchrun each rank still takes its own GPU
+    env_dist = _Dist(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                     int(os.environ.get("LOCAL_RANK", 0)))
+    device = _resolve_device(cfg.device, env_dist)
     epochs = cfg.epochs if epochs is None else epochs
     _seed_everything(cfg.seed)
     model = model.to(device).train()
