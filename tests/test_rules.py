@@ -1,0 +1,161 @@
+"""One tiny module per op family that the random-architecture tests do not draw often."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import gpd_fx
+
+TOL = 1e-10   # float64; see test_expand.py for the reasoning
+
+
+def exact(model: nn.Module, *inputs, ratio: int = 3, boundaries: int = 0, branches=()):
+    """Expand in float64 and check teacher and student in eval and train mode."""
+    model = model.double()
+    inputs = tuple(x.double() if x.is_floating_point() else x for x in inputs)
+    dt = gpd_fx.expand(model, ratio, inputs, branches=branches)
+    assert dt.report.fallbacks == {}
+    assert len(dt.report.boundaries) == boundaries, dt.report.boundary_reasons
+    for mode in (False, True):
+        model.train(mode)
+        dt.train(mode)
+        with torch.no_grad():
+            ref = model(*inputs)
+            for got in (dt(*inputs), dt.student(*inputs)):
+                err = float((got - ref).abs().max() / ref.abs().max())
+                assert err < TOL, (mode, err)
+    return dt
+
+
+def test_conv1d_conv3d_and_transpose():
+    """Convs of every dim and conv-transpose (grouped) follow the weight rule."""
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1 = nn.Conv1d(2, 6, 3, padding=1)
+            self.t1 = nn.ConvTranspose1d(6, 4, 3, stride=2, groups=2)
+            self.c3 = nn.Conv3d(1, 4, 3, padding=1)
+            self.t3 = nn.ConvTranspose3d(4, 2, 2, stride=2)
+
+        def forward(self, x, v):
+            a = self.t1(F.relu(self.c1(x))).mean(-1)
+            b = self.t3(self.c3(v)).mean((2, 3, 4))
+            return torch.cat([a, b], 1)
+
+    exact(M(), torch.randn(2, 2, 9), torch.randn(2, 1, 4, 4, 4))
+
+
+def test_norms_and_prelu():
+    """InstanceNorm, LayerNorm over (C, H, W), channels-last LayerNorm and per-channel PReLU."""
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv2d(3, 6, 3, padding=1)
+            self.inorm = nn.InstanceNorm2d(6, affine=True)
+            self.prelu = nn.PReLU(6)
+            self.ln_chw = nn.LayerNorm([6, 5, 5])
+            self.ln_last = nn.LayerNorm(6)
+            self.rms = nn.RMSNorm(6)
+            self.out = nn.Linear(6, 2)
+
+        def forward(self, x):
+            x = self.ln_chw(self.prelu(self.inorm(self.c(x))))
+            x = self.rms(self.ln_last(x.permute(0, 2, 3, 1)))
+            return self.out(x.mean((1, 2)))
+
+    exact(M(), torch.randn(3, 3, 5, 5))
+
+
+def test_contractions_sum_einsum_and_raw_parameters():
+    """sum over channels gets /r, einsum contractions too; raw weights in F.linear/F.conv2d/@."""
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(6, 3, 3, 3))
+            self.lin = nn.Parameter(torch.randn(5, 6))
+            self.proj = nn.Parameter(torch.randn(5, 4))
+
+        def forward(self, x):
+            y = F.conv2d(x, self.w, padding=1)                      # (N, 6, H, W)
+            t = y.flatten(2).transpose(1, 2)                          # (N, HW, 6)
+            t = F.linear(t, self.lin) @ self.proj                    # (N, HW, 4)
+            g = torch.einsum("nlc,nmc->nlm", t, t)                    # contraction over channels
+            s = y.sum(1, keepdim=True)                                # sum over channels
+            return g.mean((1, 2)) + s.mean((1, 2, 3)) + t.amax((1, 2))
+
+    exact(M(), torch.randn(2, 3, 4, 4))
+
+
+def test_embedding_and_token_mixing_linear():
+    """Embedding tables widen along their output dim; a linear over tokens runs unchanged."""
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(11, 6)
+            self.mix = nn.Linear(7, 7)   # over the sequence dim (MLP-Mixer style)
+            self.out = nn.Linear(6, 3)
+
+        def forward(self, ids):
+            h = self.emb(ids)                                   # (N, L, 6)
+            h = h + self.mix(h.transpose(1, 2)).transpose(1, 2)
+            return self.out(h.mean(1))
+
+    exact(M(), torch.randint(0, 11, (4, 7)))
+
+
+def test_weight_standardised_conv_is_widened_at_run_time():
+    """A computed weight (weight standardisation) is widened exactly by the same rule, no noise."""
+
+    class StdConv(nn.Conv2d):
+        def forward(self, x):
+            w = self.weight
+            w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
+            return F.conv2d(x, w, self.bias, self.stride, self.padding)
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 4, 1)
+            self.b = StdConv(4, 6, 3, padding=1)
+            self.out = nn.Linear(6, 2)
+
+        def forward(self, x):
+            return self.out(self.b(self.a(x)).mean((2, 3)))
+
+    dt = exact(M(), torch.randn(2, 3, 5, 5))
+    assert dt.report.expanded_flop_fraction == pytest.approx(1.0)
+
+
+def test_user_rule_for_a_custom_leaf():
+    """extra_rules lets a user make a custom leaf channel-wise instead of a boundary."""
+
+    class Swishy(nn.Module):
+        def forward(self, x):
+            return x * torch.sigmoid(x)
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(3, 5)
+            self.act = Swishy()
+            self.b = nn.Linear(5, 2)
+
+        def forward(self, x):
+            return self.b(self.act(self.a(x)))
+
+    x = torch.randn(4, 3)
+    dt = gpd_fx.expand(M(), 2, (x,), leaf_modules=[Swishy])
+    assert len(dt.report.boundaries) == 1
+
+    def channelwise(ctx, node):
+        return ctx.emit_same(), ctx.layout(node.args[0])
+
+    dt = gpd_fx.expand(M(), 2, (x,), leaf_modules=[Swishy], extra_rules={Swishy: channelwise})
+    assert dt.report.boundaries == []
