@@ -1,0 +1,1035 @@
+"""Zoo benchmark: does ``gpd_fx.expand`` give an exact teacher on every model of a model zoo?
+
+    python benchmarks/zoo.py                                  # torchvision, ratios 2 and 3
+    python benchmarks/zoo.py --source timm --ratio 2          # one model per timm family
+    python benchmarks/zoo.py --models resnet18,swin_t --ratio 2 --json /tmp/zoo.json
+
+One row per model and ratio: traced, exact in eval and in train mode, max relative error,
+expanded FLOP share, boundaries, expand seconds, student/teacher parameters (and, with
+``--fold`` when ``gpd_fx.fold`` exists, fold exact / export ok / onnx agrees), then a summary
+line and the ResNet-50 timing row. Each model runs in a fresh subprocess with a timeout (an
+exception, an OOM kill or a hang becomes a row, not the end of the sweep).
+
+Measurement, independent of expand's own self-verification:
+
+* error = max|teacher(x) - student(x)| / max|student(x)|, over all output tensors.
+* eval mode, and train mode (BatchNorm on batch statistics; ``torch.manual_seed`` before each
+  forward so stochastic depth draws the same per-sample masks). Every dropout module gets
+  ``p = 0`` before expanding: a dropout mask over r*C teacher channels and one over C student
+  channels are different random draws and cannot agree, so with p > 0 no teacher could be exact
+  in train mode. (Stochastic depth masks are per sample, not per channel, and do agree.)
+* float64 where the float64 teacher fits the memory budget (tolerance 1e-9), else float32
+  (tolerance 1e-3); the row says which. The reasoning for both numbers is at ``TOL``.
+* heads have 10 classes (``num_classes=10``) to keep them small; weights are random.
+* parameters that the zoo initialises to a constant (torchvision's ViT head is all zeros, BN
+  affine 1/0, layer scale 1e-6) get seeded noise and BN running statistics are randomised
+  (``randomize_constants``), so no check passes vacuously: with a zero head every output is 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime
+import json
+import math
+import os
+import platform
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+GIB = 2 ** 30
+
+# Exactness tolerances, relative to max |student output|. float64 (eps 1.1e-16): the teacher sums
+# r times more terms in another order; even ~1e5-term reductions through a deep net stay near
+# 1e-12, so 1e-9 keeps headroom while any wrong rule (errors of order 1e-2..1) fails by 7 orders.
+# float32 (eps 6e-8): the same effect is ~1e-6..1e-5, and train-mode BatchNorm over a batch of 2
+# at 2x2 spatial divides by small batch standard deviations, which amplifies it to ~1e-4; 1e-3
+# stays two orders below a wrong rule.
+TOL = {torch.float64: 1e-9, torch.float32: 1e-3}
+BATCH = 2           # train-mode BN needs more than one value per channel
+DEFAULT_IMAGE = 64  # smallest input that keeps >= 2x2 maps at stride 32 for the zoo's CNNs
+CNN_SHARE = 0.95     # issue 2: every CNN expands at least this share of its FLOPs
+TRANSFORMER_SHARE = 0.9  # issue 3: transformers (and every timm family) at least this share
+# Bytes of working memory per teacher parameter, in units of the dtype's size: the widened
+# weights, the noise/interleave temporaries while a layer is widened, the verification copy.
+# Measured peak RSS on the torchvision zoo (IR only): 1.6-2.2x the teacher's weights plus twice
+# the student's, plus ~0.6 GiB of interpreter and libraries.
+WEIGHT_FACTOR = 2.5
+BASE_GIB = 0.6
+BRANCH_FACTOR = 1.5  # CBR: a kxk conv gains 1x1, 1x1->kxk, avg-pool branches (~1.5x its weights)
+
+
+# --------------------------------------------------------------------------------------------
+# Model specifications
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class Spec:
+    """How to build one zoo model and which input it gets."""
+
+    source: str                     # "torchvision" | "timm"
+    name: str
+    kwargs: dict = field(default_factory=dict)
+    image_size: int | None = None   # None: the worker picks the smallest size that works
+    family: str = ""                # timm family (prefix before the first "_")
+    note: str = ""
+    in_chans: int = 3
+
+    def build(self) -> nn.Module:
+        if self.source == "torchvision":
+            import torchvision
+            return torchvision.models.get_model(self.name, weights=None, num_classes=10, **self.kwargs)
+        import timm
+        return timm.create_model(self.name, pretrained=False, num_classes=10, **self.kwargs)
+
+
+TV_TRANSFORMERS = re.compile(r"^(vit_|swin_|maxvit)")
+
+
+def torchvision_specs(image_size: int | None = None) -> list[Spec]:
+    """The 80 torchvision classification models with the smallest input that works in both modes."""
+    import torchvision
+
+    specs = []
+    for name in torchvision.models.list_models(module=torchvision.models):
+        kw: dict = {}
+        size = image_size or DEFAULT_IMAGE
+        note = ""
+        if name.startswith("vit_"):
+            patch = int(name.rsplit("_", 1)[1])
+            # VisionTransformer takes image_size: 56/64 (a 4x4 grid of 14/16-pixel patches, 2x2
+            # of 32-pixel ones) keeps the ViTs cheap.
+            size = image_size or (56 if patch == 14 else 64)
+            kw["image_size"] = size
+        elif name == "maxvit_t":
+            # every stage's 7x7 partition must tile the map exactly: 224 = 7 * 32 is the smallest
+            size = image_size or 224
+            kw["input_size"] = (size, size)
+        elif name == "inception_v3":
+            # 75 is the eval-mode minimum, but the auxiliary head (on by default, active in train
+            # mode) needs a 17x17 Mixed_6e map, i.e. the native 299x299
+            size = image_size or 299
+            note = "aux head on (train mode)"
+        elif name == "googlenet":
+            note = "aux heads on (train mode)"
+        specs.append(Spec("torchvision", name, kw, size, note=note))
+    return specs
+
+
+def _family(name: str) -> str:
+    return name.split("_", 1)[0]
+
+
+def timm_param_counts(cache: Path | None = None, progress: bool = True) -> dict[str, float]:
+    """Parameter count of every ``timm.list_models()`` model, built on the meta device (cached).
+
+    A model that cannot be built on the meta device gets ``nan``.
+    """
+    import timm
+
+    data: dict = {}
+    if cache is not None and cache.exists():
+        data = json.loads(cache.read_text())
+        if data.get("timm") != timm.__version__:
+            data = {}
+    counts: dict = data.get("counts", {})
+    names = [n for n in timm.list_models() if n not in counts]
+    if names:
+        from tqdm import tqdm
+
+        for n in tqdm(names, desc="timm params (meta)", disable=not progress, file=sys.stderr):
+            try:
+                with torch.device("meta"):
+                    m = timm.create_model(n, pretrained=False, num_classes=10)
+                counts[n] = sum(p.numel() for p in m.parameters())
+            except Exception:
+                counts[n] = float("nan")
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            cache.write_text(json.dumps({"timm": timm.__version__, "counts": counts}))
+    return counts
+
+
+def timm_specs(image_size: int | None = None, progress: bool = True) -> list[Spec]:
+    """One spec per timm family: its smallest model by parameter count (meta device)."""
+    import timm
+
+    counts = timm_param_counts(RESULTS / "timm_param_counts.json", progress)
+    families: dict[str, list[str]] = collections.defaultdict(list)
+    for n in timm.list_models():
+        families[_family(n)].append(n)
+    specs = []
+    for fam, names in sorted(families.items()):
+        known = [n for n in names if not math.isnan(counts.get(n, float("nan")))]
+        if known:
+            name = min(known, key=lambda n: (counts[n], n))
+            note = ""
+        else:
+            name, note = sorted(names)[0], "no model of the family builds on the meta device"
+        specs.append(Spec("timm", name, {}, image_size, family=fam, note=note))
+    return specs
+
+
+# --------------------------------------------------------------------------------------------
+# Measurement (one model, one ratio; runs inside the worker process)
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class Row:
+    name: str
+    source: str
+    ratio: int
+    family: str = ""
+    status: str = "ok"            # ok | skipped | error | timeout | crashed
+    reason: str = ""
+    kind: str = ""                # cnn | transformer (attention inside)
+    kind_evidence: str = ""
+    input: str = ""
+    dtype: str = ""
+    tol: float | None = None
+    traced: bool | None = None
+    timm_fx: bool | None = None   # timm's own FX trace (torchvision feature extractor) reproduces it
+    timm_fx_reason: str = ""
+    exact_eval: bool | None = None
+    exact_train: bool | None = None
+    err_eval: float | None = None
+    err_train: float | None = None
+    err_student: float | None = None   # dt.student(x) vs model(x), eval mode
+    train_note: str = ""
+    share: float | None = None
+    n_boundaries: int | None = None
+    boundary_reasons: dict = field(default_factory=dict)
+    fallbacks: dict = field(default_factory=dict)
+    branch_layers: int | None = None
+    expand_s: float | None = None
+    check_s: float | None = None
+    student_params: int | None = None
+    teacher_params: int | None = None
+    est_gib: float | None = None
+    peak_rss_gib: float | None = None
+    fold_exact: bool | None = None
+    export_ok: bool | None = None
+    onnx_agrees: bool | None = None
+    fold_note: str = ""
+    error_type: str = ""
+    error_where: str = ""
+    repro: str = ""
+    note: str = ""
+
+    @property
+    def exact(self) -> bool:
+        return bool(self.exact_eval and self.exact_train)
+
+
+@torch.no_grad()
+def randomize_constants(model: nn.Module, seed: int = 0) -> int:
+    """Add seeded noise to every constant floating parameter; randomise BN running stats.
+
+    A constant c becomes c + N(0, (0.2 * max(|c|, 0.1))^2): zero heads/biases get std 0.02,
+    BN weights 1 +- 0.2. Running means get N(0, 0.1^2), running variances U(0.5, 2), so that
+    eval-mode BN is not the identity. Returns the number of tensors changed.
+    """
+    g = torch.Generator().manual_seed(seed)
+    n = 0
+    for p in model.parameters():
+        if not p.is_floating_point() or p.numel() == 0:
+            continue
+        flat = p.detach().reshape(-1)
+        if bool((flat == flat[0]).all()):
+            c = float(flat[0])
+            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * (0.2 * max(abs(c), 0.1)))
+            n += 1
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._NormBase) and m.running_mean is not None:
+            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g, dtype=m.running_mean.dtype) * 0.1)
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g, dtype=m.running_var.dtype) * 1.5 + 0.5)
+            n += 2
+    return n
+
+
+def _tree_tensors(out) -> list[Tensor]:
+    from torch.utils._pytree import tree_flatten
+
+    return [t for t in tree_flatten(out)[0] if isinstance(t, Tensor)]
+
+
+def rel_error(teacher_out, student_out) -> tuple[float, str]:
+    """max |t - s| / max |s| over every output tensor; inf (and why) if the outputs do not match up."""
+    t, s = _tree_tensors(teacher_out), _tree_tensors(student_out)
+    if len(t) != len(s):
+        return math.inf, (f"output structure differs: teacher gives {len(t)} tensor(s) "
+                          f"({type(teacher_out).__name__}), student {len(s)} ({type(student_out).__name__})")
+    num, den = 0.0, 0.0
+    for a, b in zip(t, s):
+        if a.shape != b.shape:
+            return math.inf, f"output shape differs: teacher {tuple(a.shape)} vs student {tuple(b.shape)}"
+        if a.numel() == 0:
+            continue
+        num = max(num, float((a.double() - b.double()).abs().max()))
+        den = max(den, float(b.double().abs().max()))
+    if not math.isfinite(num):
+        return math.inf, "non-finite teacher output"
+    if den == 0:
+        return math.nan, "student output is identically zero (vacuous check)"
+    return num / den, ""
+
+
+def zero_dropout(model: nn.Module) -> int:
+    """Set ``p = 0`` on every dropout module (see the module docstring); returns how many."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd) and m.p:
+            m.p = 0.0
+            n += 1
+    return n
+
+
+_NOT_SELF_ATTENTION = ("channel", "spatial", "eca", "cbam", "split", "selective", "squeeze", "excit",
+                       "gather", "coord", "triplet", "gc", "se")
+
+
+def model_kind(model: nn.Module) -> tuple[str, str]:
+    """``("transformer", cls)`` if a module looks like (self-)attention, else ``("cnn", "")``.
+
+    Judged by class name: ``*Attention*`` or ``*Attn`` (``nn.MultiheadAttention``, window attention,
+    timm's ``Attention``), excluding channel/spatial gating blocks (SE, ECA, CBAM, split attention).
+    """
+    for m in model.modules():
+        n = type(m).__name__
+        low = n.lower()
+        if "attention" in low or low.endswith("attn") or low.startswith("attn"):
+            stem = low.replace("attention", "").replace("attn", "")
+            if any(stem.startswith(x) or stem.endswith(x) for x in _NOT_SELF_ATTENTION):
+                continue
+            return "transformer", n
+    return "cnn", ""
+
+
+def estimate_gib(model_meta: nn.Module, ratio: int, itemsize: int, branches: bool,
+                 act_numel: int = 0) -> float:
+    """Peak memory (GiB) of one expand + checks, from parameter counts on the meta device.
+
+    student weights (x2: the model and the student map's copy) + teacher weights (student * r^2,
+    plus CBR branches on kxk convs) * WEIGHT_FACTOR + activations (student + teacher widths)
+    + BASE_GIB.
+    """
+    p_all = sum(p.numel() for p in model_meta.parameters())
+    p_kxk = sum(m.weight.numel() for m in model_meta.modules()
+                if isinstance(m, nn.modules.conv._ConvNd) and math.prod(m.kernel_size) > 1)
+    teacher = ratio ** 2 * (p_all + (BRANCH_FACTOR * p_kxk if branches else 0))
+    bytes_ = itemsize * (2 * p_all + WEIGHT_FACTOR * teacher + (1 + ratio) * act_numel)
+    return bytes_ / GIB + BASE_GIB
+
+
+def activation_numel(model_meta: nn.Module, x_shape: tuple) -> int:
+    """Sum of every leaf module's output elements for one forward on the meta device (0 if it fails)."""
+    total = [0]
+
+    def hook(_m, _i, out):
+        total[0] += sum(t.numel() for t in _tree_tensors(out))
+
+    hs = [m.register_forward_hook(hook) for m in model_meta.modules() if not list(m.children())]
+    try:
+        with torch.no_grad():
+            model_meta.eval()(torch.empty(x_shape, device="meta"))
+    except Exception:
+        total[0] = 0
+    finally:
+        for h in hs:
+            h.remove()
+    return total[0]
+
+
+def mem_available_gib() -> float:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024 / GIB
+    except OSError:
+        pass
+    return math.inf
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip()
+    return f"{type(e).__name__}: {s.splitlines()[0] if s else ''}"[:500]
+
+
+def _where(e: BaseException) -> str:
+    """Innermost frame in gpd_fx/passes (where a library failure surfaced)."""
+    frames = traceback.extract_tb(e.__traceback__)
+    ours = [f for f in frames if "/passes/" in f.filename or "/gpd_fx/" in f.filename]
+    f = (ours or frames or [None])[-1]
+    return f"{Path(f.filename).name}:{f.lineno} in {f.name}" if f else ""
+
+
+def _repro(spec: Spec, ratio: int, size: int, dtype: torch.dtype) -> str:
+    if spec.source == "torchvision":
+        build = (f"torchvision.models.get_model({spec.name!r}, weights=None, num_classes=10"
+                 + "".join(f", {k}={v!r}" for k, v in spec.kwargs.items()) + ")")
+        imp = "import torch, torchvision, gpd_fx"
+    else:
+        build = (f"timm.create_model({spec.name!r}, pretrained=False, num_classes=10"
+                 + "".join(f", {k}={v!r}" for k, v in spec.kwargs.items()) + ")")
+        imp = "import torch, timm, gpd_fx"
+    d = "double" if dtype == torch.float64 else "float"
+    return (f"{imp}; m = {build}.{d}(); x = torch.randn({BATCH}, {spec.in_chans}, {size}, {size}).{d}(); "
+            f"dt = gpd_fx.expand(m, ratio={ratio}, example_inputs=(x,)); print(dt.report)")
+
+
+def _timm_pick_size(spec: Spec, target: int | None) -> tuple[dict, int, str, int]:
+    """(kwargs, image size, note, channels) for a timm model: the smallest input it runs with."""
+    import timm
+
+    cfg = timm.get_pretrained_cfg(spec.name)
+    cfg = cfg.to_dict() if cfg is not None else {}
+    default = int(cfg.get("input_size", (3, 224, 224))[-1])
+    fixed = bool(cfg.get("fixed_input_size", False))
+    sizes = [target] if target else [64, 96, 128, 160, 192, 224]
+    sizes = sorted({s for s in sizes if s <= default} | {default}) if not target else sizes
+    in_chans = int(cfg.get("input_size", (3,))[0])
+    with torch.device("meta"):
+        try:
+            timm.create_model(spec.name, pretrained=False, num_classes=10, img_size=sizes[0])
+            takes_img_size = True
+        except TypeError as e:
+            takes_img_size = "img_size" not in str(e)
+        except Exception:
+            takes_img_size = True  # failed for another reason; the real build will tell
+    last = ""
+    for s in sizes:
+        kw = {"img_size": s} if takes_img_size and s != default else {}
+        if not takes_img_size and fixed and s != default:
+            continue
+        try:
+            m = timm.create_model(spec.name, pretrained=False, num_classes=10, **kw)
+            with torch.no_grad():
+                m.eval()(torch.randn(BATCH, in_chans, s, s))
+                m.train()(torch.randn(BATCH, in_chans, s, s))
+            del m
+            return kw, s, ("img_size" if kw else ("fixed input size" if fixed else "")), in_chans
+        except Exception as e:
+            last = _first_line(e)
+    raise RuntimeError(f"builds/runs at none of the sizes {sizes}: {last}")
+
+
+def timm_fx_check(model: nn.Module, x: Tensor) -> tuple[bool, str]:
+    """Can timm itself FX-trace the model? As timm's own ``test_model_forward_fx`` does it:
+
+    torchvision's ``create_feature_extractor`` with timm's no-trace modules/functions as leaves,
+    returning the last node, and the traced output must equal the model's (eval mode).
+    """
+    from timm.layers import get_notrace_functions, get_notrace_modules
+    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+    was = model.training
+    kw = dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions(),
+              param_shapes_constant=True)
+    try:
+        train_nodes, eval_nodes = get_graph_node_names(model, tracer_kwargs=kw)
+        fxm = create_feature_extractor(model, train_return_nodes=[train_nodes[-1]],
+                                       eval_return_nodes=[eval_nodes[-1]], tracer_kwargs=kw)
+        model.eval()
+        fxm.eval()
+        with torch.no_grad():
+            out = model(x)
+            fx_out = tuple(fxm(x).values())
+        out = torch.cat(out) if isinstance(out, tuple) else out
+        fx_out = torch.cat(fx_out) if len(fx_out) > 1 else fx_out[0]
+        if fx_out.shape != out.shape or not torch.equal(fx_out, out):
+            return False, "traced graph output differs from the model's"
+        return True, ""
+    except Exception as e:
+        return False, _first_line(e)
+    finally:
+        model.train(was)
+
+
+def _check_fold(dt, model: nn.Module, x: Tensor, tol: float, row: Row) -> None:
+    import gpd_fx
+
+    try:
+        folded = gpd_fx.fold(dt)
+        folded.eval()
+        dt.eval()
+        with torch.no_grad():
+            e1, why = rel_error(folded(x), dt.student(x))
+            e2, _ = rel_error(folded(x), model.eval()(x))
+        row.fold_exact = e1 <= tol and e2 <= tol
+        if not row.fold_exact:
+            row.fold_note = f"fold vs dt.student {e1:.2e}, vs model {e2:.2e} {why}".strip()
+    except Exception as e:
+        row.fold_exact = False
+        row.fold_note = f"fold: {_first_line(e)}"
+        return
+    try:
+        torch.export.export(folded, (x,))
+        row.export_ok = True
+    except Exception as e:
+        row.export_ok = False
+        row.fold_note += f"; export: {_first_line(e)}"
+    try:
+        from gpd_fx.export import export_onnx, onnx_available
+    except ImportError:
+        return
+    if not onnx_available():
+        return
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            export_onnx(folded.float(), x.float(), Path(d) / "m.onnx")
+        row.onnx_agrees = True
+    except Exception as e:
+        row.onnx_agrees = False
+        row.fold_note += f"; onnx: {_first_line(e)}"
+
+
+def measure(spec: Spec, ratio: int, *, dtype: str = "auto", max_gib: float = 20.0,
+            branches: str = "default", do_fold: bool = False, timm_fx: bool = True,
+            model: nn.Module | None = None) -> Row:
+    """Build ``spec``, expand it at ``ratio`` and measure exactness; never raises.
+
+    Args:
+        spec: the model and its input size (``spec.image_size``; None picks per model).
+        ratio: expansion ratio.
+        dtype: ``"auto"`` (float64 if it fits ``max_gib``, else float32), ``"float64"``, ``"float32"``.
+        max_gib: memory budget; a model estimated above it becomes a ``skipped`` row.
+        branches: ``"default"`` (expand's default), ``"none"`` (IR only) or ``"all"``.
+        do_fold: also fill the fold/export/onnx columns (when ``gpd_fx.fold`` exists).
+        timm_fx: for timm models, also check whether timm's own FX tracing reproduces the model.
+        model: an already built model to use instead of ``spec.build()`` (e.g. a reduced-width
+            instance of a zoo class in tests); it is converted and modified in place.
+
+    Returns:
+        A :class:`Row`.
+    """
+    import gpd_fx
+
+    row = Row(spec.name, spec.source, ratio, family=spec.family, note=spec.note)
+    t_start = time.perf_counter()
+    stage = "build"
+    try:
+        # ---- input size and constructor arguments
+        if spec.source == "timm":
+            stage = "pick input size"
+            kw, size, how, chans = _timm_pick_size(spec, spec.image_size)
+            spec = Spec(spec.source, spec.name, {**spec.kwargs, **kw}, size, spec.family, spec.note, chans)
+            row.note = "; ".join(x for x in (spec.note, how) if x)
+        size = spec.image_size or DEFAULT_IMAGE
+        row.input = f"{BATCH}x{spec.in_chans}x{size}x{size}"
+        # ---- memory gate on the meta device
+        stage = "memory estimate"
+        use_branches = branches != "none"
+        meta = None
+        if model is None:
+            try:
+                with torch.device("meta"):
+                    meta = spec.build()
+            except Exception:
+                pass  # e.g. regnet computes widths with .tolist(): count on the real model below
+        if meta is None:
+            stage = "build"
+            model = model if model is not None else spec.build()
+            meta = model
+        acts = activation_numel(meta, (BATCH, spec.in_chans, size, size)) if meta is not model else 0
+        est64 = estimate_gib(meta, ratio, 8, use_branches, acts)
+        est32 = estimate_gib(meta, ratio, 4, use_branches, acts)
+        row.student_params = sum(p.numel() for p in meta.parameters() if p.requires_grad)
+        row.kind, row.kind_evidence = model_kind(meta)
+        del meta
+        if dtype == "auto":
+            tdtype = torch.float64 if est64 <= max_gib else torch.float32
+        else:
+            tdtype = getattr(torch, dtype)
+        est = est64 if tdtype == torch.float64 else est32
+        row.est_gib = round(est, 2)
+        row.dtype = str(tdtype).replace("torch.", "")
+        row.tol = TOL[tdtype]
+        row.repro = _repro(spec, ratio, size, tdtype)
+        if est > max_gib:
+            row.status, row.reason = "skipped", f"needs ~{est:.1f} GiB (> {max_gib:g} GiB budget)"
+            return row
+        avail = mem_available_gib()
+        if est > avail - 0.5:
+            row.status, row.reason = "skipped", f"needs ~{est:.1f} GiB, only {avail:.1f} GiB free now (rerun)"
+            return row
+        # ---- build
+        stage = "build"
+        if model is None:
+            model = spec.build()
+        model = model.to(tdtype)
+        randomize_constants(model, seed=0)
+        zero_dropout(model)
+        x = torch.randn(BATCH, spec.in_chans, size, size, dtype=tdtype, generator=torch.Generator().manual_seed(0))
+        if spec.source == "timm" and timm_fx:
+            stage = "timm fx check"
+            row.timm_fx, row.timm_fx_reason = timm_fx_check(model, x)
+        # ---- expand
+        stage = "expand"
+        kwargs: dict[str, Any] = dict(ratio=ratio, example_inputs=(x,), noise=0.1, seed=0, strict=False)
+        if branches != "default":
+            kwargs["branches"] = () if branches == "none" else None
+        model.eval()
+        t0 = time.perf_counter()
+        try:
+            dt = gpd_fx.expand(model, **kwargs)
+        except gpd_fx.TraceError as e:
+            row.traced = False
+            raise e
+        row.expand_s = round(time.perf_counter() - t0, 3)
+        row.traced = True
+        rep = dt.report
+        row.share = float(rep.expanded_flop_fraction)
+        row.n_boundaries = len(rep.boundaries)
+        row.boundary_reasons = dict(getattr(rep, "boundary_reasons", {}) or {})
+        row.fallbacks = dict(getattr(rep, "fallbacks", {}) or {})
+        row.branch_layers = getattr(rep, "branch_layers", None)
+        row.teacher_params = int(rep.teacher_params)
+        row.student_params = int(rep.student_params)
+        # ---- exactness, eval then train
+        stage = "eval check"
+        t0 = time.perf_counter()
+        model.eval()
+        dt.eval()
+        with torch.no_grad():
+            y = model(x)
+            row.err_eval, why = rel_error(dt(x), y)
+            row.err_student, _ = rel_error(dt.student(x), y)
+        row.exact_eval = row.err_eval <= row.tol
+        if why:
+            row.train_note = f"eval: {why}"
+        if do_fold and hasattr(gpd_fx, "fold"):
+            # before the train-mode forward, which moves the model's BN running statistics away
+            # from the student buffers kept in dt
+            stage = "fold"
+            _check_fold(dt, model, x, row.tol, row)
+        stage = "train check"
+        model.train()
+        dt.train()
+        with torch.no_grad():
+            torch.manual_seed(0)
+            y = model(x)
+            torch.manual_seed(0)
+            row.err_train, why = rel_error(dt(x), y)
+        row.exact_train = row.err_train <= row.tol
+        if why:
+            row.train_note = (row.train_note + "; " if row.train_note else "") + f"train: {why}"
+        row.check_s = round(time.perf_counter() - t0, 3)
+        if not row.exact:
+            row.reason = (f"not exact: eval {row.err_eval:.2e}, train {row.err_train:.2e} "
+                          f"(tol {row.tol:g}) {row.train_note}").strip()
+    except Exception as e:
+        row.status = "error"
+        row.reason = f"{stage}: {_first_line(e)}"
+        row.error_type = type(e).__name__
+        row.error_where = _where(e)
+        if stage == "expand" and row.traced is None:
+            row.traced = not isinstance(e, getattr(gpd_fx, "TraceError", ()))
+    finally:
+        row.peak_rss_gib = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB, 2)
+        row.check_s = row.check_s if row.check_s is not None else round(time.perf_counter() - t_start, 1)
+    return row
+
+
+def time_resnet50(runs: int = 3) -> dict:
+    """Median expand time of ResNet-50 at ratio 3 on a 1x3x64x64 input, float32, in one process."""
+    import gpd_fx
+    import torchvision
+
+    out = {}
+    model = torchvision.models.resnet50(weights=None)
+    x = torch.randn(1, 3, 64, 64)
+    variants = {"default": {}}
+    if "branches" in _expand_params():
+        variants["IR only (branches=())"] = {"branches": ()}
+    for label, kw in variants.items():
+        secs = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            gpd_fx.expand(model, ratio=3, example_inputs=(x,), **kw)
+            secs.append(time.perf_counter() - t0)
+        out[label] = {"median_s": statistics.median(secs), "runs_s": secs}
+    return out
+
+
+def _expand_params() -> set[str]:
+    import inspect
+
+    import gpd_fx
+    return set(inspect.signature(gpd_fx.expand).parameters)
+
+
+# --------------------------------------------------------------------------------------------
+# Driver: subprocess per model, table, summary, JSON
+# --------------------------------------------------------------------------------------------
+
+def environment(threads: int) -> dict:
+    import torchvision
+
+    env = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "torch": torch.__version__, "torchvision": torchvision.__version__,
+        "python": platform.python_version(), "platform": platform.platform(),
+        "cpu_count": os.cpu_count(), "torch_threads": threads,
+        "load_avg_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "mem_total_gib": None,
+    }
+    import gpd_fx
+    env["gpd_fx_file"] = gpd_fx.__file__
+    try:
+        import timm
+        env["timm"] = timm.__version__
+    except ImportError:
+        env["timm"] = None
+    try:
+        env["gpd_fx_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE,
+                                              capture_output=True, text=True, timeout=10).stdout.strip()
+    except Exception:
+        env["gpd_fx_commit"] = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                env["mem_total_gib"] = round(int(line.split()[1]) * 1024 / GIB, 1)
+    except OSError:
+        pass
+    return env
+
+
+def _fmt_params(n) -> str:
+    if n is None:
+        return "-"
+    return f"{n / 1e6:.1f}M"
+
+
+def _yn(b) -> str:
+    return "-" if b is None else ("yes" if b else "NO")
+
+
+def format_row(r: Row, fold: bool) -> str:
+    if r.status in ("skipped", "timeout", "crashed") or (r.status == "error" and r.expand_s is None):
+        cols = [f"{r.name:<34}", f"r{r.ratio}", f"{r.input or '-':<12}", f"{r.status.upper()}: {r.reason}"]
+        return " ".join(cols)
+    err = max(x for x in (r.err_eval or 0.0, r.err_train or 0.0))
+    cols = [
+        f"{r.name:<34}", f"r{r.ratio}", f"{r.input:<12}", f"{r.dtype[:7]:<7}",
+        f"{_yn(r.traced):<4}", f"{_yn(r.exact_eval):>3}/{_yn(r.exact_train):<3}",
+        f"{err:9.2e}", f"{r.share:6.3f}" if r.share is not None else "     -",
+        f"{r.n_boundaries if r.n_boundaries is not None else '-':>4}",
+        f"{r.expand_s:7.2f}" if r.expand_s is not None else "      -",
+        f"{_fmt_params(r.student_params):>8}", f"{_fmt_params(r.teacher_params):>9}",
+    ]
+    if fold:
+        cols += [f"{_yn(r.fold_exact):>4}", f"{_yn(r.export_ok):>4}", f"{_yn(r.onnx_agrees):>4}"]
+    if r.source == "timm":
+        cols.append(f"fx:{_yn(r.timm_fx)}")
+    extra = r.reason if r.status != "ok" or not r.exact else ""
+    if r.fallbacks:
+        extra = f"FALLBACKS {list(r.fallbacks)[:3]} " + extra
+    if r.status == "ok" and r.exact and r.share is not None and r.share < 1 and r.boundary_reasons:
+        extra = "boundaries: " + ", ".join(sorted({v.split(":")[0] for v in r.boundary_reasons.values()}))[:120]
+    return " ".join(cols) + (f"  {extra}" if extra else "")
+
+
+def header(fold: bool, source: str) -> str:
+    cols = [f"{'model':<34}", "r ", f"{'input':<12}", f"{'dtype':<7}", "trcd", "exact e/t",
+            "max.rel.err", "share", "#bnd", "expand s", " student", "  teacher"]
+    if fold:
+        cols += ["fold", "expt", "onnx"]
+    if source == "timm":
+        cols.append("timm-fx")
+    return " ".join(cols)
+
+
+def summarize(rows: list[Row], source: str) -> dict:
+    """Counts per ratio (see the issue acceptance criteria)."""
+    out: dict = {}
+    for ratio in sorted({r.ratio for r in rows}):
+        rs = [r for r in rows if r.ratio == ratio]
+        ran = [r for r in rs if r.status not in ("skipped",)]
+        skipped = [r for r in rs if r.status == "skipped"]
+        exact = [r for r in rs if r.status == "ok" and r.exact]
+        s: dict = {
+            "models": len(rs), "ran": len(ran), "traced": sum(1 for r in rs if r.traced),
+            "exact": len(exact), "exact_eval": sum(1 for r in rs if r.exact_eval),
+            "exact_train": sum(1 for r in rs if r.exact_train),
+            "with_fallbacks": [r.name for r in rs if r.fallbacks],
+            "skipped": {r.name: r.reason for r in skipped},
+            "not_exact": {r.name: r.reason for r in ran if not (r.status == "ok" and r.exact)},
+        }
+        if source == "torchvision":
+            cnn = [r for r in ran if r.kind == "cnn"]
+            tr = [r for r in ran if r.kind == "transformer"]
+            s["cnn"] = len(cnn)
+            s["cnn_share_ok"] = sum(1 for r in cnn if (r.share or 0) >= CNN_SHARE)
+            s["cnn_low_share"] = {r.name: r.share for r in cnn if (r.share or 0) < CNN_SHARE}
+            s["transformers"] = len(tr)
+            s["transformer_share_ok"] = sum(1 for r in tr if (r.share or 0) >= TRANSFORMER_SHARE)
+            s["transformer_low_share"] = {r.name: r.share for r in tr if (r.share or 0) < TRANSFORMER_SHARE}
+        else:
+            fx = [r for r in rs if r.timm_fx]
+            s["families"] = len(rs)
+            s["built"] = sum(1 for r in rs if r.input and not r.reason.startswith("pick input size"))
+            s["timm_traceable"] = len(fx)
+            s["timm_traceable_exact"] = sum(1 for r in fx if r.status == "ok" and r.exact)
+            s["timm_traceable_share_ok"] = sum(1 for r in fx if (r.share or 0) >= TRANSFORMER_SHARE)
+            s["timm_traceable_share_ok_pct"] = (100.0 * s["timm_traceable_share_ok"] / len(fx)) if fx else None
+            trf = [r for r in fx if r.kind == "transformer"]
+            s["timm_traceable_transformers"] = len(trf)
+            s["timm_traceable_transformers_exact"] = sum(1 for r in trf if r.status == "ok" and r.exact)
+            s["timm_traceable_transformers_share_ok"] = sum(1 for r in trf if (r.share or 0) >= TRANSFORMER_SHARE)
+            s["timm_traceable_not_exact"] = {r.name: r.reason for r in fx if not (r.status == "ok" and r.exact)}
+            s["timm_traceable_low_share"] = {r.name: r.share for r in fx if (r.share or 0) < TRANSFORMER_SHARE}
+        out[f"ratio_{ratio}"] = s
+    return out
+
+
+def summary_lines(summary: dict, source: str) -> list[str]:
+    lines = []
+    for key, s in summary.items():
+        r = key.split("_")[1]
+        skip_why = collections.Counter(re.sub(r"~?[\d.]+ GiB", "N GiB", v) for v in s["skipped"].values())
+        skips = "; ".join(f"{n}x {w}" for w, n in skip_why.items()) or "none"
+        if source == "torchvision":
+            lines.append(
+                f"SUMMARY ratio {r}: {s['exact']}/{s['ran']} run models exact (eval+train; "
+                f"eval {s['exact_eval']}, train {s['exact_train']}), traced {s['traced']}/{s['ran']}; "
+                f"CNNs with share >= {CNN_SHARE}: {s['cnn_share_ok']}/{s['cnn']}; transformers with share "
+                f">= {TRANSFORMER_SHARE}: {s['transformer_share_ok']}/{s['transformers']}; "
+                f"fallbacks in {len(s['with_fallbacks'])}; skipped {len(s['skipped'])} ({skips})")
+        else:
+            pct = s["timm_traceable_share_ok_pct"]
+            lines.append(
+                f"SUMMARY ratio {r}: {s['families']} families; timm can FX-trace {s['timm_traceable']}; of "
+                f"those exact (eval+train) {s['timm_traceable_exact']}/{s['timm_traceable']}, share >= "
+                f"{TRANSFORMER_SHARE}: {s['timm_traceable_share_ok']}/{s['timm_traceable']}"
+                f" ({pct:.0f}%)" if pct is not None else f"SUMMARY ratio {r}: {s['families']} families; none traceable")
+            lines[-1] += (f"; transformers among them: exact {s['timm_traceable_transformers_exact']}/"
+                          f"{s['timm_traceable_transformers']}, share >= {TRANSFORMER_SHARE} "
+                          f"{s['timm_traceable_transformers_share_ok']}/{s['timm_traceable_transformers']}; "
+                          f"all families exact {s['exact']}/{s['ran']}; skipped {len(s['skipped'])} ({skips})")
+    return lines
+
+
+def _set_threads(n: int) -> None:
+    torch.set_num_threads(n)
+
+
+def run_worker(args) -> None:
+    """Subprocess entry: measure one (model, ratio) and write the row as JSON."""
+    _set_threads(args.threads)
+    _die_with_parent()
+    if args.mem_limit_gib:
+        # A hard address-space cap turns a runaway allocation into a MemoryError row instead of
+        # the kernel's OOM killer picking some process on this shared machine.
+        lim = int(args.mem_limit_gib * GIB)
+        resource.setrlimit(resource.RLIMIT_AS, (lim, lim))
+    if args.worker == "__timing__":
+        res = time_resnet50()
+        Path(args.worker_out).write_text(json.dumps(res))
+        return
+    spec = Spec(**json.loads(args.worker))
+    row = measure(spec, args.worker_ratio, dtype=args.dtype, max_gib=args.max_gib,
+                  branches=args.branches, do_fold=args.fold)
+    Path(args.worker_out).write_text(json.dumps(asdict(row)))
+
+
+def _die_with_parent() -> None:
+    """Linux: have the kernel kill this worker when the driver dies (no orphaned sweeps)."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
+def _spawn(payload: str, ratio: int, args, timeout: float) -> tuple[dict | None, str, int | None]:
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "row.json"
+        err = Path(d) / "stderr.txt"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", payload, "--worker-ratio", str(ratio),
+               "--worker-out", str(out), "--threads", str(args.threads), "--dtype", args.dtype,
+               "--max-gib", str(args.max_gib), "--branches", args.branches,
+               "--mem-limit-gib", str(args.mem_limit_gib)]
+        if args.fold:
+            cmd.append("--fold")
+        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONWARNINGS="ignore")
+        with open(err, "w") as ef:
+            try:
+                p = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=ef, timeout=timeout, env=env)
+                rc = p.returncode
+            except subprocess.TimeoutExpired:
+                rc = None
+        tail = err.read_text(errors="replace")[-2000:]
+        data = json.loads(out.read_text()) if out.exists() else None
+        return data, tail, rc
+
+
+def run_one(spec: Spec, ratio: int, args) -> Row:
+    if not args.isolate:
+        return measure(spec, ratio, dtype=args.dtype, max_gib=args.max_gib, branches=args.branches,
+                       do_fold=args.fold)
+    data, tail, rc = _spawn(json.dumps(asdict(spec)), ratio, args, args.timeout)
+    if data is not None:
+        return Row(**data)
+    row = Row(spec.name, spec.source, ratio, family=spec.family)
+    if rc is None:
+        row.status, row.reason = "timeout", f"no result within {args.timeout:g} s"
+    else:
+        last = [ln for ln in tail.strip().splitlines() if ln.strip()][-1:] or [""]
+        sig = f"signal {-rc}" if rc < 0 else f"exit code {rc}"
+        oom = " (killed: out of memory?)" if rc in (-9, 137) else ""
+        row.status, row.reason = "crashed", f"{sig}{oom}: {last[0][:300]}"
+    return row
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--source", choices=["torchvision", "timm"], default="torchvision")
+    p.add_argument("--ratio", type=int, nargs="+", default=[2, 3])
+    p.add_argument("--models", default="", help="comma-separated model names (timm: names or families)")
+    p.add_argument("--image-size", type=int, default=None, help="input side for every model (default: per model)")
+    p.add_argument("--json", default=None, help="output JSON (default benchmarks/results/zoo_<source>.json)")
+    p.add_argument("--limit", type=int, default=None, help="first K models only")
+    p.add_argument("--fold", action="store_true", help="fold/export/onnx columns (needs gpd_fx.fold)")
+    p.add_argument("--dtype", choices=["auto", "float64", "float32"], default="auto",
+                   help="auto: float64 when the float64 teacher fits --max-gib, else float32")
+    p.add_argument("--branches", choices=["default", "none", "all"], default="default",
+                   help="CBR branches passed to expand: library default, () or None")
+    p.add_argument("--max-gib", type=float, default=20.0, help="memory budget per model (GiB)")
+    p.add_argument("--mem-limit-gib", type=float, default=22.0,
+                   help="hard address-space cap of each worker (0: none)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads per model; 1 because OpenMP barriers stall badly when the "
+                        "2 cores are shared with other jobs")
+    p.add_argument("--timeout", type=float, default=1800.0, help="seconds per model and ratio")
+    p.add_argument("--no-isolate", dest="isolate", action="store_false",
+                   help="run in this process (default: one subprocess per model and ratio)")
+    p.add_argument("--resume", action="store_true", help="keep rows already in the JSON file")
+    p.add_argument("--no-timing", dest="timing", action="store_false", help="skip the ResNet-50 timing row")
+    p.add_argument("--all-ratios", action="store_true",
+                   help="timm: run every ratio on every family (default: ratios after the first "
+                        "only on transformers)")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--worker-ratio", type=int, default=2, help=argparse.SUPPRESS)
+    p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.worker is not None:
+        run_worker(args)
+        return 0
+    _set_threads(args.threads)
+    from tqdm import tqdm
+
+    specs = (torchvision_specs(args.image_size) if args.source == "torchvision"
+             else timm_specs(args.image_size))
+    if args.models:
+        want = [m.strip() for m in args.models.split(",") if m.strip()]
+        by_name = {s.name: s for s in specs}
+        chosen = []
+        for w in want:
+            if w in by_name:
+                chosen.append(by_name[w])
+            elif args.source == "timm" and any(s.family == w for s in specs):
+                chosen += [s for s in specs if s.family == w]
+            elif args.source == "timm":
+                chosen.append(Spec("timm", w, {}, args.image_size, family=_family(w)))
+            else:
+                print(f"unknown model {w!r}", file=sys.stderr)
+                return 2
+        specs = chosen
+    if args.limit:
+        specs = specs[:args.limit]
+    out_path = Path(args.json) if args.json else RESULTS / f"zoo_{args.source}.json"
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    done: dict = {}
+    if args.resume and out_path.exists():
+        for d in json.loads(out_path.read_text()).get("rows", []):
+            r = Row(**d)
+            if r.status != "skipped" or "free now" not in r.reason:
+                done[(r.name, r.ratio)] = r
+    env = environment(args.threads)
+    print(f"# gpd_fx zoo benchmark, source={args.source}, ratios={args.ratio}, heads num_classes=10, "
+          f"random weights, batch {BATCH}; torch {env['torch']}, {env['cpu_count']} CPUs, "
+          f"{args.threads} thread(s)/model, budget {args.max_gib:g} GiB/model; {env['date']}")
+    print("# exact = max|teacher - student| / max|student| <= tol (float64: 1e-9, float32: 1e-3), "
+          "eval and train mode (dropout p=0, same seed per forward)")
+    fold_on = args.fold and _has_fold()
+    print(header(fold_on, args.source))
+    rows: list[Row] = []
+    kinds: dict[str, str] = {}
+    jobs = [(s, r) for r in args.ratio for s in specs]
+    bar = tqdm(jobs, desc="zoo", file=sys.stderr, dynamic_ncols=True)
+    payload = {"environment": env, "config": {k: v for k, v in vars(args).items() if not k.startswith("worker")}}
+    for spec, ratio in bar:
+        bar.set_postfix_str(f"{spec.name} r{ratio}")
+        if (args.source == "timm" and not args.all_ratios and ratio != args.ratio[0]
+                and kinds.get(spec.name) not in (None, "transformer")):
+            continue
+        row = done.get((spec.name, ratio)) or run_one(spec, ratio, args)
+        kinds[spec.name] = row.kind or kinds.get(spec.name, "")
+        rows.append(row)
+        tqdm.write(format_row(row, fold_on), file=sys.stdout)
+        payload["rows"] = [asdict(r) for r in rows]
+        payload["summary"] = summarize(rows, args.source)
+        _atomic_write(out_path, payload)
+    bar.close()
+    summary = summarize(rows, args.source)
+    for line in summary_lines(summary, args.source):
+        print(line)
+    if args.timing and args.source == "torchvision":
+        timing = _timing(args)
+        payload["timing"] = timing
+        for label, t in timing.items():
+            if isinstance(t, dict):
+                runs = ", ".join(f"{s:.2f}" for s in t["runs_s"])
+                print(f"TIMING resnet50 ratio 3, 1x3x64x64, float32, {args.threads} thread(s), {label}: "
+                      f"expand {t['median_s']:.2f} s (median of 3 in one process: {runs}) (target < 3 s)")
+            else:
+                print(f"TIMING resnet50: {t}")
+    payload["summary"] = summary
+    payload["rows"] = [asdict(r) for r in rows]
+    _atomic_write(out_path, payload)
+    print(f"# wrote {out_path}")
+    return 0
+
+
+def _has_fold() -> bool:
+    import gpd_fx
+    return hasattr(gpd_fx, "fold")
+
+
+def _timing(args) -> dict:
+    if not args.isolate:
+        return time_resnet50()
+    data, tail, rc = _spawn("__timing__", 3, args, args.timeout)
+    return data if data is not None else {"error": f"rc={rc}: {tail.strip().splitlines()[-1:] }"}
+
+
+def _atomic_write(path: Path, payload: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

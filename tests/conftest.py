@@ -1,0 +1,20 @@
+"""Shared pytest configuration.
+
+Hypothesis profiles: ``ci`` (loaded when the environment has ``CI=true``) is derandomized, so a
+CI failure reproduces from the same examples, and has no deadline, because building a teacher
+takes a variable 0.1-1 s on a shared 2-core runner. ``dev`` (the default) draws fresh random
+examples each run. ``HYPOTHESIS_PROFILE=<name>`` picks one explicitly. Tests that pass their own
+``@settings(...)`` override these values field by field.
+"""
+
+import os
+
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "ci", derandomize=True, deadline=None, max_examples=25, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("dev", deadline=None, max_examples=10)
+
+_default = "ci" if os.environ.get("CI", "").strip().lower() in ("1", "true", "yes") else "dev"
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", _default))
