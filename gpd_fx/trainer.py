@@ -87,7 +87,8 @@ class TrainingInterrupted(KeyboardInterrupt):
     """
 
     def __init__(self, checkpoint: Path | None, global_step: int) -> None:
-        super().__init__(f"training interrupted after step {global_step}; checkpoint: {checkpoint}")
+        super().__init__(f"training interrupted after step {global_step}; checkpoint saved to {checkpoint} "
+                         "(continue with resume=<that path>)")
         self.checkpoint = checkpoint
         self.global_step = global_step
 
@@ -312,7 +313,8 @@ def _init_distributed(device: str) -> _Dist:
         return _Dist()
     if not tdist.is_available():
         raise TrainConfigError("WORLD_SIZE > 1 but this PyTorch build has no torch.distributed")
-    backend = "nccl" if device.startswith("cuda") else "gloo"
+    on_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    backend = "nccl" if on_cuda else "gloo"
     tdist.init_process_group(backend=backend, init_method="env://")
     return _Dist(tdist.get_rank(), tdist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), owns_group=True)
 
@@ -791,7 +793,8 @@ def _train(model, cfg, train_ds, val_ds, static_teacher, callbacks, dist, n_trai
             _set_rng_state(rngs[dist.rank])
         else:
             _seed_everything(cfg.seed + 1000 * global_step + dist.rank)
-        printer(f"resumed from {cfg.resume}: epoch {start_epoch}, step {start_step} (global step {global_step})")
+        printer(f"resumed from {cfg.resume}: {start_epoch} epochs and {start_step} steps done "
+                f"(global step {global_step})")
     else:
         _seed_everything(cfg.seed + dist.rank)
 
@@ -942,8 +945,6 @@ def _train(model, cfg, train_ds, val_ds, static_teacher, callbacks, dist, n_trai
         except KeyboardInterrupt:
             # the state is that of `global_step` completed steps (see _deferred_sigint)
             save(pos["epoch"], pos["step"], accum)
-            printer(f"interrupted: checkpoint of step {global_step} saved to {ckpt_path}; "
-                    f"continue with --resume {ckpt_path}")
             raise TrainingInterrupted(ckpt_path if dist.main else None, global_step) from None
 
     if not history:  # resumed from a finished run: nothing was trained here
