@@ -285,22 +285,24 @@ def _cmd_zoo(args: argparse.Namespace) -> int:
               "installed package; run it from the repository root (python benchmarks/zoo.py)", file=sys.stderr)
         return EXIT_ERROR
     spec = importlib.util.spec_from_file_location("gpd_fx_benchmarks_zoo", path)
+    if spec is None or spec.loader is None:
+        print(f"gpd-fx: error: cannot load {path} as a Python module", file=sys.stderr)
+        return EXIT_ERROR
     module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None  # spec_from_file_location always sets it for a .py file
+    # registered before running it: dataclasses (and pickling) look classes up in sys.modules
+    sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     entry = getattr(module, "main", None)
     if entry is None:
         print(f"gpd-fx: error: {path} has no main() to run", file=sys.stderr)
         return EXIT_ERROR
     zoo_args = list(args.zoo_args)
-    if inspect.signature(entry).parameters:
-        status = entry(zoo_args)
-    else:  # a main() that reads sys.argv itself
-        saved, sys.argv = sys.argv, [str(path), *zoo_args]
-        try:
-            status = entry()
-        finally:
-            sys.argv = saved
+    # argparse names the program after sys.argv[0]; make its usage line say how it was run
+    saved, sys.argv = sys.argv, ["gpd-fx zoo", *zoo_args]
+    try:
+        status = entry(zoo_args) if inspect.signature(entry).parameters else entry()
+    finally:
+        sys.argv = saved
     return int(status or 0)
 
 
