@@ -58,24 +58,30 @@ def matmul(ctx, node):
         return ctx.call_function(gpd_sum_correction, y, ctx.r), None
     # free dims only: row dim of a -> out dim no-2, column dim of b -> out dim no-1,
     # batch dims broadcast (aligned from the right)
-    out_lay = None
-    args = []
+    cands = []
     for x, lay, nx, free, out_free in ((a, la, na, na - 2, no - 2), (b, lb, nb, nb - 1, no - 1)):
         if isinstance(lay, Layout):
             d = out_free if lay.dim == free else lay.dim + no - nx
-            cand = lay.at(d)
-            if out_lay is not None and (out_lay.dim != d or not out_lay.same_map(cand)):
-                raise CannotExpand("two operands expanded on different output dims")
-            out_lay = cand
+            cands.append((x, lay.at(d), lay.dim < nx - 2))
+    narrowed = set()
+    if len(cands) == 2 and (cands[0][1].dim != cands[1][1].dim or not cands[0][1].same_map(cands[1][1])):
+        # e.g. talking-heads attention: the logits are widened along the heads (a batch dim of
+        # the matmul) while v is widened along channels. Narrow the batch-dim operand there and
+        # keep the product expanded along v's channels.
+        drop = next((c for c in cands if c[2]), cands[0])
+        narrowed.add(drop[0])
+        cands = [c for c in cands if c is not drop]
+    out_lay = cands[0][1] if cands else None
+    args = []
     for x, lay, nx in ((a, la, na), (b, lb, nb)):
+        if x in narrowed:
+            args.append(ctx.narrow(x))
+            continue
         if lay is None and out_lay is not None and out_lay.dim < no - 2:
             d = out_lay.dim - (no - nx)
             if d >= 0 and ctx.sval(x).shape[d] != 1:
                 args.append(ctx.to_layout(x, out_lay.at(d)))
                 continue
-        if isinstance(lay, Layout) and lay.dim < nx - 2 and out_lay is not None:
-            args.append(ctx.to_layout(x, out_lay.at(lay.dim)))
-            continue
         args.append(ctx.dt(x))
     return ctx.call_function(operator.matmul, *args), out_lay
 

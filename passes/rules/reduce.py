@@ -4,7 +4,10 @@ and the rest (``std`` with a correction, ``norm``, ``prod``, arg-reductions) are
 
 from __future__ import annotations
 
+import operator
+
 import torch
+import torch.fx as fx
 from torch import Tensor
 
 from ..layout import Layout, gpd_sum_correction
@@ -52,7 +55,34 @@ def reduction(ctx, node):
     if name in _SCALED_BY_R:
         y = ctx.emit_same()
         return ctx.call_function(gpd_sum_correction, y, ctx.r), None
+    if name in ("var", "std"):
+        return _variance(ctx, node, x, dims, name), None
     raise CannotExpand(f"{name} over the channel dim is not exact for repeated channels")
+
+
+def _variance(ctx, node, x, dims, name):
+    """Variance over r copies: S/(N-c) in the student, rS/(rN-c) in the teacher (c = correction),
+    so one constant factor (its square root for std) makes it exact; c = 0 needs none."""
+    correction = node.kwargs.get("correction")
+    if correction is None:
+        unbiased = node.kwargs.get("unbiased", node.args[2] if len(node.args) > 2 and
+                                   isinstance(node.args[2], bool) else True)
+        correction = 1 if unbiased else 0
+    if isinstance(correction, fx.Node) or "keepdim" not in node.kwargs and len(node.args) > 2 \
+            and not isinstance(node.args[2], bool):
+        raise CannotExpand("unsupported var/std signature")
+    shape = ctx.sval(x).shape
+    n = 1
+    for k in dims:
+        n *= shape[k]
+    r = ctx.r
+    y = ctx.emit_same()
+    if correction == 0:
+        return y
+    if n - correction <= 0:
+        raise CannotExpand("variance of too few elements")
+    factor = (r * n - correction) / (r * (n - correction))
+    return ctx.call_function(operator.mul, y, factor if name == "var" else factor ** 0.5)
 
 
 register(torch.mean, "mean", torch.sum, "sum", torch.amax, "amax", torch.amin, "amin",
