@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from gpd_fx.errors import ExpandInputError, GPDError, VerificationError
 from gpd_fx.passes import rules as _rules  # noqa: F401  (registers the built-in rules)
-from gpd_fx.passes.registry import make_registry
+from gpd_fx.passes.registry import load_lazy_rules, make_registry
 from gpd_fx.passes.trace import trace
 from gpd_fx.passes.widen import Builder
 from gpd_fx.teacher import DynamicTeacher, ExpansionReport
@@ -121,6 +121,7 @@ def expand(model: nn.Module, ratio: int = 2, example_inputs: Tensor | Sequence[A
     if not (isinstance(noise, (int, float)) and noise >= 0):
         raise ExpandInputError(f"noise must be a number >= 0, got {noise!r}")
     inputs = _as_inputs(example_inputs)
+    load_lazy_rules()
     orig_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     with _eval_mode(model):
         work, probe = _probe_model(model, inputs, verify_dtype)

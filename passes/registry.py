@@ -96,6 +96,26 @@ def lookup(node: fx.Node, modules: dict[str, nn.Module], extra=None) -> RuleEntr
     return RULES.lookup(node, modules, extra)
 
 
+_LAZY: list[tuple[str, Callable[[], None]]] = []
+
+
+def register_when_imported(module: str, installer: Callable[[], None]) -> None:
+    """Run ``installer`` (which registers rules keyed by another library's classes/functions)
+    once that library is imported. Importing gpd_fx thus never imports torchvision or timm:
+    a model that contains their layers has imported them already."""
+    _LAZY.append((module, installer))
+
+
+def load_lazy_rules() -> None:
+    """Install the rules of every optional library that is imported by now."""
+    import sys
+
+    for item in list(_LAZY):
+        if item[0] in sys.modules:
+            _LAZY.remove(item)
+            item[1]()
+
+
 def make_registry(extra_rules: dict[Any, Callable] | None) -> _Registry | None:
     """A registry holding user-supplied rules (``expand(extra_rules={key: fn})``)."""
     if not extra_rules:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..layout import Layout, gpd_sum_correction, interleaved
-from ..registry import CannotExpand, register
+from ..registry import CannotExpand, register, register_when_imported
 from ..weights import widen_per_channel
 from ._common import arg, clone_module
 
@@ -180,15 +180,15 @@ def _stacked(lay: Layout, parts: int, dim: int) -> Layout:
     return Layout(dim, torch.cat([lay.index + j * c for j in range(parts)]), lay.ratio)
 
 
-def _swin_attention_fns():
-    try:
-        from torchvision.models.swin_transformer import shifted_window_attention
-    except ImportError:
-        return []
-    return [shifted_window_attention]
+def _install_torchvision_rules() -> None:
+    from torchvision.models.swin_transformer import shifted_window_attention
+
+    register(shifted_window_attention)(swin_window_attention)
 
 
-@register(*_swin_attention_fns())
+register_when_imported("torchvision", _install_torchvision_rules)
+
+
 def swin_window_attention(ctx, node):
     """torchvision's ``shifted_window_attention`` (an fx-wrapped function) with r*H heads."""
     import inspect

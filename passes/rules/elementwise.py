@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..layout import Layout
-from ..registry import CannotExpand, register
+from ..registry import CannotExpand, register, register_when_imported
 from ._common import arg, norm_dim
 
 _ACTIVATION_MODULES = [
@@ -265,15 +265,15 @@ def meta(ctx, node):
     return ctx.emit_same(), None
 
 
-def _swin_patch_merging_pad():
-    try:
-        from torchvision.models.swin_transformer import _patch_merging_pad
-    except ImportError:
-        return []
-    return [_patch_merging_pad]
+def _install_torchvision_rules() -> None:
+    from torchvision.models.swin_transformer import _patch_merging_pad
+
+    register(_patch_merging_pad)(swin_patch_merging)
 
 
-@register(*_swin_patch_merging_pad())
+register_when_imported("torchvision", _install_torchvision_rules)
+
+
 def swin_patch_merging(ctx, node):
     """torchvision Swin's patch merging (an fx-wrapped function): pad H/W of a channels-last
     tensor, take the four 2x2 phases and concatenate them along channels."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.fx as fx
 from torch import nn
 
-from ..registry import RULES, CannotExpand, register
+from ..registry import RULES, CannotExpand, register, register_when_imported
 from ._common import need_dim
 from .norm import _widen_affine
 
@@ -35,15 +35,15 @@ def is_channelwise(module: nn.Module) -> bool:
     return True
 
 
-def _timm_bn_act():
-    try:
-        from timm.layers.norm_act import BatchNormAct2d, FrozenBatchNormAct2d, SyncBatchNormAct
-    except ImportError:
-        return []
-    return [BatchNormAct2d, SyncBatchNormAct, FrozenBatchNormAct2d]
+def _install() -> None:
+    from timm.layers.norm_act import BatchNormAct2d, FrozenBatchNormAct2d, SyncBatchNormAct
+
+    register(BatchNormAct2d, SyncBatchNormAct, FrozenBatchNormAct2d, transparent=True)(batch_norm_act)
 
 
-@register(*_timm_bn_act(), transparent=True)
+register_when_imported("timm", _install)
+
+
 def batch_norm_act(ctx, node):
     """BatchNorm + dropout + activation in one leaf: per-channel BN widened, the rest channel-wise."""
     x = node.args[0]
