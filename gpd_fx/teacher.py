@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from gpd_fx.passes.branches import shared_folds
 from gpd_fx.passes.student_map import ParamSource, evaluate_map
 
 __all__ = ["DynamicTeacher", "ExpansionReport"]
@@ -134,8 +135,13 @@ class DynamicTeacher(nn.Module):
         return functional_call(self._template, state, args, kwargs, tie_weights=True, strict=False)
 
     def joint(self, *args, **kwargs):
-        """``(teacher(x), student(x))`` in one call: the forward to wrap in DDP or compile."""
-        return self.teacher(*args, **kwargs), self.student(*args, **kwargs)
+        """``(teacher(x), student(x))`` in one call: the forward to wrap in DDP or compile.
+
+        Multi-branch kernels are folded once and shared by the teacher forward and the student
+        map (calling ``dt(x)`` and ``dt.student(x)`` separately folds them twice).
+        """
+        with shared_folds(self.teacher):
+            return self.teacher(*args, **kwargs), self.student(*args, **kwargs)
 
     def train(self, mode: bool = True):
         super().train(mode)

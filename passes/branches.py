@@ -30,6 +30,7 @@ parameters without adding a new direction of the kernel.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 
@@ -93,6 +94,25 @@ def _resolve(requested: Sequence[str] | None, reasons: dict[str, str | None], or
     return (original,) + tuple(k for k in kinds if k != original)
 
 
+@contextlib.contextmanager
+def shared_folds(root: nn.Module):
+    """Within this block every multi-branch layer under ``root`` folds its kernel at most once.
+
+    Under ``torch.compile`` nothing is cached: the compiler sees both uses and deduplicates them.
+    """
+    if torch.compiler.is_compiling():
+        yield
+        return
+    layers = [m for m in root.modules() if isinstance(m, _Branched)]
+    for m in layers:
+        m.__dict__["_fold_memo"] = {}
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.__dict__["_fold_memo"] = None
+
+
 class _Branched(nn.Module):
     """Shared plumbing: scale vectors ``v_<kind>`` and the online fold."""
 
@@ -113,9 +133,20 @@ class _Branched(nn.Module):
     def effective_weight(self) -> Tensor:
         """``sum_b v_b[:, None, ...] * K_b``: the one kernel the layer applies (differentiable).
 
+        Inside :func:`shared_folds` the kernel is folded once and reused, so a joint teacher and
+        student forward (the student map reads the same kernel) pays for one fold, not two.
+
         Returns:
             A tensor shaped like the weight given at construction.
         """
+        memo = self.__dict__.get("_fold_memo")
+        if memo is not None:
+            if "w" not in memo:
+                memo["w"] = self._fold()
+            return memo["w"]
+        return self._fold()
+
+    def _fold(self) -> Tensor:
         total = None
         for kind in self.branches:
             kernel = self.branch_kernel(kind)

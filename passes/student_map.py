@@ -53,16 +53,49 @@ def teacher_tensor(teacher: nn.Module, src: ParamSource) -> Tensor:
     return getattr(mod, src.attr)
 
 
+def _stride_of(src: ParamSource) -> tuple[int | None, int | None]:
+    """(r of an interleaved output map, r of an interleaved input map), ``None`` where not
+    interleaved; computed once per source. Interleaved maps become strided views and a
+    reshaped sum instead of gathers and scatters (the map runs every training step)."""
+    cached = src.__dict__.get("_strides")
+    if cached is None:
+        out_r = in_r = None
+        if src.out is not None:
+            first = src.out[1]
+            if first.numel() > 1:
+                step = int(first[1] - first[0])
+                if step > 0 and torch.equal(first, torch.arange(first.numel()) * step):
+                    out_r = step
+            elif first.numel() == 1 and int(first[0]) == 0:
+                out_r = 0
+        if src.inp is not None:
+            _, idx, width = src.inp
+            r = idx.numel() // width
+            if torch.equal(idx, torch.arange(idx.numel()) // r):
+                in_r = r
+        cached = src.__dict__["_strides"] = (out_r, in_r)
+    return cached
+
+
 def map_tensor(t: Tensor, src: ParamSource) -> Tensor:
     """Apply one source's map to the teacher tensor ``t`` (differentiable)."""
+    out_r, in_r = _stride_of(src)
     if src.out is not None:
         dim, first = src.out
-        t = t.index_select(dim, first.to(t.device))
+        if out_r == 0:
+            t = t.narrow(dim, 0, 1)
+        elif out_r is not None and t.shape[dim] == first.numel() * out_r:
+            t = t.unflatten(dim, (first.numel(), out_r)).select(dim + 1, 0)
+        else:
+            t = t.index_select(dim, first.to(t.device))
     if src.inp is not None:
         dim, idx, width = src.inp
-        shape = list(t.shape)
-        shape[dim] = width
-        t = t.new_zeros(shape).index_add(dim, idx.to(t.device), t)
+        if in_r is not None and t.shape[dim] == idx.numel():
+            t = t.unflatten(dim, (width, in_r)).sum(dim + 1)
+        else:
+            shape = list(t.shape)
+            shape[dim] = width
+            t = t.new_zeros(shape).index_add(dim, idx.to(t.device), t)
     if src.scale != 1.0:
         t = t * src.scale
     return t
