@@ -133,12 +133,15 @@ def expand(model: nn.Module, ratio: int = 2, example_inputs: Tensor | Sequence[A
         with torch.no_grad():
             result = builder.run(probe, progress=progress)
     teacher = result.graph_module
+    _tie_shared_parameters(model, teacher, result.sources)
     n_branch = 0
     if branches != () and branches != []:
         from gpd_fx.passes.cbr import add_branches
         n_branch = add_branches(teacher, result.sources, branches, seed=seed)
-        with _eval_mode(model):
-            _verify_again(teacher, work, probe, tol)
+    # The lockstep check saw each node as it was built; this runs the finished graph once,
+    # which catches anything a later node changed (a module widened again, the branch rewrite).
+    with _eval_mode(model):
+        _verify_again(teacher, work, probe, tol)
     teacher = teacher.to(orig_dtype)
     mapped = {s.student_name for s in result.sources}
     template = _template_of(model, mapped)
@@ -193,6 +196,42 @@ def _template_of(model: nn.Module, mapped: set[str]) -> nn.Module:
         if p is not None:
             memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad)
     return copy.deepcopy(model, memo)
+
+
+def _tie_shared_parameters(model: nn.Module, teacher: nn.Module, sources: list) -> None:
+    """One teacher parameter (and one student-map source) per student parameter.
+
+    A parameter held by two modules (tied weights) is widened at each use; when both uses got
+    the same channel maps, the second teacher tensor is replaced by the first, so the tie holds
+    in the teacher too. Otherwise the first use's map defines the student and the other teacher
+    copy trains the teacher only.
+    """
+    canonical: dict[int, str] = {}
+    alias: dict[str, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        alias[name] = canonical.setdefault(id(p), name)
+    by_name = {s.student_name: s for s in sources}
+    keep = []
+    for src in sources:
+        first = alias.get(src.student_name, src.student_name)
+        if first == src.student_name or first not in by_name:
+            keep.append(src)
+            continue
+        ref = by_name[first]
+        if _same_map(src, ref):
+            holder = teacher.get_submodule(src.module) if src.module else teacher
+            ref_holder = teacher.get_submodule(ref.module) if ref.module else teacher
+            if getattr(holder, src.attr).shape == getattr(ref_holder, ref.attr).shape:
+                setattr(holder, src.attr, getattr(ref_holder, ref.attr))
+    sources[:] = keep
+
+
+def _same_map(a, b) -> bool:
+    def eq(x, y):
+        if x is None or y is None:
+            return x is y
+        return all(torch.equal(u, v) if isinstance(u, Tensor) else u == v for u, v in zip(x, y))
+    return eq(a.out, b.out) and eq(a.inp, b.inp) and a.scale == b.scale
 
 
 def _components(graph) -> int:

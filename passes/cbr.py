@@ -72,10 +72,18 @@ def add_branches(teacher: fx.GraphModule, sources: list[ParamSource], branches, 
     widened = {s.module for s in sources if s.attr == "weight" and (s.out is not None or s.inp is not None)}
     gen = torch.Generator().manual_seed(seed)
     count = 0
+    # a weight shared by several layers (tied) cannot become several independent branch sets
+    holders: dict[int, int] = {}
+    for m in teacher.modules():
+        w = m._parameters.get("weight") if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) else None
+        if w is not None:
+            holders[id(w)] = holders.get(id(w), 0) + 1
     for node in teacher.graph.nodes:
         if node.op != "call_module" or node.target not in widened:
             continue
         m = teacher.get_submodule(node.target)
+        if holders.get(id(m._parameters.get("weight")), 0) > 1:
+            continue
         new = None
         if type(m) in _CONV and (conv_kinds is None or conv_kinds):
             if m.weight.device.type == "meta":

@@ -67,6 +67,14 @@ def fold(dt, fuse_bn: bool = False):
             state[src.student_name] = t.detach().clone()
     student = copy.deepcopy(template)
     full = student.state_dict(keep_vars=True)
+    # tied parameters appear under several names; all of them take the one mapped value
+    owner: dict[int, str] = {}
+    for name, p in student.named_parameters(remove_duplicate=False):
+        if name in state:
+            owner.setdefault(id(p), name)
+    for name, p in student.named_parameters(remove_duplicate=False):
+        if name not in state and id(p) in owner:
+            state[name] = state[owner[id(p)]]
     for k in full:
         if k in state:
             full[k] = state[k]

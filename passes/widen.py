@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.fx.node import map_aggregate
 from torch.utils.flop_counter import FlopCounterMode
 
-from gpd_fx.errors import UnsupportedOpError, VerificationError
+from gpd_fx.errors import GPDError, UnsupportedOpError, VerificationError
 
 from .layout import Layout, gpd_narrow, gpd_repeat, gpd_widen, interleaved, permutation_between
 from .registry import CannotExpand, RuleEntry, lookup
@@ -116,8 +116,12 @@ def _set_path(root: nn.Module, target: str, value) -> None:
         setattr(obj, name, value)
 
 
-def _close(t: Tensor, ref: Tensor, tol: float) -> tuple[bool, float]:
-    """``max|t - ref| <= tol * max|ref|``; non-finite values must sit at the same places."""
+def _close(t: Tensor, ref: Tensor, tol: float, floor: float = 0.0) -> tuple[bool, float]:
+    """``max|t - ref| <= tol * max(max|ref|, floor)``; non-finite values must sit at the same places.
+
+    ``floor`` is the magnitude of the op's inputs: an output that is exactly 0 in exact
+    arithmetic (the mean of centred data) carries rounding of the inputs' size, not its own.
+    """
     if t.shape != ref.shape or t.dtype != ref.dtype:
         return False, float("inf")
     if not t.is_floating_point() and not t.is_complex():
@@ -125,7 +129,7 @@ def _close(t: Tensor, ref: Tensor, tol: float) -> tuple[bool, float]:
     if t.numel() == 0:
         return True, 0.0
     err = float((t - ref).abs().max())
-    scale = float(ref.abs().max())
+    scale = max(float(ref.abs().max()), floor)
     if math.isfinite(err) and math.isfinite(scale):
         rel = err / scale if scale > 0 else err
         return rel <= tol, rel
@@ -136,7 +140,7 @@ def _close(t: Tensor, ref: Tensor, tol: float) -> tuple[bool, float]:
     if not fin.any():
         return True, 0.0
     err = float((t[fin] - ref[fin]).abs().max())
-    scale = float(ref[fin].abs().max())
+    scale = max(float(ref[fin].abs().max()), floor)
     rel = err / scale if scale > 0 else err
     return rel <= tol, rel
 
@@ -272,6 +276,8 @@ class Builder:
         self.expanded_flops = 0.0
         self.total_flops = 0.0
         self.kept_demand: dict[fx.Node, bool] = {}
+        # module target -> (layouts of its arguments, output layout) from the call that widened it
+        self.module_io: dict[str, tuple[list, Any]] = {}
         self._emitted: list[fx.Node] | None = None
 
     # --- emission ------------------------------------------------------------------------
@@ -287,18 +293,22 @@ class Builder:
             self.tvals[node] = _exec(op, target, a, k, lambda t: _get_path(self.root, t))
         return node
 
-    def ensure_module(self, target: str, module: nn.Module) -> str:
+    def ensure_module(self, target: str, module: nn.Module, student_target: str | None = None) -> str:
         """Make sure the teacher has (a student-size copy of) ``module`` at ``target``."""
         if target not in self.added_modules:
             _set_path(self.root, target, copy.deepcopy(module))
             self.added_modules[target] = _get_path(self.root, target)
-            self._identity_sources(target, module)
+            self._identity_sources(target, module, student_target)
         return target
 
-    def _identity_sources(self, target: str, module: nn.Module) -> None:
+    def _identity_sources(self, target: str, module: nn.Module, student_target: str | None = None) -> None:
+        have = {s.student_name for s in self.sources}
         for pname, _ in module.named_parameters():
+            name = f"{student_target or target}.{pname}"
+            if name in have:   # a student-width copy of a module that is also widened elsewhere
+                continue
             mod, _, attr = f"{target}.{pname}".rpartition(".")
-            self.sources.append(ParamSource(f"{target}.{pname}", mod, attr, node="(copied)"))
+            self.sources.append(ParamSource(name, mod, attr, node="(copied)"))
 
     def index_node(self, index: Tensor) -> fx.Node:
         key = id(index)
@@ -446,7 +456,7 @@ class Builder:
                 self.graph.output(out_dt)
                 outs = map_aggregate(node.args[0], lambda a: self.svals[a] if isinstance(a, fx.Node) else a)
                 touts = map_aggregate(out_dt, lambda a: self.tvals[a] if isinstance(a, fx.Node) else a)
-                max_rel = max(max_rel, _compare_tree(touts, outs, node, self.tol, strict=True))
+                max_rel = max(max_rel, _compare_tree(touts, outs, node, self.tol))
                 continue
             self._run_student(node)
             self._visit(node)
@@ -485,22 +495,32 @@ class Builder:
     def _visit(self, node: fx.Node) -> None:
         entry = lookup(node, self.smods, self.extra)
         reason = None
-        if entry is None and _inlinable(node) and self._inline(node):
+        if node.op == "call_module" and node.target in self.module_io:
+            if self._reuse_module(node):
+                return
+            reason = "a second call of a widened module with an incompatible layout"
+        elif entry is None and _inlinable(node) and self._inline(node):
             return
-        if entry is None:
+        elif entry is None:
             reason = "no rule for this op"
-        else:
+        if reason is None:
             snapshot = (len(self.sources), dict(self.param_state), dict(self.added_modules),
                         self.permutations, self.runtime_widenings)
             self._emitted = []
+            counted = False
             try:
                 torch.default_generator.manual_seed(len(self.svals) - 1)
                 dt, lay = entry.fn(RuleContext(self, node), node)
                 if _any_layout(lay) or self._inputs_expanded(node):
                     self.expanded_flops += node.meta["gpd"]["flops"]
+                    counted = True
                 ok, msg = self._check(node, dt, lay)
                 if ok:
                     self.env[node] = _Entry(dt, lay)
+                    if node.op == "call_module" and node.target in self.added_modules \
+                            and node.target not in snapshot[2]:
+                        self.module_io[node.target] = ([self.env[a].layout if isinstance(a, fx.Node) else None
+                                                        for a in node.args], lay)
                     self._emitted = None
                     return
                 reason = f"rule result does not match the student ({msg})"
@@ -510,12 +530,19 @@ class Builder:
                         f"differs from the student value: {msg}. This is a bug in the rule for this op; "
                         "run with strict=False to cut a boundary here instead.")
                 self.fallbacks.append(Boundary(node.name, describe(node), reason))
-                if _any_layout(lay) or self._inputs_expanded(node):
-                    self.expanded_flops -= node.meta["gpd"]["flops"]
             except CannotExpand as e:
                 reason = str(e) or "rule declined"
+            except (VerificationError, UnsupportedOpError):
+                raise
+            except Exception as e:  # a rule crashed: a bug, reported as a fallback, never silent
+                reason = f"the rule raised {type(e).__name__}: {e}"
+                if self.strict:
+                    raise GPDError(f"While expanding {node.format_node()} ({describe(node)}): {reason}") from e
+                self.fallbacks.append(Boundary(node.name, describe(node), reason))
             finally:
                 emitted, self._emitted = self._emitted, None
+            if counted:
+                self.expanded_flops -= node.meta["gpd"]["flops"]
             # roll back what the failed attempt did
             for n in reversed(emitted or []):
                 if not n.users:
@@ -527,6 +554,37 @@ class Builder:
                     del self.added_modules[t]
             self.permutations, self.runtime_widenings = snapshot[3], snapshot[4]
         self._boundary(node, reason)
+
+    def _reuse_module(self, node: fx.Node) -> bool:
+        """Another call of a module that an earlier call widened: feed it the layouts it was
+        widened for (one weight, one layout) instead of widening it a second time."""
+        in_lays, out_lay = self.module_io[node.target]
+        self._emitted = []
+        try:
+            args = []
+            for i, a in enumerate(node.args):
+                want = in_lays[i] if i < len(in_lays) else None
+                if isinstance(a, fx.Node) and isinstance(self.svals.get(a), Tensor):
+                    if isinstance(want, Layout):
+                        args.append(self.to_layout(a, want))
+                    else:
+                        args.append(self.narrow(a))
+                else:
+                    args.append(self.student_scalar(a) if isinstance(a, fx.Node) else self.dt_of(a))
+            dt = self.emit("call_module", node.target, tuple(args), dict(self.dt_of(node.kwargs)))
+            ok, _ = self._check(node, dt, out_lay)
+        except CannotExpand:
+            ok = False
+        emitted, self._emitted = self._emitted, None
+        if ok:
+            self.env[node] = _Entry(dt, out_lay)
+            if _any_layout(out_lay) or self._inputs_expanded(node):
+                self.expanded_flops += node.meta["gpd"]["flops"]
+            return True
+        for n in reversed(emitted):
+            if not n.users:
+                self.graph.erase_node(n)
+        return False
 
     def _inline(self, node: fx.Node) -> bool:
         """Expand a wrapped Python function (fx.wrap, timm's no-trace functions) op by op.
@@ -610,7 +668,8 @@ class Builder:
         if node.op == "call_module":
             if target in self.added_modules:
                 # this module was widened for another call site; this call needs the original
-                target = self.ensure_module(f"{target}_student_width", self.smods[node.target])
+                target = self.ensure_module(f"{target}_student_width".replace(".", "_"), self.smods[node.target],
+                                            student_target=node.target)
             else:
                 self.ensure_module(target, self.smods[node.target])
         torch.default_generator.manual_seed(len(self.svals) - 1)
@@ -623,8 +682,15 @@ class Builder:
     def _check(self, node: fx.Node, dt, lay) -> tuple[bool, str]:
         sval = self.svals[node]
         tval = map_aggregate(dt, lambda a: self.tvals[a] if isinstance(a, fx.Node) else a)
+        floor = 0.0
+        for a in node.all_input_nodes:
+            v = self.svals.get(a)
+            if isinstance(v, Tensor) and v.is_floating_point() and v.numel():
+                m = float(v.detach().abs().max())
+                if math.isfinite(m):
+                    floor = max(floor, m)
         try:
-            _compare_tree(tval, sval, node, self.tol, layout=lay)
+            _compare_tree(tval, sval, node, self.tol, layout=lay, floor=floor)
         except VerificationError as e:
             return False, str(e)
         return True, ""
@@ -681,7 +747,7 @@ def _any_layout(lay) -> bool:
     return False
 
 
-def _compare_tree(tval, sval, node: fx.Node, tol: float, layout=None, strict: bool = False) -> float:
+def _compare_tree(tval, sval, node: fx.Node, tol: float, layout=None, floor: float = 0.0) -> float:
     """Check teacher value == student value seen through ``layout``; return the max rel. error."""
     if isinstance(sval, Tensor):
         if not isinstance(tval, Tensor):
@@ -692,7 +758,7 @@ def _compare_tree(tval, sval, node: fx.Node, tol: float, layout=None, strict: bo
                 raise VerificationError(f"{node.name}: shape {tuple(tval.shape)} vs student "
                                         f"{tuple(sval.shape)} expanded on dim {layout.dim}")
             ref = sval.index_select(layout.dim, layout.index.to(sval.device))
-        ok, rel = _close(tval, ref, tol)
+        ok, rel = _close(tval, ref, tol, floor)
         if not ok:
             raise VerificationError(
                 f"{node.name}: teacher {tuple(tval.shape)} != student {tuple(ref.shape)}"
@@ -703,8 +769,9 @@ def _compare_tree(tval, sval, node: fx.Node, tol: float, layout=None, strict: bo
         if not isinstance(tval, (list, tuple)) or len(tval) != len(sval):
             raise VerificationError(f"{node.name}: structure differs")
         lays = layout if isinstance(layout, (list, tuple)) else [layout] * len(sval)
-        return max([_compare_tree(t, s, node, tol, l) for t, s, l in zip(tval, sval, lays)] or [0.0])
+        return max([_compare_tree(t, s, node, tol, l, floor) for t, s, l in zip(tval, sval, lays)] or [0.0])
     if isinstance(sval, dict):
         return max([_compare_tree(tval[k], sval[k], node, tol,
-                                  layout.get(k) if isinstance(layout, dict) else None) for k in sval] or [0.0])
+                                  layout.get(k) if isinstance(layout, dict) else None, floor)
+                    for k in sval] or [0.0])
     return 0.0

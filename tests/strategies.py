@@ -1229,7 +1229,10 @@ def vit_programs(draw) -> dict:
             if dim % heads == 0 and draw(st.booleans()):
                 head_dim = dim // heads
             else:
-                head_dim = draw(st.integers(1, 5))
+                # one head of dim 1 makes the fused qkv width 3, and (B, N, 3) -> (B, N, 3, 1, 1)
+                # cannot tell the q/k/v stack from the channels: that one case is exact through a
+                # boundary and is tested for exactness only (see test_properties.py)
+                head_dim = draw(st.integers(2 if heads == 1 else 1, 5))
             attn = dict(kind=kind, heads=heads, head_dim=head_dim, fused=draw(st.booleans()),
                         bias=draw(st.booleans()), unbind=draw(st.booleans()), qk_norm=draw(st.booleans()),
                         rel_bias=draw(st.integers(0, 3)) == 0, merge=draw(st.sampled_from(("reshape", "flatten"))))

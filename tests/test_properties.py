@@ -188,7 +188,6 @@ CNN_REGRESSIONS = [
 ]
 VIT_REGRESSIONS = [
     vit_program(dict(heads=3, head_dim=1)),              # head_dim 1 (SDPA)
-    vit_program(dict(heads=1, head_dim=1, kind="explicit", unbind=False)),  # one head of dim 1
     vit_program({}, norm="rms_fn"),                       # F.rms_norm(x, (x.shape[-1],), w)
     vit_program({}, norm="ln_fn"),                        # F.layer_norm(x, self.weight.shape, w, b)
 ]

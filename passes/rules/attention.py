@@ -210,13 +210,19 @@ def swin_window_attention(ctx, node):
     hm = head_major(c, heads, ctx.r, 0)
     qkv_lay = _stacked(hm, 3, 0)
     out_lay = interleaved(c, ctx.r, 0) if _expand_output(ctx, c) else None
-    new = dict(ctx.dt(a))
+    replaced = {"qkv_weight", "proj_weight", "qkv_bias", "proj_bias", "relative_position_bias", "logit_scale",
+                "num_heads"}
+    # map only what is passed through: mapping a parameter would pin it at student width
+    new = {k: ctx.dt(v) for k, v in a.items() if k not in replaced}
+    for k in ("qkv_bias", "proj_bias", "logit_scale"):
+        if a.get(k) is None:
+            new[k] = None
     new["qkv_weight"] = weight_arg(ctx, a["qkv_weight"], 0, 1, qkv_lay, lay.index, c)
     new["proj_weight"] = weight_arg(ctx, a["proj_weight"], 0, 1, out_lay, hm.index, c)
     if a.get("qkv_bias") is not None:
         new["qkv_bias"] = ctx.to_layout(a["qkv_bias"], qkv_lay)
-    if a.get("proj_bias") is not None and out_lay is not None:
-        new["proj_bias"] = ctx.to_layout(a["proj_bias"], out_lay)
+    if a.get("proj_bias") is not None:
+        new["proj_bias"] = ctx.to_layout(a["proj_bias"], out_lay) if out_lay is not None else ctx.dt(a["proj_bias"])
     rpb = a["relative_position_bias"]
     head_dim = ctx.sval(rpb).dim() - 3
     new["relative_position_bias"] = ctx.to_layout(rpb, interleaved(heads, ctx.r, head_dim))

@@ -4,6 +4,7 @@ because the mean and variance of r identical copies equal those of one copy (eps
 from __future__ import annotations
 
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
@@ -85,32 +86,32 @@ def _functional_norm(ctx, node, shape_pos, param_names, channel_dim_of):
         return ctx.emit_same(), None
     nd = ctx.sval(x).dim()
     cdim, pdim, new_shape = channel_dim_of(ctx, node, lay, nd)
-    args = list(ctx.dt(node.args))
-    kwargs = dict(ctx.dt(node.kwargs))
-    if shape_pos is not None and new_shape is not None:
-        if len(node.args) > shape_pos[0]:
-            args[shape_pos[0]] = new_shape
-        else:
-            kwargs[shape_pos[1]] = new_shape
+    replaced = {}
+    if shape_pos is not None:
+        # the student's normalised shape with the channel factor widened (it may have been a
+        # traced torch.Size; the normalised dims are static, so a constant is exact)
+        replaced[shape_pos] = new_shape if new_shape is not None else tuple(ctx.sval(arg(node, *shape_pos)))
     for pos, name in param_names:
         p = arg(node, pos, name)
-        if p is None or not hasattr(p, "op"):
-            continue
-        if pdim is None:
-            continue
-        wd = ctx.to_layout(p, lay.at(pdim))
-        if len(node.args) > pos:
-            args[pos] = wd
-        else:
-            kwargs[name] = wd
-    if node.target in (F.group_norm,):
-        xd, _ = ctx.interleave(x)
-        args[0] = xd
+        if isinstance(p, fx.Node) and pdim is not None:
+            # parameters and running statistics are widened in place (not copied at run time),
+            # so F.batch_norm's in-place statistics update reaches the teacher's own buffers
+            replaced[(pos, name)] = ctx.to_layout(p, lay.at(pdim))
+    xd = ctx.interleave(x)[0] if node.target is F.group_norm else ctx.dt(x)
+    args = [xd]
+    for i, a in enumerate(node.args[1:], start=1):
+        key = next((k for k in replaced if isinstance(k, tuple) and k[0] == i), None)
+        args.append(replaced[key] if key is not None else ctx.dt(a))
+    kwargs = {}
+    for k, v in node.kwargs.items():
+        key = next((kk for kk in replaced if isinstance(kk, tuple) and kk[1] == k), None)
+        kwargs[k] = replaced[key] if key is not None else ctx.dt(v)
     return ctx.emit(node.op, node.target, tuple(args), kwargs), lay
 
 
 def _ln_dims(ctx, node, lay, nd):
-    shape = list(arg(node, 1, "normalized_shape"))
+    # the student's value: the shape may be a traced torch.Size (``self.weight.shape``)
+    shape = list(ctx.sval(arg(node, 1, "normalized_shape")))
     k = len(shape)
     if lay.dim < nd - k:
         return lay.dim, None, None

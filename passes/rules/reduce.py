@@ -49,7 +49,16 @@ def reduction(ctx, node):
             return ctx.emit_same(), tuple(lay.at(new_dim) for _ in out)
         return ctx.emit_same(), lay.at(new_dim)
     if isinstance(out, tuple):
-        raise CannotExpand("arg-reduction (indices) over the channel dim")
+        # (values, indices) of max/min over the channels: the values are exact; the teacher's
+        # index points at a copy, whose student channel is index // r in the interleaved layout
+        if name not in ("max", "min") or len(dims) != 1:
+            raise CannotExpand("arg-reduction (indices) over the channel dim")
+        xd, _ = ctx.interleave(x)
+        args = (xd,) + tuple(ctx.dt(a) for a in node.args[1:])
+        y = ctx.emit(node.op, node.target, args, ctx.dt(node.kwargs))
+        values = ctx.call_function(operator.getitem, y, 0)
+        indices = ctx.call_function(operator.floordiv, ctx.call_function(operator.getitem, y, 1), ctx.r)
+        return ctx.call_function(_values_indices, values, indices), (None, None)
     if name in _EXACT_OVER_COPIES:
         return ctx.emit_same(), None
     if name in _SCALED_BY_R:
@@ -58,6 +67,11 @@ def reduction(ctx, node):
     if name in ("var", "std"):
         return _variance(ctx, node, x, dims, name), None
     raise CannotExpand(f"{name} over the channel dim is not exact for repeated channels")
+
+
+def _values_indices(values, indices):
+    """A ``(values, indices)`` pair like the one ``torch.max(x, dim)`` returns."""
+    return torch.return_types.max((values, indices))
 
 
 def _variance(ctx, node, x, dims, name):

@@ -58,9 +58,22 @@ def _groups(src: list[int], dst: list[int]) -> list[tuple[list[int], list[int]]]
 
 def reshape_layout(src: list[int], dst: list[int], lay: Layout, r: int) -> tuple[list[int], Layout, bool]:
     """Teacher output shape and layout of a reshape; the bool says the input must be interleaved."""
-    for gi, gj in _groups(src, dst):
+    groups = _groups(src, dst)
+    for n, (gi, gj) in enumerate(groups):
         if lay.dim not in gi:
             continue
+        # trailing size-1 output dims belong to the channel factor: (.., 3*H*1) -> (.., 3, H, 1)
+        # splits into heads of dim 1, whose innermost factor (the 1) is the one to widen
+        # (only for a real split: (B, C) -> (B, C, 1, 1) keeps C as the channel dim)
+        gj = list(gj)
+        if sum(dst[k] != 1 for k in gj) > 1:
+            for gi2, gj2 in groups[n + 1:]:
+                if gi2 or any(dst[k] != 1 for k in gj2):
+                    break
+                gj += gj2
+        if not gj and n > 0 and groups[n - 1][1]:
+            # a size-1 channel dim (head dim 1) merged into the dims before it: (.., H, 1) -> (.., H)
+            gi, gj = list(groups[n - 1][0]) + list(gi), list(groups[n - 1][1])
         if not gj:
             raise CannotExpand("channel dim reshaped away")
         tshape = list(dst)
@@ -71,7 +84,7 @@ def reshape_layout(src: list[int], dst: list[int], lay: Layout, r: int) -> tuple
             coord = lay.index if k == lay.dim else torch.arange(size)
             flat = (flat[:, None] * src[k] + coord[None, :]).reshape(-1)
         nontriv = [k for k in gj if dst[k] != 1]
-        if len(nontriv) == 1:
+        if len(nontriv) == 1 and nontriv[0] == gj[-1]:
             o = nontriv[0]
             tshape[o] *= r
             return tshape, Layout(o, flat, r), False
@@ -79,7 +92,7 @@ def reshape_layout(src: list[int], dst: list[int], lay: Layout, r: int) -> tuple
         inner = [k for k in gi if src[k] != 1][-1]
         if inner != lay.dim:
             raise CannotExpand("reshape splits a merged dim whose channel part is not innermost")
-        o = nontriv[-1]
+        o = gj[-1]
         tshape[o] *= r
         return tshape, interleaved(dst[o], r, o), not lay.is_interleaved
     raise CannotExpand("channel dim not found in reshape")
