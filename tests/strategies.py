@@ -1229,11 +1229,13 @@ def vit_programs(draw) -> dict:
             if dim % heads == 0 and draw(st.booleans()):
                 head_dim = dim // heads
             else:
-                # one head of dim 1 makes the fused qkv width 3, and (B, N, 3) -> (B, N, 3, 1, 1)
-                # cannot tell the q/k/v stack from the channels: that one case is exact through a
-                # boundary and is tested for exactness only (see test_properties.py)
-                head_dim = draw(st.integers(2 if heads == 1 else 1, 5))
-            attn = dict(kind=kind, heads=heads, head_dim=head_dim, fused=draw(st.booleans()),
+                # Head dim 1 is drawn only where a reshape shows it: (B, N, H) -> (B, N, H, 1)
+                # reads the same as an SE-style (B, C) -> (B, C, 1, 1), where the channels must
+                # stay put, so an unfused head-dim-1 projection is exact through a boundary
+                # rather than widened (fused (B, N, 3*H) -> (B, N, 3, H, 1) is a visible split).
+                head_dim = draw(st.integers(1 if heads > 1 else 2, 5))
+            attn = dict(kind=kind, heads=heads, head_dim=head_dim,
+                        fused=True if head_dim == 1 else draw(st.booleans()),
                         bias=draw(st.booleans()), unbind=draw(st.booleans()), qk_norm=draw(st.booleans()),
                         rel_bias=draw(st.integers(0, 3)) == 0, merge=draw(st.sampled_from(("reshape", "flatten"))))
         blocks.append(dict(pre_norm=draw(st.booleans()), norm=draw(st.sampled_from(T_NORMS)),
