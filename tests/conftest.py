@@ -15,6 +15,9 @@ settings.register_profile(
     "ci", derandomize=True, deadline=None, max_examples=25, print_blob=True,
     suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("dev", deadline=None, max_examples=10)
+# a long hunt for new counter-examples (HYPOTHESIS_PROFILE=thorough), not run in CI
+settings.register_profile("thorough", deadline=None, max_examples=300,
+                          suppress_health_check=[HealthCheck.too_slow])
 
 _default = "ci" if os.environ.get("CI", "").strip().lower() in ("1", "true", "yes") else "dev"
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", _default))
