@@ -276,6 +276,8 @@ class Builder:
         self.expanded_flops = 0.0
         self.total_flops = 0.0
         self.kept_demand: dict[fx.Node, bool] = {}
+        # node -> largest |value| on any path into it (see _check)
+        self.magnitude: dict[fx.Node, float] = {}
         # module target -> (layouts of its arguments, output layout) from the call that widened it
         self.module_io: dict[str, tuple[list, Any]] = {}
         self._emitted: list[fx.Node] | None = None
@@ -446,10 +448,12 @@ class Builder:
                     dt.args = node.args
                 self.tvals[dt] = val
                 self.env[node] = _Entry(dt, None)
+                self.magnitude[node] = _max_abs(val)
                 continue
             if node.op == "get_attr":
                 self.svals[node] = _get_path(self.sgm, node.target)
                 self.env[node] = _Entry(None, None)
+                self.magnitude[node] = _max_abs(self.svals[node])
                 continue
             if node.op == "output":
                 out_dt = self.narrow(node.args[0])
@@ -682,13 +686,12 @@ class Builder:
     def _check(self, node: fx.Node, dt, lay) -> tuple[bool, str]:
         sval = self.svals[node]
         tval = map_aggregate(dt, lambda a: self.tvals[a] if isinstance(a, fx.Node) else a)
-        floor = 0.0
-        for a in node.all_input_nodes:
-            v = self.svals.get(a)
-            if isinstance(v, Tensor) and v.is_floating_point() and v.numel():
-                m = float(v.detach().abs().max())
-                if math.isfinite(m):
-                    floor = max(floor, m)
+        # Rounding noise is of the size of the largest value upstream, not of this node's own
+        # values: the channel sum of (shuffled x - x) is 0 in exact arithmetic, and whatever
+        # comes out of it carries noise of x's size. So the floor is the largest magnitude on
+        # any path into the node (propagated node by node).
+        floor = max([self.magnitude.get(a, 0.0) for a in node.all_input_nodes] or [0.0])
+        self.magnitude[node] = max(floor, _max_abs(sval))
         try:
             _compare_tree(tval, sval, node, self.tol, layout=lay, floor=floor)
         except VerificationError as e:
@@ -709,6 +712,13 @@ class Builder:
                     ok = False
                     break
             self.kept_demand[node] = ok
+
+
+def _max_abs(v) -> float:
+    if isinstance(v, Tensor) and v.is_floating_point() and v.numel():
+        m = float(v.detach().abs().max())
+        return m if math.isfinite(m) else 0.0
+    return 0.0
 
 
 def _set_flag(d: dict, name: str) -> None:

@@ -46,9 +46,26 @@ def widen_linear_weight(ctx, w: Tensor, out_dim: int, in_dim: int, out_lay: Layo
     return wide, src
 
 
-@register(nn.Conv1d, nn.Conv2d, nn.Conv3d)
-def conv(ctx, node):
-    """Conv of any dim and groups: keep ``groups``, every group becomes r times wider."""
+def install_widened(ctx, node, m: nn.Module, w, wsrc: dict, out_lay: Layout | None, **attrs) -> str:
+    """Put the widened copy of module ``m`` (new weight ``w``, bias gathered by ``out_lay``) at
+    the node's target and record the student-map sources of its weight and bias."""
+    params = {"weight": w}
+    if m.bias is not None:
+        params["bias"] = m.bias.detach() if out_lay is None else widen_per_channel(m.bias.detach(), 0, out_lay.index)
+    target = ctx.add_module(node.target, clone_module(m, params, **attrs))
+    ctx.add_source(f"{node.target}.weight", node.target, "weight", **wsrc)
+    if m.bias is not None:
+        ctx.add_source(f"{node.target}.bias", node.target, "bias",
+                       **({"out": (0, out_lay.first_copy())} if out_lay is not None else {}))
+    return target
+
+
+def _conv_like(ctx, node, transposed: bool):
+    """Conv and conv-transpose of any dim: keep ``groups``, every group becomes r times wider.
+
+    A conv weight is ``(out, in/groups, k...)``; a transposed one ``(in, out/groups, k...)``,
+    so the output and input roles of dims 0 and 1 swap (and the per-group map moves with them).
+    """
     m = ctx.module()
     x = node.args[0]
     lay = ctx.layout(x)
@@ -59,53 +76,30 @@ def conv(ctx, node):
     out_lay = interleaved(m.out_channels, ctx.r, 1) if _expand_output(ctx, m.out_channels) else None
     if lay is None and out_lay is None:
         return ctx.emit_same(), None
-    in_idx = _group_in_index(lay, m.in_channels, m.groups, ctx.r)
-    w, wsrc = widen_linear_weight(ctx, m.weight, 0, 1, out_lay, in_idx, m.in_channels // m.groups)
-    params = {"weight": w}
-    if m.bias is not None:
-        params["bias"] = m.bias.detach() if out_lay is None else widen_per_channel(m.bias.detach(), 0, out_lay.index)
-    new = clone_module(m, params,
-                       in_channels=m.in_channels * (ctx.r if lay is not None else 1),
-                       out_channels=m.out_channels * (ctx.r if out_lay is not None else 1))
-    target = ctx.add_module(node.target, new)
-    ctx.add_source(f"{node.target}.weight", node.target, "weight", **wsrc)
-    if m.bias is not None:
-        ctx.add_source(f"{node.target}.bias", node.target, "bias",
-                       **({"out": (0, out_lay.first_copy())} if out_lay is not None else {}))
+    if transposed:
+        out_local = None if out_lay is None else interleaved(m.out_channels // m.groups, ctx.r, 1)
+        w, wsrc = widen_linear_weight(ctx, m.weight, 1, 0, out_local, None if lay is None else lay.index,
+                                      m.in_channels)
+    else:
+        in_idx = _group_in_index(lay, m.in_channels, m.groups, ctx.r)
+        w, wsrc = widen_linear_weight(ctx, m.weight, 0, 1, out_lay, in_idx, m.in_channels // m.groups)
+    target = install_widened(ctx, node, m, w, wsrc, out_lay,
+                             in_channels=m.in_channels * (ctx.r if lay is not None else 1),
+                             out_channels=m.out_channels * (ctx.r if out_lay is not None else 1))
     args = (xd,) + tuple(ctx.dt(a) for a in node.args[1:])
     return ctx.emit("call_module", target, args, ctx.dt(node.kwargs)), out_lay
+
+
+@register(nn.Conv1d, nn.Conv2d, nn.Conv3d)
+def conv(ctx, node):
+    """Conv of any dim and groups (the weight rule with per-group input maps)."""
+    return _conv_like(ctx, node, transposed=False)
 
 
 @register(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 def conv_transpose(ctx, node):
-    """Conv-transpose: weight is (in, out/groups, k...), so the roles of dims 0 and 1 swap."""
-    m = ctx.module()
-    x = node.args[0]
-    lay = ctx.layout(x)
-    need_dim(lay, 1, "conv-transpose")
-    xd = ctx.dt(x)
-    if lay is not None and m.groups > 1 and not lay.is_interleaved:
-        xd, lay = ctx.interleave(x)
-    out_lay = interleaved(m.out_channels, ctx.r, 1) if _expand_output(ctx, m.out_channels) else None
-    if lay is None and out_lay is None:
-        return ctx.emit_same(), None
-    g = m.groups
-    out_local = None if out_lay is None else interleaved(m.out_channels // g, ctx.r, 1)
-    in_idx = None if lay is None else lay.index
-    w, wsrc = widen_linear_weight(ctx, m.weight, 1, 0, out_local, in_idx, m.in_channels)
-    params = {"weight": w}
-    if m.bias is not None:
-        params["bias"] = m.bias.detach() if out_lay is None else widen_per_channel(m.bias.detach(), 0, out_lay.index)
-    new = clone_module(m, params,
-                       in_channels=m.in_channels * (ctx.r if lay is not None else 1),
-                       out_channels=m.out_channels * (ctx.r if out_lay is not None else 1))
-    target = ctx.add_module(node.target, new)
-    ctx.add_source(f"{node.target}.weight", node.target, "weight", **wsrc)
-    if m.bias is not None:
-        ctx.add_source(f"{node.target}.bias", node.target, "bias",
-                       **({"out": (0, out_lay.first_copy())} if out_lay is not None else {}))
-    args = (xd,) + tuple(ctx.dt(a) for a in node.args[1:])
-    return ctx.emit("call_module", target, args, ctx.dt(node.kwargs)), out_lay
+    """Conv-transpose of any dim and groups."""
+    return _conv_like(ctx, node, transposed=True)
 
 
 @register(nn.Linear)
@@ -122,15 +116,7 @@ def linear(ctx, node):
         return ctx.emit_same(), None
     in_idx = None if lay is None else lay.index
     w, wsrc = widen_linear_weight(ctx, m.weight, 0, 1, out_lay, in_idx, m.in_features)
-    params = {"weight": w}
-    if m.bias is not None:
-        params["bias"] = m.bias.detach() if out_lay is None else widen_per_channel(m.bias.detach(), 0, out_lay.index)
-    new = clone_module(m, params, in_features=w.shape[1], out_features=w.shape[0])
-    target = ctx.add_module(node.target, new)
-    ctx.add_source(f"{node.target}.weight", node.target, "weight", **wsrc)
-    if m.bias is not None:
-        ctx.add_source(f"{node.target}.bias", node.target, "bias",
-                       **({"out": (0, out_lay.first_copy())} if out_lay is not None else {}))
+    target = install_widened(ctx, node, m, w, wsrc, out_lay, in_features=w.shape[1], out_features=w.shape[0])
     return ctx.emit("call_module", target, (ctx.dt(x),), {}), out_lay
 
 

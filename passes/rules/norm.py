@@ -34,14 +34,19 @@ def _widen_affine(ctx, node, m, lay: Layout, pdim: int, params=("weight", "bias"
 
 @register(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.InstanceNorm1d,
           nn.InstanceNorm2d, nn.InstanceNorm3d, transparent=True)
-def batch_norm(ctx, node):
-    """Per-channel statistics on dim 1: any layout works, parameters and buffers are gathered."""
+def batch_norm(ctx, node, check=None):
+    """Per-channel statistics on dim 1: any layout works, parameters and buffers are gathered.
+
+    ``check(module)`` lets a fused variant (norm + activation) refuse before anything is built.
+    """
     x = node.args[0]
     lay = ctx.layout(x)
     if lay is None:
         return ctx.emit_same(), None
     need_dim(lay, 1, "batch/instance norm")
     m = ctx.module()
+    if check is not None:
+        check(m)
     target = _widen_affine(ctx, node, m, lay, 0, num_features=lay.index.numel())
     return ctx.emit("call_module", target, (ctx.dt(x),), {}), lay
 

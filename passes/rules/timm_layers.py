@@ -6,8 +6,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..registry import RULES, CannotExpand, register, register_when_imported
-from ._common import need_dim
-from .norm import _widen_affine
+from .norm import batch_norm
 
 
 def is_channelwise(module: nn.Module) -> bool:
@@ -46,14 +45,9 @@ register_when_imported("timm", _install)
 
 def batch_norm_act(ctx, node):
     """BatchNorm + dropout + activation in one leaf: per-channel BN widened, the rest channel-wise."""
-    x = node.args[0]
-    lay = ctx.layout(x)
-    if lay is None:
-        return ctx.emit_same(), None
-    need_dim(lay, 1, "batch norm")
-    m = ctx.module()
-    for sub in (getattr(m, "drop", None), getattr(m, "act", None)):
-        if sub is not None and not is_channelwise(sub):
-            raise CannotExpand(f"{type(sub).__name__} inside {type(m).__name__} is not channel-wise")
-    target = _widen_affine(ctx, node, m, lay, 0, num_features=lay.index.numel())
-    return ctx.emit("call_module", target, (ctx.dt(x),), {}), lay
+    def check(m):
+        for sub in (getattr(m, "drop", None), getattr(m, "act", None)):
+            if sub is not None and not is_channelwise(sub):
+                raise CannotExpand(f"{type(sub).__name__} inside {type(m).__name__} is not channel-wise")
+
+    return batch_norm(ctx, node, check)
