@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from gpd_fx.errors import ExpandInputError, GPDError, VerificationError
 from gpd_fx.passes import rules as _rules  # noqa: F401  (registers the built-in rules)
 from gpd_fx.passes.registry import load_lazy_rules, make_registry
-from gpd_fx.passes.trace import trace
+from gpd_fx.passes.trace import MODE_ATTR, trace
 from gpd_fx.passes.widen import Builder
 from gpd_fx.teacher import DynamicTeacher, ExpansionReport
 
@@ -132,16 +132,31 @@ def expand(model: nn.Module, ratio: int = 2, example_inputs: Tensor | Sequence[A
                           extra_rules=make_registry(extra_rules))
         with torch.no_grad():
             result = builder.run(probe, progress=progress)
+        train_result = None
+        if gm.meta.get("gpd_root_mode_dependent"):
+            train_result = _build_train_graph(work, model, leaf_modules, concrete_args, ratio, noise, seed,
+                                              strict, tol, extra_rules, probe)
     teacher = result.graph_module
     _tie_shared_parameters(model, teacher, result.sources)
     n_branch = 0
     if branches != () and branches != []:
         from gpd_fx.passes.cbr import add_branches
         n_branch = add_branches(teacher, result.sources, branches, seed=seed)
+        if train_result is not None:
+            known = {s.student_name for s in result.sources}
+            add_branches(train_result.graph_module,
+                         [s for s in train_result.sources if s.student_name not in known], branches, seed=seed)
     # The lockstep check saw each node as it was built; this runs the finished graph once,
     # which catches anything a later node changed (a module widened again, the branch rewrite).
     with _eval_mode(model):
         _verify_again(teacher, work, probe, tol)
+    train_teacher = None
+    if train_result is not None:
+        train_teacher = _share_with(train_result.graph_module, teacher, result.sources, train_result.sources)
+        with _eval_mode(model):
+            work.training = True   # the root's own branch only; submodules stay in eval mode
+            _verify_again(train_teacher, work, probe, tol)
+        train_teacher = train_teacher.to(orig_dtype)
     teacher = teacher.to(orig_dtype)
     mapped = {s.student_name for s in result.sources}
     template = _template_of(model, mapped)
@@ -165,7 +180,7 @@ def expand(model: nn.Module, ratio: int = 2, example_inputs: Tensor | Sequence[A
     )
     config = dict(ratio=ratio, noise=noise, seed=seed, strict=strict,
                   branches=list(branches) if isinstance(branches, (list, tuple)) else branches)
-    dt = DynamicTeacher(teacher, template, result.sources, buffers, report, config)
+    dt = DynamicTeacher(teacher, template, result.sources, buffers, report, config, train_teacher=train_teacher)
     dt.train(model.training)
     report.seconds = time.perf_counter() - t0
     return dt
@@ -196,6 +211,100 @@ def _template_of(model: nn.Module, mapped: set[str]) -> nn.Module:
         if p is not None:
             memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad)
     return copy.deepcopy(model, memo)
+
+
+def _build_train_graph(work, model, leaf_modules, concrete_args, ratio, noise, seed, strict, tol,
+                       extra_rules, probe):
+    """The teacher of a model whose own forward depends on the mode (GoogLeNet/Inception-v3
+    return aux logits in train mode): traced with the root in train mode, built like the other."""
+    flag = work.training
+    work.training = True
+    try:
+        gm = trace(work, leaf_modules=_map_leaf_instances(model, work, leaf_modules), concrete_args=concrete_args)
+    finally:
+        work.training = flag
+    if hasattr(gm, MODE_ATTR):
+        getattr(gm, MODE_ATTR).training = False   # submodules run in eval mode while building
+    builder = Builder(gm, ratio, noise=float(noise), seed=seed, strict=strict, tol=tol,
+                      extra_rules=make_registry(extra_rules))
+    work.training = True
+    try:
+        with torch.no_grad():
+            return builder.run(probe)
+    finally:
+        work.training = flag
+
+
+def _share_with(train_gm, teacher, sources, train_sources):
+    """Make the train-mode graph use the eval graph's modules and parameters wherever both have
+    the same target, and give the eval graph's root the train-only ones, so that one set of
+    teacher parameters serves both modes and every student-map source resolves from ``teacher``."""
+    def own(target):
+        return not target.startswith(("_gpd_index", MODE_ATTR))
+
+    for node in train_gm.graph.nodes:
+        if node.op not in ("call_module", "get_attr") or not own(node.target):
+            continue
+        parent, _, name = node.target.rpartition(".")
+        try:
+            shared = teacher.get_submodule(node.target) if node.op == "call_module" else \
+                _get_attr_path(teacher, node.target)
+        except AttributeError:
+            shared = None
+        holder = train_gm.get_submodule(parent) if parent else train_gm
+        mine = getattr(holder, name)
+        if shared is not None and _shapes(mine) != _shapes(shared):
+            raise VerificationError(
+                f"the train-mode graph widened {node.target} differently from the eval-mode graph "
+                f"({_shapes(mine)} vs {_shapes(shared)}); expand the model with aux outputs disabled")
+        if shared is not None:
+            if isinstance(shared, nn.Parameter):
+                holder.register_parameter(name, shared)
+            elif isinstance(shared, Tensor):
+                holder.register_buffer(name, shared)
+            else:
+                setattr(holder, name, shared)
+        else:
+            _set_attr_path(teacher, node.target, mine)
+    known = {s.student_name for s in sources}
+    sources.extend(s for s in train_sources if s.student_name not in known)
+    return train_gm
+
+
+def _shapes(obj):
+    from gpd_fx.passes.branches import _Branched
+
+    if isinstance(obj, Tensor):
+        return tuple(obj.shape)
+    if isinstance(obj, _Branched):   # compare by the folded kernel a plain layer would hold
+        return {"weight": tuple(obj.weight.shape), **({"bias": tuple(obj.bias.shape)} if obj.bias is not None else {})}
+    if isinstance(obj, nn.Module):
+        return {k: tuple(v.shape) for k, v in obj.state_dict().items()}
+    return None
+
+
+def _get_attr_path(root, target):
+    obj = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _set_attr_path(root, target, value):
+    *parents, name = target.split(".")
+    obj = root
+    for p in parents:
+        if not hasattr(obj, p):
+            obj.add_module(p, nn.Module())
+        obj = getattr(obj, p)
+    if isinstance(value, nn.Module):
+        obj.add_module(name, value)
+    elif isinstance(value, nn.Parameter):
+        obj.register_parameter(name, value)
+    elif isinstance(value, Tensor):
+        obj.register_buffer(name, value)
+    else:
+        setattr(obj, name, value)
 
 
 def _tie_shared_parameters(model: nn.Module, teacher: nn.Module, sources: list) -> None:

@@ -99,9 +99,13 @@ class DynamicTeacher(nn.Module):
     """
 
     def __init__(self, teacher: nn.Module, template: nn.Module, sources: list[ParamSource],
-                 student_buffers: dict[str, Tensor], report: ExpansionReport, expand_config: dict[str, Any]):
+                 student_buffers: dict[str, Tensor], report: ExpansionReport, expand_config: dict[str, Any],
+                 train_teacher: nn.Module | None = None):
         super().__init__()
         self.teacher = teacher
+        # Only for models whose own forward depends on the mode (aux logits in train mode): the
+        # train-mode graph, sharing every module and parameter with ``teacher``.
+        self.teacher_train = train_teacher
         self.student_state = _BufferStore(student_buffers)
         # The user's module is a template only: its mapped parameters live on the meta device,
         # so no parameter exists twice. Not registered as a submodule for the same reason.
@@ -117,7 +121,10 @@ class DynamicTeacher(nn.Module):
         return self._template
 
     def forward(self, *args, **kwargs):
-        return self.teacher(*args, **kwargs)
+        return self._graph()(*args, **kwargs)
+
+    def _graph(self) -> nn.Module:
+        return self.teacher_train if self.training and self.teacher_train is not None else self.teacher
 
     def student_parameters(self) -> dict[str, Tensor]:
         """The student's parameters as a differentiable function of the teacher's."""
@@ -141,7 +148,7 @@ class DynamicTeacher(nn.Module):
         map (calling ``dt(x)`` and ``dt.student(x)`` separately folds them twice).
         """
         with shared_folds(self.teacher):
-            return self.teacher(*args, **kwargs), self.student(*args, **kwargs)
+            return self._graph()(*args, **kwargs), self.student(*args, **kwargs)
 
     def train(self, mode: bool = True):
         super().train(mode)

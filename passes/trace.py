@@ -138,6 +138,8 @@ def _trace_with_flags(model: nn.Module, tracer: _FlagTracer, concrete_args, inva
         for m, (value, _) in flags.items():
             m.training = value
     branched = [m for m, (_, f) in flags.items() if f.branched and m is not model]
+    root_flag = flags.get(model)
+    tracer.root_branched = bool(root_flag and root_flag[1].branched)
     return graph, branched
 
 
@@ -198,6 +200,10 @@ def trace(model: nn.Module, *, leaf_modules: Iterable[type | nn.Module] | None =
     gm = fx.GraphModule(targets, graph, model.__class__.__name__)
     gm.training = model.training
     gm.meta["gpd_leaf_instances"] = [id(m) for m in leaf_insts]
+    # The root itself cannot be a leaf: when its forward branches on `self.training` and the
+    # two modes trace differently (GoogLeNet's aux logits), expand builds one graph per mode.
+    gm.meta["gpd_root_mode_dependent"] = bool(getattr(tracer, "root_branched", False)) and not _mode_invariant(
+        model, lambda: GPDTracer(leaf_types, leaf_insts, autowrap_functions))
     return gm
 
 

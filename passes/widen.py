@@ -503,6 +503,8 @@ class Builder:
             if self._reuse_module(node):
                 return
             reason = "a second call of a widened module with an incompatible layout"
+        elif entry is None and _is_tuple_type(node):
+            entry = RuleEntry(_pack_tuple, True)
         elif entry is None and _inlinable(node) and self._inline(node):
             return
         elif entry is None:
@@ -708,10 +710,21 @@ class Builder:
                 if u.op == "output":
                     continue
                 entry = lookup(u, self.smods, self.extra)
-                if entry is None or not entry.transparent or not self.kept_demand.get(u, False):
+                transparent = (entry is not None and entry.transparent) or _is_tuple_type(u)
+                if not transparent or not self.kept_demand.get(u, False):
                     ok = False
                     break
             self.kept_demand[node] = ok
+
+
+def _is_tuple_type(node: fx.Node) -> bool:
+    """A call that only builds a (named) tuple of its arguments (GoogLeNet's outputs)."""
+    t = node.target
+    return node.op == "call_function" and isinstance(t, type) and issubclass(t, tuple)
+
+
+def _pack_tuple(ctx, node):
+    return ctx.emit_same(), tuple(ctx.layout(a) for a in node.args)
 
 
 def _max_abs(v) -> float:
