@@ -48,7 +48,7 @@ def gpd_steps(dt, x, steps=3, lr=0.05):
 def test_fold_at_init_returns_the_student(branches):
     """fold(expand(m)) has m's class, keys and values; teacher == student with branches too."""
     m = small_resnet().eval()
-    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     dt = gpd_fx.expand(m, 3, (x,), branches=branches)
     if branches is None:
         assert dt.report.branch_layers > 0
@@ -69,7 +69,7 @@ def test_fold_at_init_returns_the_student(branches):
 def test_student_gradients_reach_every_teacher_parameter():
     """A student-only loss moves every teacher parameter, branch scales included."""
     m = small_resnet()
-    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     dt = gpd_fx.expand(m, 2, (x,))
     dt.train()
     dt.student(x).square().mean().backward()
@@ -87,7 +87,7 @@ def test_student_gradients_reach_every_teacher_parameter():
 def test_fold_after_training_equals_student_and_changed():
     """After GPD steps, fold(dt)(x) == dt.student(x) (with and without BN fusion) != initial."""
     m = small_resnet().eval()
-    x = torch.randn(4, 3, 64, 64, dtype=torch.float64)
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
     dt = gpd_fx.expand(m, 2, (x,))
     gpd_steps(dt, x)
     s, fused = gpd_fx.fold(dt, fuse_bn=True)
@@ -102,7 +102,7 @@ def test_fold_after_training_equals_student_and_changed():
 def test_student_bn_statistics_are_its_own():
     """dt.student in train mode updates the student's running stats, not the teacher's."""
     m = small_resnet()
-    x = torch.randn(4, 3, 64, 64, dtype=torch.float64)
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
     dt = gpd_fx.expand(m, 2, (x,))
     dt.train()
     teacher_before = dt.teacher.get_submodule("conv1.1").running_mean.clone()
@@ -116,7 +116,7 @@ def test_student_bn_statistics_are_its_own():
 def test_no_parameter_stored_twice():
     """The DT's trainable parameters are the teacher's only; the template holds no data."""
     m = small_resnet()
-    dt = gpd_fx.expand(m, 2, (torch.randn(1, 3, 64, 64, dtype=torch.float64),))
+    dt = gpd_fx.expand(m, 2, (torch.randn(1, 3, 32, 32, dtype=torch.float64),))
     assert all(p.device.type == "meta" for p in dt.template.parameters())
     teacher_ids = {id(p) for p in dt.teacher.parameters()}
     assert {id(p) for p in dt.parameters()} == teacher_ids
@@ -148,7 +148,7 @@ def test_fold_rejects_non_teacher_and_wrong_shapes():
     m = small_resnet()
     with pytest.raises(FoldError, match="DynamicTeacher"):
         gpd_fx.fold(m)
-    dt = gpd_fx.expand(m, 2, (torch.randn(1, 3, 64, 64, dtype=torch.float64),), branches=())
+    dt = gpd_fx.expand(m, 2, (torch.randn(1, 3, 32, 32, dtype=torch.float64),), branches=())
     conv = dt.teacher.get_submodule("stage2.0.branch1.2")
     conv.weight = nn.Parameter(conv.weight.detach()[:, :10].clone())
     with pytest.raises(FoldError, match="stage2.0.branch1.2.weight"):
@@ -158,7 +158,7 @@ def test_fold_rejects_non_teacher_and_wrong_shapes():
 def test_state_dict_round_trip_rebuild():
     """A DT rebuilt with the same expand arguments loads the saved state and folds identically."""
     m = small_resnet()
-    x = torch.randn(4, 3, 64, 64, dtype=torch.float64)
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
     dt = gpd_fx.expand(m, 2, (x,))
     gpd_steps(dt, x, steps=1)
     state = copy.deepcopy(dt.state_dict())
