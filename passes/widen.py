@@ -388,6 +388,8 @@ class Builder:
             return self.emit("call_function", gpd_widen, (x, layout.dim, self.index_node(layout.index)), {})
         if cur.dim != layout.dim:
             raise CannotExpand(f"operand expanded on dim {cur.dim}, needed on dim {layout.dim}")
+        if cur.index.numel() != layout.index.numel():
+            raise CannotExpand(f"operand has {cur.width} channels, the layout needs {layout.width}")
         if cur.same_map(layout):
             return self.dt_of(arg)
         self.permutations += 1
@@ -524,7 +526,8 @@ class Builder:
                 if ok:
                     self.env[node] = _Entry(dt, lay)
                     if node.op == "call_module" and node.target in self.added_modules \
-                            and node.target not in snapshot[2]:
+                            and node.target not in snapshot[2] and _widened(self.smods[node.target],
+                                                                             self.added_modules[node.target]):
                         self.module_io[node.target] = ([self.env[a].layout if isinstance(a, fx.Node) else None
                                                         for a in node.args], lay)
                     self._emitted = None
@@ -579,7 +582,7 @@ class Builder:
                     args.append(self.student_scalar(a) if isinstance(a, fx.Node) else self.dt_of(a))
             dt = self.emit("call_module", node.target, tuple(args), dict(self.dt_of(node.kwargs)))
             ok, _ = self._check(node, dt, out_lay)
-        except CannotExpand:
+        except Exception:   # CannotExpand, or a shape error from a layout that cannot apply
             ok = False
         emitted, self._emitted = self._emitted, None
         if ok:
@@ -715,6 +718,18 @@ class Builder:
                     ok = False
                     break
             self.kept_demand[node] = ok
+
+
+def _widened(student: nn.Module, teacher: nn.Module) -> bool:
+    """True when a rule gave the teacher's copy of a module wider tensors (weights, statistics):
+    only such a module must see the same layouts at every call. Parameter-free modules called
+    several times (one ReLU instance in a ResNet block) are free to follow each call's layout."""
+    theirs = {k: tuple(v.shape) for k, v in student.state_dict().items()}
+    try:
+        ours = {k: tuple(v.shape) for k, v in teacher.state_dict().items()}
+    except Exception:
+        return True
+    return theirs != ours
 
 
 def _is_tuple_type(node: fx.Node) -> bool:

@@ -159,3 +159,20 @@ def test_user_rule_for_a_custom_leaf():
 
     dt = gpd_fx.expand(M(), 2, (x,), leaf_modules=[Swishy], extra_rules={Swishy: channelwise})
     assert dt.report.boundaries == []
+
+
+def test_one_parameter_free_module_called_at_several_widths():
+    """A single ReLU instance used after layers of different widths (torchvision's Bottleneck)."""
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 4, 1)
+            self.b = nn.Conv2d(4, 8, 1)
+            self.relu = nn.ReLU()
+            self.out = nn.Conv2d(8, 2, 1)
+
+        def forward(self, x):
+            return self.out(self.relu(self.b(self.relu(self.a(x)))))
+
+    exact(M(), torch.randn(2, 3, 5, 5))
