@@ -14,7 +14,7 @@ from gpd_fx.errors import ExpandInputError, GPDError, VerificationError
 from gpd_fx.passes import rules as _rules  # noqa: F401  (registers the built-in rules)
 from gpd_fx.passes.registry import load_lazy_rules, make_registry
 from gpd_fx.passes.trace import MODE_ATTR, trace
-from gpd_fx.passes.widen import Builder
+from gpd_fx.passes.widen import Builder, _get_path, _set_path
 from gpd_fx.teacher import DynamicTeacher, ExpansionReport
 
 __all__ = ["expand"]
@@ -248,7 +248,7 @@ def _share_with(train_gm, teacher, sources, train_sources):
         parent, _, name = node.target.rpartition(".")
         try:
             shared = teacher.get_submodule(node.target) if node.op == "call_module" else \
-                _get_attr_path(teacher, node.target)
+                _get_path(teacher, node.target)
         except AttributeError:
             shared = None
         holder = train_gm.get_submodule(parent) if parent else train_gm
@@ -265,7 +265,7 @@ def _share_with(train_gm, teacher, sources, train_sources):
             else:
                 setattr(holder, name, shared)
         else:
-            _set_attr_path(teacher, node.target, mine)
+            _set_path(teacher, node.target, mine)
     known = {s.student_name for s in sources}
     sources.extend(s for s in train_sources if s.student_name not in known)
     return train_gm
@@ -281,30 +281,6 @@ def _shapes(obj):
     if isinstance(obj, nn.Module):
         return {k: tuple(v.shape) for k, v in obj.state_dict().items()}
     return None
-
-
-def _get_attr_path(root, target):
-    obj = root
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def _set_attr_path(root, target, value):
-    *parents, name = target.split(".")
-    obj = root
-    for p in parents:
-        if not hasattr(obj, p):
-            obj.add_module(p, nn.Module())
-        obj = getattr(obj, p)
-    if isinstance(value, nn.Module):
-        obj.add_module(name, value)
-    elif isinstance(value, nn.Parameter):
-        obj.register_parameter(name, value)
-    elif isinstance(value, Tensor):
-        obj.register_buffer(name, value)
-    else:
-        setattr(obj, name, value)
 
 
 def _tie_shared_parameters(model: nn.Module, teacher: nn.Module, sources: list) -> None:

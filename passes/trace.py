@@ -193,7 +193,8 @@ def trace(model: nn.Module, *, leaf_modules: Iterable[type | nn.Module] | None =
         targets: dict[str, Any] = {}
         for node in graph.nodes:
             if node.op in ("call_module", "get_attr") and node.target != MODE_ATTR:
-                targets[node.target] = _get_attr_path(model, node.target)
+                targets[node.target] = model.get_submodule(node.target) if node.op == "call_module" \
+                    else _attr(model, node.target)
         mode = nn.Module()
         mode.training = model.training
         targets[MODE_ATTR] = mode
@@ -207,11 +208,9 @@ def trace(model: nn.Module, *, leaf_modules: Iterable[type | nn.Module] | None =
     return gm
 
 
-def _get_attr_path(root: nn.Module, target: str):
-    obj = root
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
+def _attr(root: nn.Module, target: str):
+    mod, _, name = target.rpartition(".")
+    return getattr(root.get_submodule(mod) if mod else root, name)
 
 
 def _innermost_user_frame(e: BaseException) -> str:
