@@ -612,10 +612,15 @@ class Builder:
         except (TypeError, ValueError):
             return False
         names = []
-        for name, value in bound.arguments.items():
+        for name, value in list(bound.arguments.items()):
             param = sig.parameters[name]
             if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
                 return False
+            # A graph value that is None in this run (timm's mvitv2 passes `cls_tok = None` out of
+            # one wrapped function into the next) is a constant of the call: as a proxy it would
+            # make `if cls_tok is not None` trace the branch this run does not take.
+            value = map_aggregate(value, lambda a: None if isinstance(a, fx.Node) and self._is_none(a) else a)
+            bound.arguments[name] = value
             found = []
             map_aggregate(value, lambda a: found.append(a) if isinstance(a, fx.Node) else None)
             if found:
@@ -658,6 +663,13 @@ class Builder:
         return True
 
     _inline_depth = 0
+
+    def _is_none(self, a: fx.Node) -> bool:
+        """The node's value is None in the student and in the teacher."""
+        if a not in self.svals or self.svals[a] is not None:
+            return False
+        d = self.dt_of(a)
+        return d is None or (isinstance(d, fx.Node) and self.tvals.get(d, 0) is None)
 
     def _inputs_expanded(self, node: fx.Node) -> bool:
         return any(_any_layout(self.env[a].layout) for a in node.all_input_nodes)

@@ -176,3 +176,37 @@ def test_one_parameter_free_module_called_at_several_widths():
             return self.out(self.relu(self.b(self.relu(self.a(x)))))
 
     exact(M(), torch.randn(2, 3, 5, 5))
+
+
+def _split_cls(x, has_cls: bool):
+    if has_cls:
+        return x[:, 1:], x[:, :1]
+    return x, None
+
+
+def _join_cls(x, cls):
+    if cls is not None:
+        x = torch.cat((cls, x), 1)
+    return x
+
+
+torch.fx.wrap("_split_cls")
+torch.fx.wrap("_join_cls")
+
+
+@pytest.mark.parametrize("has_cls", [False, True])
+def test_wrapped_function_given_none_by_another(has_cls):
+    """A wrapped function's output that is None (timm mvitv2's `cls_tok`) passed into another
+    wrapped function: the inlined body must take the `is None` branch the student takes."""
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(3, 4)
+            self.b = nn.Linear(4, 2)
+
+        def forward(self, x):
+            y, cls = _split_cls(self.a(x), has_cls)
+            return self.b(_join_cls(F.gelu(y), cls))
+
+    exact(M(), torch.randn(2, 5, 3))
