@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import time
 from typing import Any, Callable, Iterable, Sequence
 
@@ -121,6 +122,7 @@ def expand(model: nn.Module, ratio: int = 2, example_inputs: Tensor | Sequence[A
     if not (isinstance(noise, (int, float)) and noise >= 0):
         raise ExpandInputError(f"noise must be a number >= 0, got {noise!r}")
     inputs = _as_inputs(example_inputs)
+    concrete_args = _none_defaults(model, inputs, concrete_args)
     load_lazy_rules()
     orig_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     with _eval_mode(model):
@@ -184,6 +186,27 @@ def expand(model: nn.Module, ratio: int = 2, example_inputs: Tensor | Sequence[A
     dt.train(model.training)
     report.seconds = time.perf_counter() - t0
     return dt
+
+
+def _none_defaults(model: nn.Module, inputs: tuple, concrete_args: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``concrete_args`` plus ``None`` for every ``forward`` parameter that the example inputs
+    leave at a ``None`` default.
+
+    fx turns such a parameter into a proxy, on which ``if mask is not None:`` is true: the graph
+    would hold the branch that the example run (and every run without that argument) does not
+    take, and the verification would feed it None (timm's Hiera: ``mask.view`` on None).
+    Pinned, fx traces the branch actually taken and asserts at run time that it stays None.
+    """
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return concrete_args
+    pinned = dict(concrete_args or {})
+    for p in params[len(inputs):]:
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) \
+                and p.default is None and p.name not in pinned:
+            pinned[p.name] = None
+    return pinned or concrete_args
 
 
 def _map_leaf_instances(model, work, leaf_modules):

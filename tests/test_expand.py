@@ -269,3 +269,21 @@ def test_untraceable_model_names_line_and_fix():
         gpd_fx.expand(Outer(), 2, (torch.randn(2, 4),))
     dt = gpd_fx.expand(Outer(), 2, (torch.randn(2, 4),), leaf_modules=[Branchy])
     assert dt.report.expanded_flop_fraction > 0
+
+
+def test_optional_argument_left_at_none():
+    """A forward argument the example inputs leave at its None default (timm Hiera's `mask`):
+    the graph holds the branch taken for None, not the proxy's `is not None` branch."""
+
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 6)
+            self.b = nn.Linear(6, 3)
+
+        def forward(self, x, mask=None):
+            if mask is not None:
+                x = x * mask.view(x.shape[0], 1).to(x.dtype)
+            return self.b(F.relu(self.a(x)))
+
+    check(Masked(), torch.randn(5, 4))
