@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from gpd_fx.errors import ExpandInputError, GPDError, VerificationError
 from gpd_fx.passes import rules as _rules  # noqa: F401  (registers the built-in rules)
-from gpd_fx.passes.registry import load_lazy_rules, make_registry
+from gpd_fx.passes.registry import has_module_rule, load_lazy_rules, make_registry
 from gpd_fx.passes.trace import MODE_ATTR, trace
 from gpd_fx.passes.widen import Builder, _get_path, _set_path
 from gpd_fx.teacher import DynamicTeacher, ExpansionReport
@@ -129,7 +129,7 @@ def expand(model: nn.Module, ratio: int = 2, example_inputs: Tensor | Sequence[A
         work, probe = _probe_model(model, inputs, verify_dtype)
         probe_dtype = verify_dtype or orig_dtype
         tol = TOL.get(probe_dtype, 1e-3)
-        gm = trace(work, leaf_modules=_map_leaf_instances(model, work, leaf_modules), concrete_args=concrete_args)
+        gm = _trace_student(work, model, leaf_modules, concrete_args, extra_rules, probe)
         builder = Builder(gm, ratio, noise=float(noise), seed=seed, strict=strict, tol=tol,
                           extra_rules=make_registry(extra_rules))
         with torch.no_grad():
@@ -236,6 +236,14 @@ def _template_of(model: nn.Module, mapped: set[str]) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
+def _trace_student(work, model, leaf_modules, concrete_args, extra_rules, probe):
+    """Trace the working copy; timm's no-trace modules without a rule of their own are opened,
+    their shape-dependent Python decided on the probe inputs (and guarded at run time)."""
+    extra = make_registry(extra_rules)
+    return trace(work, leaf_modules=_map_leaf_instances(model, work, leaf_modules), concrete_args=concrete_args,
+                 example_inputs=probe, has_rule=lambda m: has_module_rule(m, extra))
+
+
 def _build_train_graph(work, model, leaf_modules, concrete_args, ratio, noise, seed, strict, tol,
                        extra_rules, probe):
     """The teacher of a model whose own forward depends on the mode (GoogLeNet/Inception-v3
@@ -243,7 +251,7 @@ def _build_train_graph(work, model, leaf_modules, concrete_args, ratio, noise, s
     flag = work.training
     work.training = True
     try:
-        gm = trace(work, leaf_modules=_map_leaf_instances(model, work, leaf_modules), concrete_args=concrete_args)
+        gm = _trace_student(work, model, leaf_modules, concrete_args, extra_rules, probe)
     finally:
         work.training = flag
     if hasattr(gm, MODE_ATTR):

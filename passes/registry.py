@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch.fx as fx
 from torch import nn
 
-__all__ = ["register", "lookup", "CannotExpand", "RuleEntry", "RULES"]
+__all__ = ["register", "lookup", "has_module_rule", "CannotExpand", "RuleEntry", "RULES"]
 
 
 class CannotExpand(Exception):
@@ -65,14 +65,17 @@ class _Registry:
         if node.op == "call_method":
             return self.methods.get(node.target)
         if node.op == "call_module":
-            cls = type(modules[node.target])
-            if cls in self.modules:
-                return self.modules[cls]
-            # A subclass inherits its base's rule only if it does not override forward:
-            # an overridden forward may do anything (timm's BatchNormAct2d adds an activation).
-            for base in cls.__mro__[1:]:
-                if base in self.modules and cls.forward is base.forward:
-                    return self.modules[base]
+            return self.module_rule(type(modules[node.target]))
+        return None
+
+    def module_rule(self, cls: type) -> RuleEntry | None:
+        if cls in self.modules:
+            return self.modules[cls]
+        # A subclass inherits its base's rule only if it does not override forward:
+        # an overridden forward may do anything (timm's BatchNormAct2d adds an activation).
+        for base in cls.__mro__[1:]:
+            if base in self.modules and cls.forward is base.forward:
+                return self.modules[base]
         return None
 
 
@@ -94,6 +97,11 @@ def register(*keys: Any, transparent: bool = False, registry: _Registry | None =
 def lookup(node: fx.Node, modules: dict[str, nn.Module], extra=None) -> RuleEntry | None:
     """The rule for ``node``, user rules first; ``None`` when there is none."""
     return RULES.lookup(node, modules, extra)
+
+
+def has_module_rule(module: nn.Module, extra: "_Registry | None" = None) -> bool:
+    """True when a rule (a user rule in ``extra`` or a registered one) expands ``module`` whole."""
+    return any(reg is not None and reg.module_rule(type(module)) is not None for reg in (extra, RULES))
 
 
 _LAZY: list[tuple[str, Callable[[], None]]] = []

@@ -9,9 +9,12 @@ control flow (``if self.training``), it marks its module, which is then kept as 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import re
-from typing import Any, Iterable
+import math
+import operator
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.fx as fx
@@ -38,21 +41,35 @@ def _timm_notrace() -> tuple[tuple[type, ...], tuple[Any, ...]]:
 
 
 class GPDTracer(fx.Tracer):
-    """``fx.Tracer`` that keeps given module types/instances and timm's no-trace modules as leaves."""
+    """``fx.Tracer`` that keeps given module types/instances and timm's no-trace modules as leaves.
+
+    With ``through`` (a predicate on modules), timm no-trace modules for which it returns True
+    are traced into instead: their shape-dependent Python is what :class:`_ValueTracer` can
+    decide on the example inputs.
+    """
 
     def __init__(self, leaf_types: Iterable[type] = (), leaf_instances: Iterable[nn.Module] = (),
-                 autowrap_functions: Iterable[Any] = ()):
+                 autowrap_functions: Iterable[Any] = (), through: Callable[[nn.Module], bool] | None = None):
         timm_mods, timm_fns = _timm_notrace()
         super().__init__(autowrap_functions=tuple(autowrap_functions) + timm_fns)
-        self.leaf_types = tuple(leaf_types) + timm_mods
+        self.leaf_types = tuple(leaf_types)
+        self.timm_types = timm_mods
         self.leaf_ids = {id(m) for m in leaf_instances}
+        self.through = through
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if id(m) in self.leaf_ids:
             return True
         if self.leaf_types and isinstance(m, self.leaf_types):
             return True
+        if self.timm_types and isinstance(m, self.timm_types):
+            return not self.traces_through(m)
         return super().is_leaf_module(m, module_qualified_name)
+
+    def traces_through(self, m: nn.Module) -> bool:
+        """True for a timm no-trace module that this tracer opens (see ``through``)."""
+        return (self.through is not None and bool(self.timm_types) and isinstance(m, self.timm_types)
+                and id(m) not in self.leaf_ids and self.through(m))
 
 
 class _LiveFlag:
@@ -78,17 +95,29 @@ class _RestoreAttrs:
     """fx stores tensor constants as new attributes on the traced modules; take them off again."""
 
     def __init__(self, root: nn.Module):
-        self.before = {m: set(m.__dict__) | set(m._buffers) for m in root.modules()}
+        self.before = {m: dict(m.__dict__) for m in root.modules()}
+        self.buffers = {m: set(m._buffers) for m in root.modules()}
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        for m, names in self.before.items():
-            for k in [k for k in m.__dict__ if k not in names and k.startswith("_tensor_constant")]:
-                delattr(m, k)
-            for k in [k for k in m._buffers if k not in names and k.startswith("_tensor_constant")]:
+        for m, before in self.before.items():
+            for k, v in list(m.__dict__.items()):
+                if k not in before:
+                    # fx's tensor constants, and caches a traced forward stored (they hold proxies)
+                    if k.startswith("_tensor_constant") or _holds_proxy(v):
+                        delattr(m, k)
+                elif v is not before[k] and _holds_proxy(v):
+                    setattr(m, k, before[k])
+            for k in [k for k in m._buffers if k not in self.buffers[m] and k.startswith("_tensor_constant")]:
                 del m._buffers[k]
+
+
+def _holds_proxy(v) -> bool:
+    found = []
+    fx.node.map_aggregate(v, lambda a: found.append(a) if isinstance(a, fx.Proxy) else None)
+    return bool(found) or isinstance(v, fx.Proxy)
 
 
 def _mode_invariant(m: nn.Module, factory) -> bool:
@@ -99,6 +128,8 @@ def _mode_invariant(m: nn.Module, factory) -> bool:
     matters; such modules are traced through instead of being kept as leaves.
     """
     flags = [(sub, sub.training) for sub in m.modules()]
+    # a tracer that runs the ops (``_ValueTracer``) would update BatchNorm statistics in train mode
+    buffers = [(b, b.detach().clone()) for b in m.buffers()]
     try:
         sigs = []
         with _RestoreAttrs(m):
@@ -111,6 +142,9 @@ def _mode_invariant(m: nn.Module, factory) -> bool:
     finally:
         for sub, f in flags:
             sub.training = f
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
 
 
 class _FlagTracer(GPDTracer):
@@ -121,6 +155,167 @@ class _FlagTracer(GPDTracer):
             mode = self.create_node("get_attr", MODE_ATTR, (), {})
             return self.create_node("call_function", getattr, (mode, "training"), {})
         return super().create_arg(a)
+
+
+_UNKNOWN = object()
+
+
+def shape_guard(value: Any, expected: bool, where: str) -> None:
+    """Run-time check of a Python branch that tracing decided on the example inputs.
+
+    ``if pad_r > 0:`` inside a traced module becomes the path the example inputs took plus
+    this check of its condition: a teacher run on inputs that would take the other path stops
+    with this error instead of computing something else.
+    """
+    if bool(value) != expected:
+        raise RuntimeError(
+            f"gpd_fx: the graph was traced with the condition at {where} being {expected} on the "
+            f"example inputs; for these inputs it is {not expected} (another input shape?). "
+            "Expand with example inputs of the shape you run the model on.")
+
+
+# dead-code elimination must keep the guards although nothing uses their (None) result
+fx.node._side_effectful_functions.add(shape_guard)
+
+
+class _ValueProxy(fx.Proxy):
+    """A proxy whose tracer knows its value; ``math.ceil``/``math.floor`` of it become nodes."""
+
+    def __ceil__(self):
+        return self.tracer.create_proxy("call_function", math.ceil, (self,), {})
+
+    def __floor__(self):
+        return self.tracer.create_proxy("call_function", math.floor, (self,), {})
+
+    def __trunc__(self):
+        return self.tracer.create_proxy("call_function", math.trunc, (self,), {})
+
+    # A tuple's or a shape's length is fixed by the program (not by the data): unpack it.
+    def _sequence(self):
+        v = getattr(self.tracer, "values", {}).get(self.node, _UNKNOWN)
+        return v if isinstance(v, (tuple, list, torch.Size)) else None
+
+    def __iter__(self):
+        seq = self._sequence()
+        if seq is None:
+            return super().__iter__()
+        return iter([self[i] for i in range(len(seq))])
+
+    def __len__(self):
+        seq = self._sequence()
+        if seq is None:
+            return super().__len__()
+        return len(seq)
+
+
+class _ValueTracer(_FlagTracer):
+    """Traces while running every op on the example inputs, so Python may branch on shapes.
+
+    ``torch.fx`` cannot trace ``if H % ws:`` (the reason timm keeps such modules out of fx).
+    This tracer knows each node's value on the example inputs: a branch on a Python number
+    (a size, a padding) takes the path those inputs take, and a :func:`shape_guard` node
+    checks the condition at run time. Branches on tensor *data* still fail, as in fx.
+    """
+
+    def __init__(self, *args, example_inputs: tuple = (), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.example_inputs = tuple(example_inputs)
+        self.values: dict[fx.Node, Any] = {}
+        self.module_inputs: dict[int, tuple] = {}   # id(module) -> values of its first call
+        self._placeholders = 0
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _ValueProxy(node, self)
+
+    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
+        node = super().create_node(kind, target, args, kwargs, name, type_expr)
+        self.values[node] = self._evaluate(node)
+        return node
+
+    def create_arg(self, a: Any):
+        out = super().create_arg(a)
+        if isinstance(a, _LiveFlag):
+            self.values[out] = a.value
+        return out
+
+    def _value_of(self, arg):
+        unknown = []
+
+        def one(a):
+            v = self.values.get(a, _UNKNOWN)
+            if v is _UNKNOWN:
+                unknown.append(a)
+            return v
+
+        out = fx.node.map_aggregate(arg, lambda a: one(a) if isinstance(a, fx.Node) else a)
+        return _UNKNOWN if unknown else out
+
+    def _evaluate(self, node: fx.Node):
+        if node.op == "placeholder":
+            i, self._placeholders = self._placeholders, self._placeholders + 1
+            if i < len(self.example_inputs):
+                return self.example_inputs[i]
+            return node.args[0] if node.args else _UNKNOWN
+        if node.op == "output" or (node.op == "get_attr" and node.target == MODE_ATTR):
+            return _UNKNOWN
+        if node.op == "get_attr":
+            with _unpatched():  # fx patches nn.Module.__getattr__ too
+                return _attr(self.root, node.target)
+        args, kwargs = self._value_of(node.args), self._value_of(node.kwargs)
+        if args is _UNKNOWN or kwargs is _UNKNOWN:
+            return _UNKNOWN
+        try:
+            # fx patches nn.Module.__call__ while tracing: run the real modules unpatched
+            with torch.no_grad(), _unpatched():
+                if node.op == "call_module":
+                    return self.root.get_submodule(node.target)(*args, **kwargs)
+                if node.op == "call_method":
+                    return getattr(args[0], node.target)(*args[1:], **kwargs)
+                return node.target(*args, **kwargs)
+        except Exception:  # a value we cannot compute only matters if Python branches on it
+            return _UNKNOWN
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        value = self.values.get(obj.node, _UNKNOWN)
+        if value is _UNKNOWN or not isinstance(value, (bool, int, float)):
+            return super().to_bool(obj)   # data-dependent (a tensor) or unknown: fx's TraceError
+        decided = bool(value)
+        self.create_proxy("call_function", shape_guard, (obj, decided, _caller()), {})
+        return decided
+
+    def call_module(self, m: nn.Module, forward, args, kwargs):
+        if id(m) not in self.module_inputs:
+            nodes = fx.node.map_aggregate(tuple(args), lambda a: a.node if isinstance(a, fx.Proxy) else a)
+            values = self._value_of(nodes)
+            if values is not _UNKNOWN and not kwargs:
+                self.module_inputs[id(m)] = values
+        if not self.traces_through(m):
+            return super().call_module(m, forward, args, kwargs)
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception as e:  # remember the innermost opened module: it becomes a leaf
+            if not hasattr(e, "gpd_through"):
+                e.gpd_through = m
+            raise
+
+
+def _unpatched():
+    try:
+        from torch.fx._symbolic_trace import _maybe_revert_all_patches
+    except ImportError:  # pragma: no cover - private API; without it values stay unknown
+        raise RuntimeError("no torch.fx patch reverter")
+    return _maybe_revert_all_patches()
+
+
+def _caller() -> str:
+    """``file:line`` of the innermost frame outside torch and gpd_fx (the branch being decided)."""
+    frame = inspect.currentframe()
+    while frame is not None:
+        f = frame.f_code.co_filename
+        if "/torch/" not in f and "/gpd_fx/" not in f and "/passes/" not in f:
+            return f"{f}:{frame.f_lineno}"
+        frame = frame.f_back
+    return "?"
 
 
 def _trace_with_flags(model: nn.Module, tracer: _FlagTracer, concrete_args, invariant: set[int]):
@@ -143,9 +338,26 @@ def _trace_with_flags(model: nn.Module, tracer: _FlagTracer, concrete_args, inva
     return graph, branched
 
 
+@contextlib.contextmanager
+def _jit_tracing():
+    """``torch.jit.is_tracing()`` is True while gpd_fx traces.
+
+    Code that keeps Python-side caches in eager mode takes its graph-capture path then (timm's
+    LeViT/EfficientFormer attention biases: ``if torch.jit.is_tracing() or self.training``),
+    which computes the same values without a mode-dependent cache.
+    """
+    saved = torch.jit.is_tracing
+    torch.jit.is_tracing = lambda: True
+    try:
+        yield
+    finally:
+        torch.jit.is_tracing = saved
+
+
 def trace(model: nn.Module, *, leaf_modules: Iterable[type | nn.Module] | None = None,
           concrete_args: dict[str, Any] | None = None,
-          autowrap_functions: Iterable[Any] = ()) -> fx.GraphModule:
+          autowrap_functions: Iterable[Any] = (), example_inputs: tuple | None = None,
+          has_rule: Callable[[nn.Module], bool] | None = None) -> fx.GraphModule:
     """Symbolically trace ``model`` for expansion.
 
     Args:
@@ -153,6 +365,11 @@ def trace(model: nn.Module, *, leaf_modules: Iterable[type | nn.Module] | None =
         leaf_modules: module classes or instances to keep as single nodes (not traced into).
         concrete_args: passed to ``Tracer.trace`` (fix Python-level arguments of ``forward``).
         autowrap_functions: extra functions to record as single ``call_function`` nodes.
+        example_inputs: inputs ``model`` accepts. With them, Python branches on sizes are
+            decided on these inputs and guarded at run time (:func:`shape_guard`), and timm's
+            no-trace modules are traced into (those ``has_rule`` accepts stay single nodes; so
+            does any whose forward still cannot be traced).
+        has_rule: True for a module that has an expansion rule of its own.
 
     Returns:
         A ``GraphModule`` sharing submodules with ``model``.
@@ -162,18 +379,28 @@ def trace(model: nn.Module, *, leaf_modules: Iterable[type | nn.Module] | None =
     """
     leaf_types = [x for x in (leaf_modules or ()) if isinstance(x, type)]
     leaf_insts = [x for x in (leaf_modules or ()) if isinstance(x, nn.Module)]
+    through = None
+    if example_inputs is not None:
+        def through(m: nn.Module) -> bool:
+            return has_rule is None or not has_rule(m)
 
-    def factory():
-        return GPDTracer(leaf_types, leaf_insts, autowrap_functions)
+    def tracer_for(inputs):
+        if inputs is None:
+            return _FlagTracer(leaf_types, leaf_insts, autowrap_functions)
+        return _ValueTracer(leaf_types, leaf_insts, autowrap_functions, through=through, example_inputs=inputs)
 
-    with _RestoreAttrs(model):
+    with _RestoreAttrs(model), _jit_tracing():
         graph = None
         invariant: set[int] = set()
-        for _ in range(16):  # each round settles the modules that branched on `training`
-            tracer = _FlagTracer(leaf_types, leaf_insts, autowrap_functions)
+        for _ in range(64):  # each round settles modules that branched on `training` or failed
+            tracer = tracer_for(example_inputs)
             try:
                 graph, branched = _trace_with_flags(model, tracer, concrete_args, invariant)
             except Exception as e:  # fx raises many types; re-raise one with a fix in the message
+                opened = getattr(e, "gpd_through", None)
+                if opened is not None:  # a timm no-trace module we opened: keep it closed
+                    leaf_insts = leaf_insts + [opened]
+                    continue
                 where = _innermost_user_frame(e)
                 raise TraceError(
                     f"torch.fx could not trace {type(model).__name__}: {type(e).__name__}: {e}{where}\n"
@@ -183,8 +410,10 @@ def trace(model: nn.Module, *, leaf_modules: Iterable[type | nn.Module] | None =
                 ) from e
             if not branched:
                 break
+            inputs_of = getattr(tracer, "module_inputs", {})
             for m in branched:
-                if _mode_invariant(m, lambda: GPDTracer(leaf_types, leaf_insts, autowrap_functions)):
+                inputs = inputs_of.get(id(m)) if example_inputs is not None else None
+                if _mode_invariant(m, lambda: tracer_for(inputs)):
                     invariant.add(id(m))
                 else:
                     leaf_insts = leaf_insts + [m]
