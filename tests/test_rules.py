@@ -210,3 +210,23 @@ def test_wrapped_function_given_none_by_another(has_cls):
             return self.b(_join_cls(F.gelu(y), cls))
 
     exact(M(), torch.randn(2, 5, 3))
+
+
+def test_functional_weight_used_at_two_layouts():
+    """One raw weight in several F.linear calls (csatv2's DCT matrix, applied to rows and then
+    to columns): the weight rule widens it for the first call; a call over a kept dim needs it
+    at student width, a call with the same channel maps shares the widened one."""
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4, 4))
+            self.out = nn.Linear(4, 2)
+
+        def forward(self, x):
+            a = F.linear(x, self.w)                        # output channels widened
+            b = F.linear(a.transpose(-1, -2), self.w)      # over the kept dim: student width
+            c = F.linear(x * 2, self.w)                    # the same maps as the first call
+            return self.out(b.transpose(-1, -2) + c)
+
+    exact(M(), torch.randn(2, 3, 4, 4))

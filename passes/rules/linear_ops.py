@@ -129,9 +129,15 @@ def weight_arg(ctx, w: fx.Node, out_dim: int, in_dim: int, out_lay: Layout | Non
     a hypernetwork) is widened at run time by the same rule without noise: exact, and still
     trained through its student-width inputs.
     """
+    from ..widen import WidenedWeight, _get_path, _set_path
+
     b = ctx.b
-    if w.op == "get_attr" and b.param_state.get(w.target) is None:
-        from ..widen import _get_path, _set_path
+    want = WidenedWeight(None if out_lay is None else out_lay.at(out_dim),
+                         None if in_index is None else Layout(in_dim, in_index, ctx.r))
+    state = b.param_state.get(w.target) if w.op == "get_attr" else None
+    if isinstance(state, WidenedWeight) and state.same(want):
+        return ctx.emit("get_attr", w.target)   # a second use with the same maps: one weight
+    if w.op == "get_attr" and state is None:
         val = _get_path(b.sgm, w.target)
         wide, src = widen_linear_weight(ctx, val, out_dim, in_dim, out_lay, in_index, in_width)
         if isinstance(val, nn.Parameter):
@@ -140,9 +146,9 @@ def weight_arg(ctx, w: fx.Node, out_dim: int, in_dim: int, out_lay: Layout | Non
             ctx.add_source(w.target, mod, attr, **src)
         else:
             _set_path(b.root, w.target, wide)
-        b.param_state[w.target] = "weight"
+        b.param_state[w.target] = want
         return ctx.emit("get_attr", w.target)
-    wd = ctx.dt(w)
+    wd = ctx.dt(w)   # a parameter widened for another use comes back at student width
     if ctx.layout(w) is not None:
         raise CannotExpand("computed weight is itself expanded")
     if out_lay is not None:

@@ -1,0 +1,119 @@
+"""Tracing: branches on sizes decided on the example inputs (and guarded), timm's no-trace
+modules opened, mode-dependent caches that take their graph-capture path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import gpd_fx
+from gpd_fx.errors import TraceError
+from gpd_fx.passes.trace import shape_guard, trace
+
+from test_expand import check
+
+
+class PadToMultiple(nn.Module):
+    """Twins/Swin-style window padding: Python branches on the spatial size."""
+
+    def __init__(self, c: int = 8, ws: int = 4):
+        super().__init__()
+        self.ws = ws
+        self.conv = nn.Conv2d(3, c, 3, padding=1)
+        self.mix = nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        x = self.conv(x)
+        H, W = x.shape[-2:]
+        pad_b = (self.ws - H % self.ws) % self.ws
+        pad_r = (self.ws - W % self.ws) % self.ws
+        if pad_b > 0 or pad_r > 0:
+            x = F.pad(x, (0, pad_r, 0, pad_b))
+        x = self.mix(x)
+        if pad_b > 0 or pad_r > 0:
+            x = x[:, :, :H, :W].contiguous()
+        n = x.shape[-1] // self.ws
+        return x.flatten(2).mean(-1) * n
+
+
+def test_size_branches_are_decided_and_guarded():
+    torch.manual_seed(0)
+    m = PadToMultiple()
+    with pytest.raises(TraceError):   # plain fx cannot trace the branch
+        trace(m)
+    x = torch.randn(2, 3, 10, 10)
+    dt = check(m, x)
+    gm = dt._graph()
+    assert any(n.target is shape_guard for n in gm.graph.nodes)
+    # another batch size takes the same path and runs
+    y = torch.randn(3, 3, 10, 10).double()
+    assert torch.allclose(dt(y), m(y), rtol=0, atol=1e-10 * m(y).abs().max().item())
+    # a size for which the traced branch is wrong stops with the guard's message
+    with pytest.raises(RuntimeError, match="example inputs"):
+        dt(torch.randn(2, 3, 12, 12).double())
+
+
+def test_branch_on_tensor_data_still_fails_to_trace():
+    class DataBranch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            if x.sum() > 0:
+                return self.fc(x)
+            return -self.fc(x)
+
+    with pytest.raises(TraceError, match="DataBranch"):
+        gpd_fx.expand(DataBranch(), example_inputs=(torch.randn(2, 4),))
+
+
+class CachedBias(nn.Module):
+    """LeViT's attention biases: a Python-side cache in eval mode, skipped under tracing."""
+
+    def __init__(self, c: int = 6):
+        super().__init__()
+        self.fc = nn.Linear(c, c)
+        self.biases = nn.Parameter(torch.randn(3))
+        self.register_buffer("idx", torch.tensor([0, 2, 1, 1, 0, 2]), persistent=False)
+        self.cache: dict = {}
+
+    def bias(self):
+        if torch.jit.is_tracing() or self.training:
+            return self.biases[self.idx]
+        if "b" not in self.cache:
+            self.cache["b"] = self.biases[self.idx]
+        return self.cache["b"]
+
+    def forward(self, x):
+        return self.fc(x) + self.bias()
+
+
+def test_mode_dependent_cache_takes_its_tracing_path():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 6), CachedBias(), nn.ReLU(), nn.Linear(6, 3))
+    dt = check(m, torch.randn(5, 4))
+    assert dt.report.boundaries == []
+    assert m[1].cache == {} or all(not isinstance(v, torch.fx.Proxy) for v in m[1].cache.values())
+
+
+def test_timm_notrace_module_is_opened():
+    timm_fx = pytest.importorskip("timm.layers._fx")
+
+    class NoTraceWindow(PadToMultiple):
+        pass
+
+    timm_fx.register_notrace_module(NoTraceWindow)
+    try:
+        torch.manual_seed(0)
+        m = nn.Sequential(NoTraceWindow(), nn.Linear(8, 4))
+        x = torch.randn(2, 3, 10, 10)
+        dt = check(m, x)
+        assert dt.report.boundaries == [] and dt.report.expanded_flop_fraction > 0.95
+        # with a rule of its own (here: the user's), the module stays one node
+        gm = trace(m, example_inputs=(x,), has_rule=lambda mod: isinstance(mod, NoTraceWindow))
+        assert [n.target for n in gm.graph.nodes if n.op == "call_module"][0] == "0"
+    finally:
+        timm_fx._leaf_modules.discard(NoTraceWindow)
