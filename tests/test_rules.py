@@ -230,3 +230,21 @@ def test_functional_weight_used_at_two_layouts():
             return self.out(b.transpose(-1, -2) + c)
 
     exact(M(), torch.randn(2, 3, 4, 4))
+
+
+def test_gate_of_one_expanded_channel_broadcasts():
+    """FocalNet's modulation: a one-channel slice of an expanded tensor gates all channels of
+    another (`ctx * gates[:, l:l+1]`); it broadcasts in the teacher as in the student."""
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.f = nn.Conv2d(3, 2 * 4 + 2, 1)
+            self.h = nn.Conv2d(4, 4, 1)
+
+        def forward(self, x):
+            q, c, gates = torch.split(self.f(x), (4, 4, 2), 1)
+            c = c * gates[:, 0:1] + gates[:, 1:2] * F.gelu(c)
+            return self.h(q * c)
+
+    exact(M(), torch.randn(2, 3, 5, 5))

@@ -69,19 +69,27 @@ def broadcast(ctx, node):
     out = ctx.out
     tensors = [a for a in node.all_input_nodes if isinstance(ctx.b.svals.get(a), Tensor)]
     ref: Layout | None = None
+    converted = {}
     for a in tensors:
         lay = ctx.layout(a)
-        if isinstance(lay, Layout):
-            ref = lay.at(lay.dim + out.dim() - ctx.sval(a).dim())
-            break
+        if not isinstance(lay, Layout):
+            continue
+        d = lay.dim + out.dim() - ctx.sval(a).dim() if isinstance(out, Tensor) else lay.dim
+        if lay.width == 1 and isinstance(out, Tensor) and out.shape[d] != 1:
+            # one student channel in r copies (FocalNet's gate `gates[:, l:l+1]`) that the
+            # student broadcasts over the channels: at student width it broadcasts the same way
+            converted[a] = ctx.narrow(a)
+        elif ref is None:
+            ref = lay.at(d)
     if ref is None:
         if tensors:
-            return ctx.emit_same(_replace(ctx, node.args, {}), _replace(ctx, node.kwargs, {})), None
+            return ctx.emit_same(_replace(ctx, node.args, converted), _replace(ctx, node.kwargs, converted)), None
         return ctx.emit_same(), None
     if not isinstance(out, Tensor):
         raise CannotExpand("element-wise op returned a non-tensor")
-    converted = {}
     for a in tensors:
+        if a in converted:
+            continue
         sv = ctx.sval(a)
         d = ref.dim - (out.dim() - sv.dim())
         if d < 0:
