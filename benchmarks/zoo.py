@@ -975,6 +975,9 @@ def parse_args(argv=None):
     p.add_argument("--no-isolate", dest="isolate", action="store_false",
                    help="run in this process (default: one subprocess per model and ratio)")
     p.add_argument("--resume", action="store_true", help="keep rows already in the JSON file")
+    p.add_argument("--rerun", default="",
+                   help="with --resume: comma-separated models (timm: names or families) whose rows are "
+                        "measured again, e.g. after a fix")
     p.add_argument("--no-timing", dest="timing", action="store_false", help="skip the ResNet-50 timing row")
     p.add_argument("--all-ratios", action="store_true",
                    help="timm: run every ratio on every family (default: ratios after the first "
@@ -1015,10 +1018,12 @@ def main(argv=None) -> int:
     out_path = Path(args.json) if args.json else RESULTS / f"zoo_{args.source}.json"
     out_path.parent.mkdir(parents=True, exist_ok=True)
     done: dict = {}
+    rerun = {m.strip() for m in args.rerun.split(",") if m.strip()}
     if args.resume and out_path.exists():
         for d in json.loads(out_path.read_text()).get("rows", []):
             r = Row(**d)
-            if r.status != "skipped":  # skips are re-judged: cheap, and the budget may differ
+            if r.status != "skipped" and r.name not in rerun and r.family not in rerun:
+                # skips are re-judged: cheap, and the budget may differ
                 done[(r.name, r.ratio)] = r
     env = environment(args.threads)
     print(f"# gpd_fx zoo benchmark, source={args.source}, ratios={args.ratio}, heads num_classes=10, "

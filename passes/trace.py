@@ -223,6 +223,7 @@ class _ValueTracer(_FlagTracer):
         self.values: dict[fx.Node, Any] = {}
         self.module_inputs: dict[int, tuple] = {}   # id(module) -> values of its first call
         self._placeholders = 0
+        self._opened: list[nn.Module] = []
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _ValueProxy(node, self)
@@ -291,12 +292,43 @@ class _ValueTracer(_FlagTracer):
                 self.module_inputs[id(m)] = values
         if not self.traces_through(m):
             return super().call_module(m, forward, args, kwargs)
+        self._opened.append(m)
         try:
-            return super().call_module(m, forward, args, kwargs)
+            with _tensor_attrs_as_buffers(m):
+                return super().call_module(m, forward, args, kwargs)
         except Exception as e:  # remember the innermost opened module: it becomes a leaf
             if not hasattr(e, "gpd_through"):
                 e.gpd_through = m
             raise
+        finally:
+            self._opened.pop()
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict):
+        # inside an opened module, buffers (and the tensor attributes made buffers for the
+        # duration, see ``_tensor_attrs_as_buffers``) are graph nodes, not Python tensors
+        self.proxy_buffer_attributes = bool(self._opened)
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+
+@contextlib.contextmanager
+def _tensor_attrs_as_buffers(m: nn.Module):
+    """Plain tensor attributes of ``m`` (ConViT's cached ``rel_indices``) as buffers while it is
+    traced: a Python tensor next to proxies (``t.expand(B, -1)``) breaks fx, a buffer does not."""
+    moved = []
+    for sub in m.modules():
+        for k, v in list(sub.__dict__.items()):
+            if isinstance(v, torch.Tensor) and not isinstance(v, nn.Parameter) and not k.startswith("_"):
+                del sub.__dict__[k]
+                sub._buffers[k] = v
+                sub._non_persistent_buffers_set.add(k)
+                moved.append((sub, k, v))
+    try:
+        yield
+    finally:
+        for sub, k, v in moved:   # the value before tracing: a traced forward may have replaced it
+            sub._buffers.pop(k, None)
+            sub._non_persistent_buffers_set.discard(k)
+            sub.__dict__[k] = v
 
 
 def _unpatched():
