@@ -117,3 +117,40 @@ def test_timm_notrace_module_is_opened():
         assert [n.target for n in gm.graph.nodes if n.op == "call_module"][0] == "0"
     finally:
         timm_fx._leaf_modules.discard(NoTraceWindow)
+
+
+class RelIndexAttn(nn.Module):
+    """ConViT GPSA's pattern: a plain tensor attribute (not a buffer) refreshed on a size change."""
+
+    def __init__(self, c: int = 8):
+        super().__init__()
+        self.qk = nn.Linear(c, c)
+        self.pos = nn.Linear(3, 1)
+        self.rel: torch.Tensor = torch.zeros(1, 1, 1, 3)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        if self.rel.shape[1] != N:
+            self.rel = torch.arange(N * N * 3, dtype=x.dtype).reshape(1, N, N, 3) / (N * N * 3)
+        pos = self.pos(self.rel.expand(B, -1, -1, -1)).squeeze(-1)    # B, N, N
+        att = (self.qk(x) @ x.transpose(1, 2)).softmax(-1) + pos.softmax(-1)
+        return att @ x
+
+
+def test_opened_module_with_a_tensor_attribute_cache():
+    timm_fx = pytest.importorskip("timm.layers._fx")
+
+    class NoTraceRel(RelIndexAttn):
+        pass
+
+    timm_fx.register_notrace_module(NoTraceRel)
+    try:
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(4, 8), NoTraceRel(), nn.Linear(8, 2))
+        x = torch.randn(2, 5, 4)
+        dt = check(m, x)
+        assert dt.report.boundaries == []
+        assert isinstance(m[1].rel, torch.Tensor) and not isinstance(m[1].rel, torch.fx.Proxy)
+        assert "rel" not in m[1]._buffers      # the attribute is put back as it was
+    finally:
+        timm_fx._leaf_modules.discard(NoTraceRel)
