@@ -248,3 +248,17 @@ def test_gate_of_one_expanded_channel_broadcasts():
             return self.h(q * c)
 
     exact(M(), torch.randn(2, 3, 5, 5))
+
+
+def test_walk_drops_values_no_later_node_reads():
+    """The lockstep walk keeps a value only while a node still to be visited reads it: holding
+    every activation of both graphs to the end cost HaloNet-H1 6.7 GiB for a 0.2 GiB teacher."""
+    from gpd_fx.passes.trace import trace
+    from gpd_fx.passes.widen import Builder
+
+    m = nn.Sequential(*[nn.Sequential(nn.Linear(8, 8), nn.ReLU()) for _ in range(6)]).double()
+    b = Builder(trace(m), 2, noise=0.1, seed=0, strict=True, tol=1e-9)
+    b.run((torch.randn(4, 8).double(),))
+    held = [v for v in [*b.svals.values(), *b.tvals.values()]
+            if isinstance(v, torch.Tensor) and not isinstance(v, nn.Parameter) and v.device.type != "meta"]
+    assert len(held) <= 6, len(held)   # the input and the output, in both graphs
