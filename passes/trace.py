@@ -459,13 +459,14 @@ def trace(model: nn.Module, *, leaf_modules: Iterable[type | nn.Module] | None =
         mode = nn.Module()
         mode.training = model.training
         targets[MODE_ATTR] = mode
+        # The root itself cannot be a leaf: when its forward branches on `self.training` and the
+        # two modes trace differently (GoogLeNet's aux logits), expand builds one graph per mode.
+        root_dependent = bool(getattr(tracer, "root_branched", False)) and not _mode_invariant(
+            model, lambda: tracer_for(example_inputs))
     gm = fx.GraphModule(targets, graph, model.__class__.__name__)
     gm.training = model.training
     gm.meta["gpd_leaf_instances"] = [id(m) for m in leaf_insts]
-    # The root itself cannot be a leaf: when its forward branches on `self.training` and the
-    # two modes trace differently (GoogLeNet's aux logits), expand builds one graph per mode.
-    gm.meta["gpd_root_mode_dependent"] = bool(getattr(tracer, "root_branched", False)) and not _mode_invariant(
-        model, lambda: GPDTracer(leaf_types, leaf_insts, autowrap_functions))
+    gm.meta["gpd_root_mode_dependent"] = root_dependent
     return gm
 
 
