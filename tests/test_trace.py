@@ -3,6 +3,8 @@ modules opened, mode-dependent caches that take their graph-capture path."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn as nn
@@ -99,14 +101,20 @@ def test_mode_dependent_cache_takes_its_tracing_path():
     assert m[1].cache == {} or all(not isinstance(v, torch.fx.Proxy) for v in m[1].cache.values())
 
 
-def test_timm_notrace_module_is_opened():
+@contextlib.contextmanager
+def timm_notrace(base: type):
+    """A subclass of ``base`` registered in timm's no-trace set for the duration of a test."""
     timm_fx = pytest.importorskip("timm.layers._fx")
-
-    class NoTraceWindow(PadToMultiple):
-        pass
-
-    timm_fx.register_notrace_module(NoTraceWindow)
+    cls = type(f"NoTrace{base.__name__}", (base,), {})
+    timm_fx.register_notrace_module(cls)
     try:
+        yield cls
+    finally:
+        timm_fx._leaf_modules.discard(cls)
+
+
+def test_timm_notrace_module_is_opened():
+    with timm_notrace(PadToMultiple) as NoTraceWindow:
         torch.manual_seed(0)
         m = nn.Sequential(NoTraceWindow(), nn.Linear(8, 4))
         x = torch.randn(2, 3, 10, 10)
@@ -115,8 +123,6 @@ def test_timm_notrace_module_is_opened():
         # with a rule of its own (here: the user's), the module stays one node
         gm = trace(m, example_inputs=(x,), has_rule=lambda mod: isinstance(mod, NoTraceWindow))
         assert [n.target for n in gm.graph.nodes if n.op == "call_module"][0] == "0"
-    finally:
-        timm_fx._leaf_modules.discard(NoTraceWindow)
 
 
 class RelIndexAttn(nn.Module):
@@ -138,13 +144,7 @@ class RelIndexAttn(nn.Module):
 
 
 def test_opened_module_with_a_tensor_attribute_cache():
-    timm_fx = pytest.importorskip("timm.layers._fx")
-
-    class NoTraceRel(RelIndexAttn):
-        pass
-
-    timm_fx.register_notrace_module(NoTraceRel)
-    try:
+    with timm_notrace(RelIndexAttn) as NoTraceRel:
         torch.manual_seed(0)
         m = nn.Sequential(nn.Linear(4, 8), NoTraceRel(), nn.Linear(8, 2))
         x = torch.randn(2, 5, 4)
@@ -152,5 +152,3 @@ def test_opened_module_with_a_tensor_attribute_cache():
         assert dt.report.boundaries == []
         assert isinstance(m[1].rel, torch.Tensor) and not isinstance(m[1].rel, torch.fx.Proxy)
         assert "rel" not in m[1]._buffers      # the attribute is put back as it was
-    finally:
-        timm_fx._leaf_modules.discard(NoTraceRel)
