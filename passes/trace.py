@@ -364,6 +364,9 @@ def _trace_with_flags(model: nn.Module, tracer: _FlagTracer, concrete_args, inva
     finally:
         for m, (value, _) in flags.items():
             m.training = value
+        # the example values of every node: proxies and tracer form cycles that would keep
+        # them alive until the garbage collector runs, doubling expand's peak memory
+        getattr(tracer, "values", {}).clear()
     branched = [m for m, (_, f) in flags.items() if f.branched and m is not model]
     root_flag = flags.get(model)
     tracer.root_branched = bool(root_flag and root_flag[1].branched)

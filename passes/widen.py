@@ -666,9 +666,13 @@ class Builder:
         scope["_bound"].arguments = dict(bound.arguments)
         exec(src, scope)  # noqa: S102 - generated from parameter names only
         try:
-            from .trace import GPDTracer
+            from .trace import _ValueTracer
 
-            sub = GPDTracer().trace(scope["_inlined"])
+            # traced on this run's values: branches on sizes (``max(H, W)``, ``if pad:``) take
+            # this run's path, and guards in the graph re-check them at run time
+            values = tuple(map_aggregate(v, lambda a: self.svals[a] if isinstance(a, fx.Node) else a)
+                           for v in dynamic.values())
+            sub = _ValueTracer(example_inputs=values).trace(scope["_inlined"])
         except Exception:
             return False
         flops = node.meta.get("gpd", {}).get("flops", 0.0)

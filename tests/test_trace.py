@@ -152,3 +152,32 @@ def test_opened_module_with_a_tensor_attribute_cache():
         assert dt.report.boundaries == []
         assert isinstance(m[1].rel, torch.Tensor) and not isinstance(m[1].rel, torch.fx.Proxy)
         assert "rel" not in m[1]._buffers      # the attribute is put back as it was
+
+
+def _pool_to_square(x):
+    """A wrapped function with a branch on sizes (timm's no-trace functions are like this)."""
+    h, w = x.shape[-2:]
+    side = max(h, w)
+    if side != h or side != w:
+        x = F.pad(x, (0, side - w, 0, side - h))
+    return x.mean((-2, -1)) * side
+
+
+torch.fx.wrap("_pool_to_square")
+
+
+def test_wrapped_function_with_size_branches_is_inlined():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 6, 3, padding=1)
+            self.fc = nn.Linear(6, 2)
+
+        def forward(self, x):
+            return self.fc(_pool_to_square(self.conv(x)))
+
+    torch.manual_seed(0)
+    dt = check(M(), torch.randn(2, 3, 6, 9))
+    assert dt.report.boundaries == []
+    with pytest.raises(RuntimeError, match="example inputs"):
+        dt(torch.randn(2, 3, 8, 8).double())
