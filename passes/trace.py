@@ -199,6 +199,9 @@ class _ValueProxy(fx.Proxy):
         seq = self._sequence()
         if seq is None:
             return super().__iter__()
+        if not isinstance(seq, torch.Size):   # a shape's length is the rank, fixed by the graph
+            n = self.tracer.create_proxy("call_function", len, (self,), {})
+            self.tracer.create_proxy("call_function", shape_guard, (n == len(seq), True, _caller()), {})
         return iter([self[i] for i in range(len(seq))])
 
     def __len__(self):
@@ -206,6 +209,10 @@ class _ValueProxy(fx.Proxy):
         if seq is None:
             return super().__len__()
         return len(seq)
+
+
+_SEQUENCE_FUNCTIONS = (torch.cat, torch.concat, torch.concatenate, torch.stack, torch.hstack,
+                       torch.vstack, torch.dstack)
 
 
 class _ValueTracer(_FlagTracer):
@@ -227,6 +234,14 @@ class _ValueTracer(_FlagTracer):
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _ValueProxy(node, self)
+
+    def create_proxy(self, kind, target, args, kwargs, *rest, **kw):
+        # ``torch.cat(torch.split(x, 1, dim))``: the sequence as a list of its items, so the
+        # rules see one node per tensor (its length is guarded like any decided size)
+        if (kind == "call_function" and target in _SEQUENCE_FUNCTIONS and args
+                and isinstance(args[0], _ValueProxy) and args[0]._sequence() is not None):
+            args = (list(args[0]), *args[1:])
+        return super().create_proxy(kind, target, args, kwargs, *rest, **kw)
 
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
         node = super().create_node(kind, target, args, kwargs, name, type_expr)

@@ -181,3 +181,24 @@ def test_wrapped_function_with_size_branches_is_inlined():
     assert dt.report.boundaries == []
     with pytest.raises(RuntimeError, match="example inputs"):
         dt(torch.randn(2, 3, 8, 8).double())
+
+
+def test_cat_of_a_split_result_is_unpacked():
+    """timm's BilinearAttnTransform: ``torch.cat(torch.split(x, 1, dim=1), dim=3)``."""
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            y = self.conv(x)                                   # B, C, H, W
+            y = torch.cat(torch.split(y, 1, dim=2), dim=3)     # B, C, 1, H*W
+            return self.fc(y.flatten(2).mean(-1))
+
+    torch.manual_seed(0)
+    dt = check(M(), torch.randn(2, 3, 3, 5))
+    assert dt.report.boundaries == [] and dt.report.fallbacks == {}
+    with pytest.raises(RuntimeError, match="example inputs"):
+        dt(torch.randn(2, 3, 4, 5).double())

@@ -255,7 +255,7 @@ def roll(ctx, node):
     return ctx.emit_same(), lay
 
 
-@register(getattr, "size", "dim", "numel", "__len__", "ndimension", "nelement", "get_device")
+@register(getattr, len, "size", "dim", "numel", "__len__", "ndimension", "nelement", "get_device")
 def meta(ctx, node):
     """Shape/metadata queries: teacher values (e.g. the wider size) are used as they come."""
     if node.op == "call_function" and node.target is getattr:
