@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from gpd_fx.errors import ExpandInputError, GPDError, VerificationError
 from gpd_fx.passes import rules as _rules  # noqa: F401  (registers the built-in rules)
 from gpd_fx.passes.registry import has_module_rule, load_lazy_rules, make_registry
-from gpd_fx.passes.trace import MODE_ATTR, trace
+from gpd_fx.passes.trace import MODE_ATTR, shape_guard, trace
 from gpd_fx.passes.widen import Builder, _get_path, _set_path
 from gpd_fx.teacher import DynamicTeacher, ExpansionReport
 
@@ -177,6 +177,7 @@ def expand(model: nn.Module, ratio: int = 2, example_inputs: Tensor | Sequence[A
         runtime_widenings=result.runtime_widenings,
         branch_layers=n_branch,
         probe_dtype=str(probe_dtype).replace("torch.", ""),
+        size_guards=sorted({str(n.args[2]) for n in teacher.graph.nodes if n.target is shape_guard}),
         coupling_graph=result.coupling,
         coupling_groups=_components(result.coupling),
     )

@@ -35,6 +35,9 @@ class ExpansionReport:
         branch_layers: layers rewritten into multi-branch form (CBR).
         seconds: wall time of ``expand``.
         probe_dtype: dtype the self-verification ran in.
+        size_guards: source locations (``file:line``) of Python branches on sizes that tracing
+            decided on the example inputs; the teacher re-checks each on every run and stops
+            with an error if another input shape would take the other path.
         coupling_groups: number of groups of expanded tensors whose channel maps are tied
             (residual adds, concat inputs, shared layouts); ``coupling_graph`` is the
             ``networkx.Graph`` behind it (nodes are graph node names) for inspection.
@@ -54,6 +57,7 @@ class ExpansionReport:
     branch_layers: int = 0
     seconds: float = 0.0
     probe_dtype: str = ""
+    size_guards: list[str] = field(default_factory=list)
     coupling_groups: int = 0
     coupling_graph: Any = field(default=None, repr=False)
 
@@ -69,6 +73,9 @@ class ExpansionReport:
             lines.append(f"  boundary {n}: {why}")
         for n, why in self.fallbacks.items():
             lines.append(f"  FALLBACK {n}: {why}")
+        if self.size_guards:
+            lines.append(f"  {len(self.size_guards)} size branches decided on the example inputs "
+                         f"(guarded at run time): {', '.join(self.size_guards)}")
         return "\n".join(lines)
 
 

@@ -49,6 +49,7 @@ def test_size_branches_are_decided_and_guarded():
     dt = check(m, x)
     gm = dt._graph()
     assert any(n.target is shape_guard for n in gm.graph.nodes)
+    assert len(dt.report.size_guards) == 2 and all("test_trace.py" in g for g in dt.report.size_guards)
     # another batch size takes the same path and runs
     y = torch.randn(3, 3, 10, 10).double()
     assert torch.allclose(dt(y), m(y), rtol=0, atol=1e-10 * m(y).abs().max().item())
