@@ -262,3 +262,27 @@ def test_walk_drops_values_no_later_node_reads():
     held = [v for v in [*b.svals.values(), *b.tvals.values()]
             if isinstance(v, torch.Tensor) and not isinstance(v, nn.Parameter) and v.device.type != "meta"]
     assert len(held) <= 6, len(held)   # the input and the output, in both graphs
+
+
+@pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU, nn.RNN])
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_recurrent_layers_expand_exactly(cls, bidirectional):
+    """Sequencer-style RNN over tokens: two layers, both directions, exact teacher and student."""
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 5)
+            self.rnn = cls(5, 4, num_layers=2, bidirectional=bidirectional, batch_first=True)
+            self.head = nn.Linear(8 if bidirectional else 4, 2)
+
+        def forward(self, x):
+            y, _ = self.rnn(self.fc(x))
+            return self.head(y)
+
+    torch.manual_seed(0)
+    dt = exact(M(), torch.randn(2, 6, 3), ratio=3)
+    assert dt._graph().get_submodule("rnn").hidden_size == 12
+    plain = gpd_fx.fold(dt)
+    x = torch.randn(3, 7, 3, dtype=torch.float64)
+    assert torch.allclose(plain(x), dt.student(x), rtol=0, atol=1e-12)
