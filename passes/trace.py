@@ -228,7 +228,7 @@ class _ValueTracer(_FlagTracer):
         super().__init__(*args, **kwargs)
         self.example_inputs = tuple(example_inputs)
         self.values: dict[fx.Node, Any] = {}
-        self.module_inputs: dict[int, tuple] = {}   # id(module) -> values of its first call
+        self.module_inputs: dict[int, tuple] = {}   # id(module) -> argument nodes of its first call
         self._placeholders = 0
         self._opened: list[nn.Module] = []
 
@@ -300,11 +300,9 @@ class _ValueTracer(_FlagTracer):
         return decided
 
     def call_module(self, m: nn.Module, forward, args, kwargs):
-        if id(m) not in self.module_inputs:
-            nodes = fx.node.map_aggregate(tuple(args), lambda a: a.node if isinstance(a, fx.Proxy) else a)
-            values = self._value_of(nodes)
-            if values is not _UNKNOWN and not kwargs:
-                self.module_inputs[id(m)] = values
+        if id(m) not in self.module_inputs and not kwargs:
+            self.module_inputs[id(m)] = fx.node.map_aggregate(
+                tuple(args), lambda a: a.node if isinstance(a, fx.Proxy) else a)
         if not self.traces_through(m):
             return super().call_module(m, forward, args, kwargs)
         self._opened.append(m)
@@ -379,9 +377,6 @@ def _trace_with_flags(model: nn.Module, tracer: _FlagTracer, concrete_args, inva
     finally:
         for m, (value, _) in flags.items():
             m.training = value
-        # the example values of every node: proxies and tracer form cycles that would keep
-        # them alive until the garbage collector runs, doubling expand's peak memory
-        getattr(tracer, "values", {}).clear()
     branched = [m for m, (_, f) in flags.items() if f.branched and m is not model]
     root_flag = flags.get(model)
     tracer.root_branched = bool(root_flag and root_flag[1].branched)
@@ -446,6 +441,17 @@ def trace(model: nn.Module, *, leaf_modules: Iterable[type | nn.Module] | None =
             tracer = tracer_for(example_inputs)
             try:
                 graph, branched = _trace_with_flags(model, tracer, concrete_args, invariant)
+                if not branched:
+                    break
+                for m in branched:
+                    inputs = None
+                    if isinstance(tracer, _ValueTracer) and id(m) in tracer.module_inputs:
+                        inputs = tracer._value_of(tracer.module_inputs[id(m)])
+                        inputs = None if inputs is _UNKNOWN else inputs
+                    if _mode_invariant(m, lambda: tracer_for(inputs)):
+                        invariant.add(id(m))
+                    else:
+                        leaf_insts = leaf_insts + [m]
             except Exception as e:  # fx raises many types; re-raise one with a fix in the message
                 opened = getattr(e, "gpd_through", None)
                 if opened is not None:  # a timm no-trace module we opened: keep it closed
@@ -458,15 +464,12 @@ def trace(model: nn.Module, *, leaf_modules: Iterable[type | nn.Module] | None =
                     "expand(model, ..., leaf_modules=[ThatModule]); it then becomes one node (a boundary "
                     "unless a rule for it is registered), or fix Python-level arguments with concrete_args."
                 ) from e
-            if not branched:
-                break
-            inputs_of = getattr(tracer, "module_inputs", {})
-            for m in branched:
-                inputs = inputs_of.get(id(m)) if example_inputs is not None else None
-                if _mode_invariant(m, lambda: tracer_for(inputs)):
-                    invariant.add(id(m))
-                else:
-                    leaf_insts = leaf_insts + [m]
+            finally:
+                # the example value of every node: proxies and tracer form reference cycles that
+                # would keep them alive until the garbage collector runs (doubling peak memory)
+                if isinstance(tracer, _ValueTracer):
+                    tracer.values.clear()
+                    tracer.module_inputs.clear()
         # Root built from a dict of the graph's targets: the user's model is never touched, and the
         # mode-flag submodule exists only in the graph module.
         targets: dict[str, Any] = {}
