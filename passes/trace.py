@@ -9,6 +9,7 @@ control flow (``if self.training``), it marks its module, which is then kept as 
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import inspect
 import re
@@ -195,21 +196,29 @@ class _ValueProxy(fx.Proxy):
         v = getattr(self.tracer, "values", {}).get(self.node, _UNKNOWN)
         return v if isinstance(v, (tuple, list, torch.Size)) else None
 
+    def _length(self, seq) -> int:
+        if not isinstance(seq, torch.Size):   # a shape's length is the rank, fixed by the graph
+            n = self.tracer.create_proxy("call_function", len, (self,), {})
+            self.tracer.create_proxy("call_function", shape_guard, (n == len(seq), True, _caller()), {})
+        return len(seq)
+
     def __iter__(self):
         seq = self._sequence()
         if seq is None:
             return super().__iter__()
-        if not isinstance(seq, torch.Size):   # a shape's length is the rank, fixed by the graph
-            n = self.tracer.create_proxy("call_function", len, (self,), {})
-            self.tracer.create_proxy("call_function", shape_guard, (n == len(seq), True, _caller()), {})
-        return iter([self[i] for i in range(len(seq))])
+        return iter([self[i] for i in range(self._length(seq))])
 
     def __len__(self):
         seq = self._sequence()
         if seq is None:
             return super().__len__()
-        return len(seq)
+        return self._length(seq)
 
+
+# What a branch may be decided on: sizes, and Python arithmetic on them and on constants.
+_SIZE_METHODS = {"size", "dim", "ndimension", "numel", "nelement", "__len__"}
+_SIZE_ATTRS = {"shape", "ndim"}
+_PURE_MODULES = {"_operator", "operator", "math", "builtins"}
 
 _SEQUENCE_FUNCTIONS = (torch.cat, torch.concat, torch.concatenate, torch.stack, torch.hstack,
                        torch.vstack, torch.dstack)
@@ -231,6 +240,7 @@ class _ValueTracer(_FlagTracer):
         self.module_inputs: dict[int, tuple] = {}   # id(module) -> argument nodes of its first call
         self._placeholders = 0
         self._opened: list[nn.Module] = []
+        self._sizes_memo: dict[fx.Node, bool] = {}
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _ValueProxy(node, self)
@@ -293,11 +303,32 @@ class _ValueTracer(_FlagTracer):
 
     def to_bool(self, obj: fx.Proxy) -> bool:
         value = self.values.get(obj.node, _UNKNOWN)
-        if value is _UNKNOWN or not isinstance(value, (bool, int, float)):
-            return super().to_bool(obj)   # data-dependent (a tensor) or unknown: fx's TraceError
+        if value is _UNKNOWN or not isinstance(value, (bool, int, float)) or not self._from_sizes(obj.node):
+            return super().to_bool(obj)   # data-dependent or unknown: fx's TraceError
         decided = bool(value)
         self.create_proxy("call_function", shape_guard, (obj, decided, _caller()), {})
         return decided
+
+    def _from_sizes(self, node: fx.Node) -> bool:
+        """True when ``node`` is computed from sizes and Python numbers only, never from tensor
+        data (``x.sum().item()``): only such branches may be decided on the example inputs."""
+        memo = self._sizes_memo
+        if node not in memo:
+            memo[node] = False   # cycles cannot occur in a graph; this only guards recursion
+            if node.op == "placeholder":
+                ok = not isinstance(self.values.get(node), torch.Tensor)
+            elif node.op == "get_attr":
+                ok = False
+            elif node.op == "call_method" and node.target in _SIZE_METHODS \
+                    or node.op == "call_function" and node.target in (len, builtins.len) \
+                    or node.op == "call_function" and node.target is getattr and node.args[1] in _SIZE_ATTRS:
+                ok = True
+            elif node.op == "call_function" and getattr(node.target, "__module__", None) in _PURE_MODULES:
+                ok = all(self._from_sizes(a) for a in node.all_input_nodes)
+            else:
+                ok = False
+            memo[node] = ok
+        return memo[node]
 
     def call_module(self, m: nn.Module, forward, args, kwargs):
         if id(m) not in self.module_inputs and not kwargs:

@@ -203,3 +203,20 @@ def test_cat_of_a_split_result_is_unpacked():
     assert dt.report.boundaries == [] and dt.report.fallbacks == {}
     with pytest.raises(RuntimeError, match="example inputs"):
         dt(torch.randn(2, 3, 4, 5).double())
+
+
+def test_branch_on_item_is_not_decided():
+    """``.item()`` is tensor data: deciding it on the example inputs would bake one sample's path."""
+
+    class ItemBranch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            if x.abs().sum().item() > 1e9:
+                return self.fc(x)
+            return -self.fc(x)
+
+    with pytest.raises(TraceError, match="ItemBranch"):
+        gpd_fx.expand(ItemBranch(), example_inputs=(torch.randn(2, 4),))
