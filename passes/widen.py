@@ -575,6 +575,8 @@ class Builder:
             except (VerificationError, UnsupportedOpError):
                 raise
             except Exception as e:  # a rule crashed: a bug, reported as a fallback, never silent
+                if _out_of_memory(e):   # not the rule's fault, and a boundary would hide it
+                    raise
                 reason = f"the rule raised {type(e).__name__}: {e}"
                 if self.strict:
                     raise GPDError(f"While expanding {node.format_node()} ({describe(node)}): {reason}") from e
@@ -862,6 +864,14 @@ def _default_of(node: fx.Node):
     if node.args:
         return node.args[0]
     raise VerificationError(f"no example input for placeholder {node.name}")
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """An allocation failure (CPU allocators raise a plain RuntimeError)."""
+    if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    msg = str(e)
+    return isinstance(e, RuntimeError) and ("can't allocate memory" in msg or "out of memory" in msg)
 
 
 def _any_layout(lay) -> bool:

@@ -287,3 +287,17 @@ def test_optional_argument_left_at_none():
             return self.b(F.relu(self.a(x)))
 
     check(Masked(), torch.randn(5, 4))
+
+
+def test_out_of_memory_in_a_rule_is_raised_not_a_fallback(monkeypatch):
+    """An allocation failure while widening is the machine's limit, not a rule bug: it must
+    surface instead of silently turning the layer into a boundary."""
+    from gpd_fx.passes.rules import linear_ops
+
+    def oom(*a, **k):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(linear_ops, "widen_linear_weight", oom)
+    with pytest.raises(RuntimeError, match="allocate memory"):
+        gpd_fx.expand(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)),
+                      example_inputs=(torch.randn(2, 4),))

@@ -286,3 +286,24 @@ def test_recurrent_layers_expand_exactly(cls, bidirectional):
     plain = gpd_fx.fold(dt)
     x = torch.randn(3, 7, 3, dtype=torch.float64)
     assert torch.allclose(plain(x), dt.student(x), rtol=0, atol=1e-12)
+
+
+def test_matmul_of_two_free_expansions_keeps_the_wider():
+    """EfficientViM's state-space mixer: ``h = x @ (a*b)^T`` with x expanded on its C rows and
+    the state operand on its S < C columns; keeping C lets the next conv (over C) expand."""
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Conv1d(3, 8, 1)
+            self.state = nn.Conv1d(8, 2, 1)
+            self.mix = nn.Conv1d(8, 8, 1)
+
+        def forward(self, x):
+            x = self.inp(x)                       # B, C=8, L
+            s = self.state(x).softmax(-1)         # B, S=2, L
+            h = x @ s.transpose(-2, -1)           # B, C, S
+            return self.mix(h).flatten(1)
+
+    torch.manual_seed(0)
+    exact(M(), torch.randn(2, 3, 5), boundaries=0)

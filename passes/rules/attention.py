@@ -65,10 +65,16 @@ def matmul(ctx, node):
             cands.append((x, lay.at(d), lay.dim < nx - 2))
     narrowed = set()
     if len(cands) == 2 and (cands[0][1].dim != cands[1][1].dim or not cands[0][1].same_map(cands[1][1])):
-        # e.g. talking-heads attention: the logits are widened along the heads (a batch dim of
-        # the matmul) while v is widened along channels. Narrow the batch-dim operand there and
-        # keep the product expanded along v's channels.
-        drop = next((c for c in cands if c[2]), cands[0])
+        # The product can stay expanded along one dim only. Talking-heads attention: the logits
+        # are widened along the heads (a batch dim of the matmul) while v is widened along
+        # channels; narrow the batch-dim operand and keep v's channels. Otherwise keep the
+        # wider of the two expansions (EfficientViM's ``x @ (a*b)^T``: x's C channels rather
+        # than the state dim), b's on a tie.
+        batch = [c for c in cands if c[2]]
+        if batch:
+            drop = batch[0]
+        else:
+            drop = cands[0] if cands[0][1].width <= cands[1][1].width else cands[1]
         narrowed.add(drop[0])
         cands = [c for c in cands if c is not drop]
     out_lay = cands[0][1] if cands else None
