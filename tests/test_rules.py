@@ -307,3 +307,25 @@ def test_matmul_of_two_free_expansions_keeps_the_wider():
 
     torch.manual_seed(0)
     exact(M(), torch.randn(2, 3, 5), boundaries=0)
+
+
+@pytest.mark.parametrize("src,dst,dim", [
+    ([2, 6, 1], [2, 2, 3, 1], 2),     # a width-1 channel dim split off with its row
+    ([4, 1, 1], [2, 2, 1], 1),
+    ([2, 1], [2, 1, 1], 1),
+    ([2, 1, 1, 5], [2, 1, 5], 1),
+    ([2, 3, 4], [2, 12], 1),
+])
+def test_reshape_layout_follows_the_teacher_values(src, dst, dim):
+    """reshape_layout's teacher shape and layout, checked on values: the teacher tensor (r
+    interleaved copies on ``dim``) reshaped must equal the student reshape seen through the
+    layout. A channel dim of student width 1 (HaloNet) once crashed the rule."""
+    from gpd_fx.passes.layout import interleaved
+    from gpd_fx.passes.rules.shape import reshape_layout
+
+    r = 3
+    x = torch.randn(src)
+    tshape, lay, need_inter = reshape_layout(src, dst, interleaved(src[dim], r, dim), r)
+    assert not need_inter
+    teacher = x.repeat_interleave(r, dim).reshape(tshape)
+    assert torch.equal(teacher, x.reshape(dst).index_select(lay.dim, lay.index))

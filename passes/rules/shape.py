@@ -89,7 +89,8 @@ def reshape_layout(src: list[int], dst: list[int], lay: Layout, r: int) -> tuple
             tshape[o] *= r
             return tshape, Layout(o, flat, r), False
         # split into several output dims: scale the innermost one; needs copies adjacent in flat
-        inner = [k for k in gi if src[k] != 1][-1]
+        # (a channel dim of student width 1 counts: its r teacher copies are not size 1)
+        inner = [k for k in gi if src[k] != 1 or k == lay.dim][-1]
         if inner != lay.dim:
             raise CannotExpand("reshape splits a merged dim whose channel part is not innermost")
         o = gj[-1]
