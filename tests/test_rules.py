@@ -329,3 +329,20 @@ def test_reshape_layout_follows_the_teacher_values(src, dst, dim):
     assert not need_inter
     teacher = x.repeat_interleave(r, dim).reshape(tshape)
     assert torch.equal(teacher, x.reshape(dst).index_select(lay.dim, lay.index))
+
+
+def test_unfold_windows_over_spatial_dims():
+    """HaloNet's halo blocks: ``x.unfold`` over H and W keeps the channel dim in place."""
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 4, 1)
+            self.b = nn.Conv2d(4, 2, 1)
+
+        def forward(self, x):
+            w = self.a(x).unfold(2, 3, 1).unfold(3, 2, 2)      # B, C, H', W', 3, 2
+            return self.b(w.mean((-2, -1)))
+
+    torch.manual_seed(0)
+    exact(M(), torch.randn(2, 3, 5, 6))

@@ -235,6 +235,20 @@ def movedim(ctx, node):
     return _moved(ctx, node, f)
 
 
+@register("unfold", transparent=True)
+def unfold(ctx, node):
+    """``x.unfold(dim, size, step)``: sliding windows along a dim (HaloNet's halo blocks). The
+    windows are counted on ``dim`` and indexed on a new last dim; other dims keep their place."""
+    x = node.args[0]
+    lay = ctx.layout(x)
+    if lay is None:
+        return ctx.emit_same(), None
+    d = norm_dim(arg(node, 1, "dimension"), ctx.sval(x).dim())
+    if d == lay.dim:
+        raise CannotExpand("unfold along the channel dim")
+    return ctx.emit_same(), lay
+
+
 @register("unsqueeze", torch.unsqueeze, transparent=True)
 def unsqueeze(ctx, node):
     def f(d, nd):
