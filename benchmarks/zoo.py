@@ -873,7 +873,8 @@ def summary_lines(summary: dict, source: str) -> list[str]:
             lines[-1] += (f"; transformers among them: exact {s['timm_traceable_transformers_exact']}/"
                           f"{s['timm_traceable_transformers']}, share >= {TRANSFORMER_SHARE} "
                           f"{s['timm_traceable_transformers_share_ok']}/{s['timm_traceable_transformers']}; "
-                          f"all families exact {s['exact']}/{s['ran']}; skipped {len(s['skipped'])} ({skips})")
+                          f"all families exact {s['exact']}/{s['ran']}; fallbacks in {len(s['with_fallbacks'])}; "
+                          f"skipped {len(s['skipped'])} ({skips})")
     return lines
 
 
