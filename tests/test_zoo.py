@@ -1,4 +1,4 @@
-"""Zoo exactness: torchvision models expand to exact teachers in eval and train mode.
+"""Zoo exactness: torchvision and timm models expand to exact teachers in eval and train mode.
 
 Every case goes through the benchmark's own measurement (``benchmarks/zoo.py: measure``), so the
 test and the table agree on what "exact" means: float64 model and input, constant-initialised
@@ -132,7 +132,25 @@ def _params(cases):
     return [pytest.param(n, r, b, id=f"{n}-r{r}-{b}") for n, r, b in cases]
 
 
+# timm families whose code paths the torchvision zoo does not have: opened no-trace modules
+# (ConViT's GPSA, MobileViT-v2 and TinyViT blocks, NF-RegNet's blocks), LeViT's eval-mode bias
+# cache, EfficientViM's state-space mixer; small members at small inputs.
+TIMM_FAST = [
+    ("deit_tiny_patch16_224", 2),
+    ("levit_128s", 3),
+    ("convit_tiny", 2),
+    ("mobilevitv2_050", 2),
+    ("tiny_vit_5m_224", 2),
+    ("nf_regnet_b0", 2),
+    ("efficientvim_m1", 2),
+]
+
+
 def _run(name: str, ratio: int, branches: str):
+    if name.startswith("timm:"):
+        name = name[len("timm:"):]
+        spec = zoo.Spec("timm", name, {}, None, family=zoo._family(name))
+        return zoo.measure(spec, ratio, dtype="float64", branches=branches, timm_fx=False)
     if name in MINI:
         spec = zoo.Spec("torchvision", name, image_size=32)
         return zoo.measure(spec, ratio, dtype="float64", branches=branches, model=MINI[name]())
@@ -157,6 +175,13 @@ def _check(name: str, ratio: int, branches: str) -> None:
 def test_zoo_exact(name, ratio, branches):
     """Teacher == student (eval and train), no fallbacks, expanded share above the floor."""
     _check(name, ratio, branches)
+
+
+@pytest.mark.parametrize("name,ratio", [pytest.param(n, r, id=f"{n}-r{r}") for n, r in TIMM_FAST])
+def test_timm_zoo_exact(name, ratio):
+    """The same on timm families (IR only), through the benchmark's own measurement."""
+    pytest.importorskip("timm")
+    _check(f"timm:{name}", ratio, "none")
 
 
 @pytest.mark.slow
