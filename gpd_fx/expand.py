@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from gpd_fx.errors import ExpandInputError, GPDError, VerificationError
+from gpd_fx.errors import ExpandInputError, VerificationError
 from gpd_fx.passes import rules as _rules  # noqa: F401  (registers the built-in rules)
 from gpd_fx.passes.registry import has_module_rule, load_lazy_rules, make_registry
 from gpd_fx.passes.trace import MODE_ATTR, shape_guard, trace
@@ -129,15 +129,15 @@ def expand(model: nn.Module, ratio: int = 2, example_inputs: Tensor | Sequence[A
         work, probe = _probe_model(model, inputs, verify_dtype)
         probe_dtype = verify_dtype or orig_dtype
         tol = TOL.get(probe_dtype, 1e-3)
-        gm = _trace_student(work, model, leaf_modules, concrete_args, extra_rules, probe)
-        builder = Builder(gm, ratio, noise=float(noise), seed=seed, strict=strict, tol=tol,
-                          extra_rules=make_registry(extra_rules))
+        extra = make_registry(extra_rules)
+        gm = _trace_student(work, model, leaf_modules, concrete_args, extra, probe)
+        builder = Builder(gm, ratio, noise=float(noise), seed=seed, strict=strict, tol=tol, extra_rules=extra)
         with torch.no_grad():
             result = builder.run(probe, progress=progress)
         train_result = None
         if gm.meta.get("gpd_root_mode_dependent"):
             train_result = _build_train_graph(work, model, leaf_modules, concrete_args, ratio, noise, seed,
-                                              strict, tol, extra_rules, probe)
+                                              strict, tol, extra, probe)
     teacher = result.graph_module
     _tie_shared_parameters(model, teacher, result.sources)
     n_branch = 0
@@ -237,28 +237,27 @@ def _template_of(model: nn.Module, mapped: set[str]) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def _trace_student(work, model, leaf_modules, concrete_args, extra_rules, probe):
-    """Trace the working copy; timm's no-trace modules without a rule of their own are opened,
-    their shape-dependent Python decided on the probe inputs (and guarded at run time)."""
-    extra = make_registry(extra_rules)
+def _trace_student(work, model, leaf_modules, concrete_args, extra, probe):
+    """Trace the working copy; timm's no-trace modules without a rule of their own (here or in
+    the user's registry ``extra``) are opened, their shape-dependent Python decided on the
+    probe inputs (and guarded at run time)."""
     return trace(work, leaf_modules=_map_leaf_instances(model, work, leaf_modules), concrete_args=concrete_args,
                  example_inputs=probe, has_rule=lambda m: has_module_rule(m, extra))
 
 
 def _build_train_graph(work, model, leaf_modules, concrete_args, ratio, noise, seed, strict, tol,
-                       extra_rules, probe):
+                       extra, probe):
     """The teacher of a model whose own forward depends on the mode (GoogLeNet/Inception-v3
     return aux logits in train mode): traced with the root in train mode, built like the other."""
     flag = work.training
     work.training = True
     try:
-        gm = _trace_student(work, model, leaf_modules, concrete_args, extra_rules, probe)
+        gm = _trace_student(work, model, leaf_modules, concrete_args, extra, probe)
     finally:
         work.training = flag
     if hasattr(gm, MODE_ATTR):
         getattr(gm, MODE_ATTR).training = False   # submodules run in eval mode while building
-    builder = Builder(gm, ratio, noise=float(noise), seed=seed, strict=strict, tol=tol,
-                      extra_rules=make_registry(extra_rules))
+    builder = Builder(gm, ratio, noise=float(noise), seed=seed, strict=strict, tol=tol, extra_rules=extra)
     work.training = True
     try:
         with torch.no_grad():

@@ -9,12 +9,10 @@ control flow (``if self.training``), it marks its module, which is then kept as 
 
 from __future__ import annotations
 
-import builtins
 import contextlib
 import inspect
 import re
 import math
-import operator
 from typing import Any, Callable, Iterable
 
 import torch
@@ -22,6 +20,8 @@ import torch.fx as fx
 from torch import nn
 
 from gpd_fx.errors import TraceError
+
+from .widen import _get_path
 
 __all__ = ["trace", "GPDTracer", "MODE_ATTR"]
 
@@ -118,7 +118,7 @@ class _RestoreAttrs:
 def _holds_proxy(v) -> bool:
     found = []
     fx.node.map_aggregate(v, lambda a: found.append(a) if isinstance(a, fx.Proxy) else None)
-    return bool(found) or isinstance(v, fx.Proxy)
+    return bool(found)
 
 
 def _mode_invariant(m: nn.Module, factory) -> bool:
@@ -193,7 +193,7 @@ class _ValueProxy(fx.Proxy):
 
     # A tuple's or a shape's length is fixed by the program (not by the data): unpack it.
     def _sequence(self):
-        v = getattr(self.tracer, "values", {}).get(self.node, _UNKNOWN)
+        v = self.tracer.values.get(self.node, _UNKNOWN)
         return v if isinstance(v, (tuple, list, torch.Size)) else None
 
     def _length(self, seq) -> int:
@@ -286,7 +286,7 @@ class _ValueTracer(_FlagTracer):
             return _UNKNOWN
         if node.op == "get_attr":
             with _unpatched():  # fx patches nn.Module.__getattr__ too
-                return _attr(self.root, node.target)
+                return _get_path(self.root, node.target)
         args, kwargs = self._value_of(node.args), self._value_of(node.kwargs)
         if args is _UNKNOWN or kwargs is _UNKNOWN:
             return _UNKNOWN
@@ -320,7 +320,7 @@ class _ValueTracer(_FlagTracer):
             elif node.op == "get_attr":
                 ok = False
             elif node.op == "call_method" and node.target in _SIZE_METHODS \
-                    or node.op == "call_function" and node.target in (len, builtins.len) \
+                    or node.op == "call_function" and node.target is len \
                     or node.op == "call_function" and node.target is getattr and node.args[1] in _SIZE_ATTRS:
                 ok = True
             elif node.op == "call_function" and getattr(node.target, "__module__", None) in _PURE_MODULES:
@@ -383,13 +383,17 @@ def _unpatched():
     return _maybe_revert_all_patches()
 
 
+def _is_library_file(filename: str) -> bool:
+    """torch's or gpd_fx's own source: frames to skip when naming the user's line."""
+    return "/torch/" in filename or "/gpd_fx/" in filename or "/passes/" in filename
+
+
 def _caller() -> str:
     """``file:line`` of the innermost frame outside torch and gpd_fx (the branch being decided)."""
     frame = inspect.currentframe()
     while frame is not None:
-        f = frame.f_code.co_filename
-        if "/torch/" not in f and "/gpd_fx/" not in f and "/passes/" not in f:
-            return f"{f}:{frame.f_lineno}"
+        if not _is_library_file(frame.f_code.co_filename):
+            return f"{frame.f_code.co_filename}:{frame.f_lineno}"
         frame = frame.f_back
     return "?"
 
@@ -506,8 +510,7 @@ def trace(model: nn.Module, *, leaf_modules: Iterable[type | nn.Module] | None =
         targets: dict[str, Any] = {}
         for node in graph.nodes:
             if node.op in ("call_module", "get_attr") and node.target != MODE_ATTR:
-                targets[node.target] = model.get_submodule(node.target) if node.op == "call_module" \
-                    else _attr(model, node.target)
+                targets[node.target] = _get_path(model, node.target)
         mode = nn.Module()
         mode.training = model.training
         targets[MODE_ATTR] = mode
@@ -522,17 +525,10 @@ def trace(model: nn.Module, *, leaf_modules: Iterable[type | nn.Module] | None =
     return gm
 
 
-def _attr(root: nn.Module, target: str):
-    mod, _, name = target.rpartition(".")
-    return getattr(root.get_submodule(mod) if mod else root, name)
-
-
 def _innermost_user_frame(e: BaseException) -> str:
     import traceback
 
-    frames = [f for f in traceback.extract_tb(e.__traceback__)
-              if "/torch/" not in f.filename and "/gpd_fx/" not in f.filename
-              and "/passes/" not in f.filename]
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if not _is_library_file(f.filename)]
     if not frames:
         return ""
     f = frames[-1]
