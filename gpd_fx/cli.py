@@ -14,6 +14,7 @@ import argparse
 import importlib.util
 import inspect
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -164,6 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Rebuild the dynamic teacher of a training checkpoint, fold the student out "
                                    "of it and save it as a plain model of its own class.")
     p.add_argument("checkpoint", help="a checkpoint.pt written by gpd-fx train")
+    p.add_argument("--model", metavar="SPEC", help="the student's model spec; needed when the checkpoint names one "
+                                                   "off the allow-list (torchvision:NAME, timm:NAME, "
+                                                   "gpd_fx.models:NAME), e.g. module.path:factory, because a file "
+                                                   "never chooses code to import; must equal the checkpoint's spec "
+                                                   "(default: the checkpoint's allow-listed spec)")
     p.add_argument("--out", metavar="PATH", help="destination .pt (default: student.pt beside the checkpoint); "
                                                  "the .safetensors and .onnx go beside it")
     p.add_argument("--fuse-bn", action="store_true", help="export ONNX with batch norm fused into the preceding "
@@ -183,6 +189,7 @@ def _train_config(args: argparse.Namespace):
     """TrainConfig from the command line; with --resume, unspecified values come from the checkpoint."""
     from gpd_fx.checkpoint import load_checkpoint
     from gpd_fx.losses import GPDLossConfig
+    from gpd_fx.models import resolve_stored_spec
     from gpd_fx.trainer import TrainConfig
 
     base: dict[str, Any] = TrainConfig().to_dict()
@@ -195,6 +202,13 @@ def _train_config(args: argparse.Namespace):
             out = str(Path(resume).parent)
         saved = load_checkpoint(resume)["config"]
         base.update({k: v for k, v in saved.items() if k in base})
+        # files never choose code: a spec from the checkpoint is used only if it is on the
+        # allow-list; any other must be given again, and a given one must match
+        where = f"checkpoint {resume!r}"
+        base["model"] = resolve_stored_spec(saved.get("model"), args.model, what=where,
+                                            how="gpd-fx train {spec} --resume " + shlex.quote(resume))
+        base["teacher"] = resolve_stored_spec(saved.get("teacher"), args.teacher, what=f"{where} (static teacher)",
+                                              how="--teacher {spec}")
     given = {
         "model": args.model, "ratio": args.ratio, "noise": args.noise, "branches": args.branches,
         "expand_seed": args.expand_seed, "data": args.data, "image_size": args.image_size,
@@ -260,7 +274,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_fold(args: argparse.Namespace) -> int:
     from gpd_fx.trainer import fold_checkpoint
 
-    paths = fold_checkpoint(args.checkpoint, args.out, fuse_bn=args.fuse_bn, export_onnx=args.export_onnx)
+    paths = fold_checkpoint(args.checkpoint, args.out, fuse_bn=args.fuse_bn, export_onnx=args.export_onnx,
+                            model=args.model)
     for name, path in paths.items():
         print(f"{name}: {path}")
     return 0

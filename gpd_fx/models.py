@@ -1,9 +1,14 @@
 """Model specs: build a classifier from ``torchvision:NAME``, ``timm:NAME`` or ``module.path:factory``.
 
-A *spec* is a short string that names a model and can be stored in a checkpoint, so that
-``gpd-fx fold`` can rebuild the user's module without any Python from the user. Built-in
-models live here too: :func:`small_cnn` (the default student, fast on a laptop CPU) and
-:func:`wide_cnn` (the default static teacher of the "with teacher" scenario).
+A *spec* is a short string that names a model and is stored in checkpoints and student files.
+Files never choose code: a spec read from a file is used only when it names a model of the
+allow-list (``torchvision:NAME``, ``timm:NAME``, ``gpd_fx.models:NAME`` of a built-in model),
+which builds a model without importing or calling anything the file names. Any other spec
+(``module.path:factory`` imports and calls user code) must be given again by the caller
+(``gpd-fx fold CKPT --model SPEC``, ``gpd-fx train SPEC --resume ...``); see
+:func:`resolve_stored_spec`. Built-in models live here too: :func:`small_cnn` (the default
+student, fast on a laptop CPU) and :func:`wide_cnn` (the default static teacher of the "with
+teacher" scenario).
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import re
 from typing import Any, Callable
 
 import torch
@@ -23,7 +29,10 @@ __all__ = [
     "DEFAULT_TEACHER",
     "ModelSpecError",
     "SmallCNN",
+    "UntrustedSpecError",
     "build_model",
+    "is_trusted_spec",
+    "resolve_stored_spec",
     "small_cnn",
     "wide_cnn",
 ]
@@ -37,6 +46,10 @@ DEFAULT_TEACHER = "gpd_fx.models:wide_cnn"
 
 class ModelSpecError(GPDError, ValueError):
     """A model spec that cannot be resolved (bad syntax, unknown name, failing factory)."""
+
+
+class UntrustedSpecError(ModelSpecError):
+    """A file names a model outside the allow-list, or one that differs from the spec given."""
 
 
 # ------------------------------------------------------------------------- built-in models
@@ -126,6 +139,79 @@ def wide_cnn(num_classes: int = 10, in_chans: int = 3) -> SmallCNN:
 
 
 # ------------------------------------------------------------------------------ resolving
+
+# Built-in factories a file may name as ``gpd_fx.models:NAME``: a fixed table, so that a stored
+# spec never reaches getattr() on an arbitrary attribute.
+_BUILTIN = {"small_cnn": small_cnn, "wide_cnn": wide_cnn}
+# Names of library models: no module path, no hub prefix (``timm:hf-hub:...`` would download).
+_LIBRARY_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
+
+
+def is_trusted_spec(spec: object) -> bool:
+    """Whether a spec read from a file may be built without the user naming it again.
+
+    True only for ``torchvision:NAME`` and ``timm:NAME`` (a plain model name, looked up in the
+    library's own registry; nothing is imported by name and nothing is downloaded) and
+    ``gpd_fx.models:small_cnn`` / ``gpd_fx.models:wide_cnn``. ``module.path:factory`` specs
+    import and call arbitrary code, so a file can never choose one.
+
+    Args:
+        spec: the stored value (any type; non-strings are not trusted).
+
+    Returns:
+        ``True`` when the spec is on the allow-list.
+
+    Example:
+        >>> is_trusted_spec("torchvision:resnet18"), is_trusted_spec("http.server:test")
+        (True, False)
+    """
+    if not isinstance(spec, str) or ":" not in spec:
+        return False
+    prefix, name = spec.split(":", 1)
+    if prefix in ("torchvision", "timm"):
+        return _LIBRARY_NAME.fullmatch(name) is not None
+    return prefix == "gpd_fx.models" and name in _BUILTIN
+
+
+def resolve_stored_spec(stored: object, given: str | None, *, what: str, how: str) -> str | None:
+    """The spec to build for a model that a file (checkpoint, student file) names.
+
+    Files never choose code: without ``given`` the stored spec is used only if
+    :func:`is_trusted_spec` accepts it. With ``given`` (the caller named the model
+    explicitly) it must equal the stored spec, so that a checkpoint is never loaded into
+    another model by accident.
+
+    Args:
+        stored: the spec recorded in the file (``None`` when it records none).
+        given: the spec the caller passed, or ``None``.
+        what: the file and field, for messages, e.g. ``"checkpoint 'run/checkpoint.pt'"``.
+        how: how the caller passes the model explicitly, with ``{spec}`` where the spec goes,
+            e.g. ``"gpd-fx fold CHECKPOINT --model {spec}"``.
+
+    Returns:
+        The spec to build (``None`` when neither names one).
+
+    Raises:
+        UntrustedSpecError: the stored spec is not on the allow-list and none was given, or
+            the given spec differs from the stored one.
+
+    Example:
+        >>> resolve_stored_spec("timm:resnet18", None, what="checkpoint", how="--model {spec}")
+        'timm:resnet18'
+    """
+    if given is not None:
+        if stored is not None and stored != given:
+            raise UntrustedSpecError(f"{what} was written for model {stored!r} but {given!r} was given; pass "
+                                     f"the spec it was written with ({how.format(spec=stored)}) or start a new run")
+        return given
+    if stored is None:
+        return None
+    if not is_trusted_spec(stored):
+        raise UntrustedSpecError(
+            f"{what} names model {stored!r}, which is not on the allow-list of specs a file may choose "
+            "(torchvision:NAME, timm:NAME, gpd_fx.models:small_cnn|wide_cnn), so nothing was imported; "
+            f"if you trust that code, name the model yourself: {how.format(spec=stored)}")
+    return str(stored)
 
 
 def _suggest(name: str, choices: list[str]) -> str:

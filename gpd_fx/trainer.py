@@ -45,7 +45,7 @@ from gpd_fx.checkpoint import (CheckpointError, atomic_write, load_checkpoint, l
 from gpd_fx.compile import COMPILE_MODES, compile_step
 from gpd_fx.errors import GPDError
 from gpd_fx.losses import GPDLossConfig, gpd_loss, get_kd_loss
-from gpd_fx.models import DEFAULT_STUDENT, build_model
+from gpd_fx.models import DEFAULT_STUDENT, build_model, resolve_stored_spec
 
 __all__ = [
     "StepInfo",
@@ -1150,7 +1150,7 @@ def run(cfg: TrainConfig, *, callbacks: Sequence[Callable[[StepInfo], None]] = (
 
 
 def fold_checkpoint(path: str | os.PathLike, out: str | os.PathLike | None = None, *, fuse_bn: bool = False,
-                    export_onnx: bool = False) -> dict[str, Path]:
+                    export_onnx: bool = False, model: str | None = None) -> dict[str, Path]:
     """Fold the student out of a training checkpoint; what ``gpd-fx fold`` runs.
 
     Rebuilds the student from the checkpoint's model spec, re-runs :func:`gpd_fx.expand`
@@ -1163,12 +1163,17 @@ def fold_checkpoint(path: str | os.PathLike, out: str | os.PathLike | None = Non
         fuse_bn: export ONNX with BN fused into the preceding conv (the ``.pt`` stays the
             unfused student of the user's class, so it loads into their code).
         export_onnx: also export ONNX, verified with onnxruntime.
+        model: the student's model spec. Required when the checkpoint's spec is not on the
+            allow-list of :func:`gpd_fx.models.is_trusted_spec` (a file never chooses code to
+            import); when given it must equal the checkpoint's spec.
 
     Returns:
         ``{"student_pt", "student_safetensors"[, "onnx"]}`` paths.
 
     Raises:
         CheckpointError: corrupt checkpoint, no model spec, or a state that does not match.
+        UntrustedSpecError: the checkpoint names a model off the allow-list and ``model`` is
+            not given, or ``model`` differs from the checkpoint's spec.
 
     Example:
         >>> fold_checkpoint("runs/gpd/checkpoint.pt")["student_pt"]  # doctest: +SKIP
@@ -1176,7 +1181,8 @@ def fold_checkpoint(path: str | os.PathLike, out: str | os.PathLike | None = Non
     """
     ckpt = load_checkpoint(path)
     cfg = TrainConfig.from_dict(ckpt["config"])
-    spec = ckpt.get("model_spec")
+    spec = resolve_stored_spec(ckpt.get("model_spec") or None, model,
+                               what=f"checkpoint {str(path)!r}", how="gpd-fx fold CHECKPOINT --model {spec}")
     num_classes = ckpt.get("num_classes")
     if not spec or not num_classes:
         raise CheckpointError(f"checkpoint {str(path)!r} records no model spec (the student was passed to train() "
