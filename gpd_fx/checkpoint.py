@@ -11,10 +11,12 @@ runs when a user opens a file they were sent.
 
 from __future__ import annotations
 
+import glob
 import os
 import pickle
 import re
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any, Callable
@@ -28,7 +30,12 @@ __all__ = [
     "CHECKPOINT_FORMAT",
     "STUDENT_FORMAT",
     "CheckpointError",
+    "OutputDirError",
+    "RUN_FILES",
+    "RunExistsError",
     "atomic_write",
+    "prepare_run_dir",
+    "restore_optimizer",
     "load_checkpoint",
     "load_state_dict_checked",
     "load_student",
@@ -54,6 +61,23 @@ _UMASK = _current_umask()
 
 class CheckpointError(GPDError, ValueError):
     """A checkpoint is missing, corrupt, of another format, or does not match the model."""
+
+
+class RunExistsError(GPDError, FileExistsError):
+    """The output directory already holds a run, and neither resume nor overwrite was asked for."""
+
+
+class OutputDirError(GPDError, OSError):
+    """The output directory cannot be created or written to."""
+
+
+RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "metrics.csv", "accuracy.png", "summary.json",
+             "student.pt", "student.safetensors", "student.onnx")
+"""Files of a training run in its output directory; any one of them means the directory holds a run."""
+
+# files written atomically into a run directory besides RUN_FILES (their temp names are cleaned too)
+_OTHER_FILES = ("static_teacher.pt", "static_teacher.safetensors")
+_PROBE_PREFIX = ".gpd_fx-write-check."
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
@@ -120,11 +144,17 @@ def _load(path: str | os.PathLike, what: str) -> dict[str, Any]:
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError,
             AttributeError, TypeError, KeyError) as err:
         text = str(err)
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        # torch words it "Unsupported global: GLOBAL x.y" (<= 2.5) or "unsupported GLOBAL x.y" (2.6+)
+        found = re.search(r"unsupported (?:global: )?GLOBAL ([\w.]+)", text, flags=re.IGNORECASE)
         if found:
-            reason = f"it holds a pickled {found.group(1)}, which weights_only=True refuses to load"
-        else:
-            reason = text.strip().splitlines()[0] if text.strip() else type(err).__name__
+            # never repeat torch's advice to reload with weights_only=False: that runs the file's code
+            raise CheckpointError(f"{what} {str(path)!r} is not trusted: it holds a pickled {found.group(1)} "
+                                  "where only tensors and plain containers belong, and loading it could run "
+                                  "code, so it was not loaded; gpd_fx never writes such files: use one written "
+                                  "by gpd-fx or a plain state dict") from None
+        reason = text.strip().splitlines()[0] if text.strip() else type(err).__name__
+        if "weights_only" in reason:  # torch's generic preamble, not the cause
+            reason = type(err).__name__
         raise CheckpointError(f"{what} {str(path)!r} is corrupt or unsafe to load ({reason})") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{what} {str(path)!r} holds a {type(obj).__name__}, expected a dict")
@@ -252,3 +282,130 @@ def load_student(path: str | os.PathLike) -> dict[str, Tensor]:
     if not all(isinstance(v, Tensor) for v in obj.values()):
         raise CheckpointError(f"weights file {str(path)!r} holds no state dict of tensors")
     return obj
+
+
+def prepare_run_dir(out: str | os.PathLike, *, resume: str | os.PathLike | None = None, overwrite: bool = False,
+                    main: bool = True) -> Path:
+    """Make sure a run may write into ``out``, before any work starts.
+
+    * ``out`` is created if needed and checked writable (a probe file is created and
+      removed), so an unwritable ``--out`` is found before expanding or training.
+    * Temporary files left by an interrupted atomic write (``.NAME.*.tmp`` of a killed
+      process) are removed.
+    * A directory that holds a run (any of :data:`RUN_FILES`) is never overwritten silently:
+      it is refused unless ``resume`` is that run's own ``checkpoint.pt`` or ``overwrite`` is
+      set, in which case the old run's files are deleted first (other files are kept), so that
+      nothing of the old run is mistaken for the new one.
+
+    Args:
+        out: the output directory.
+        resume: the checkpoint the run continues from, if any.
+        overwrite: replace a run found in ``out``.
+        main: whether this process writes files (rank 0); other ranks only check.
+
+    Returns:
+        ``out`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        OutputDirError: ``out`` cannot be created or written to.
+        RunExistsError: ``out`` holds a run and neither ``resume`` (of that run) nor ``overwrite``.
+
+    Example:
+        >>> prepare_run_dir("/tmp/gpd-new-run")  # doctest: +SKIP
+        PosixPath('/tmp/gpd-new-run')
+    """
+    out = Path(out)
+    fix = "choose another --out (out_dir)"
+    if out.exists() and not out.is_dir():
+        raise OutputDirError(f"output directory {str(out)!r} is an existing file, not a directory; {fix}")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=_PROBE_PREFIX, suffix=".tmp", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise OutputDirError(f"output directory {str(out)!r} is not writable "
+                             f"({err.strerror or type(err).__name__}); {fix}") from None
+    if main:
+        for name in (*RUN_FILES, *_OTHER_FILES):
+            for stale in out.glob(f".{glob.escape(name)}.*.tmp"):
+                stale.unlink(missing_ok=True)
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    own = resume is not None and Path(resume).resolve() == (out / "checkpoint.pt").resolve()
+    if found and not own:
+        if not overwrite:
+            what = "continue it with --resume (resume=its checkpoint.pt)" if (out / "checkpoint.pt").exists() \
+                else "it has no checkpoint to --resume from"
+            raise RunExistsError(f"output directory {str(out)!r} already holds a run ({', '.join(found)}); "
+                                 f"{what}, replace it with --overwrite (overwrite=True), or choose another --out")
+        if main:
+            for name in found:
+                (out / name).unlink(missing_ok=True)
+    return out
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape and bool(torch.equal(a, b))
+    return bool(a == b)
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, scheduler: Any, optimizer_state: dict[str, Any],
+                      scheduler_state: dict[str, Any], what: str) -> list[str]:
+    """Load a resumed run's optimizer and scheduler state, keeping this run's hyperparameters.
+
+    ``optimizer.load_state_dict`` replaces every hyperparameter of every group (lr, momentum,
+    weight decay, ...) with the saved ones, which would silently ignore values changed on
+    resume. Here the saved *state* (momentum buffers, step counts, the schedule position) is
+    kept, while the hyperparameters of the freshly built ``optimizer`` win; a changed peak
+    learning rate is applied to the scheduler too, at its current position.
+
+    Args:
+        optimizer: built for this run (its groups hold this run's hyperparameters).
+        scheduler: built on ``optimizer``, a :class:`~torch.optim.lr_scheduler.LRScheduler`.
+        optimizer_state: the checkpoint's ``optimizer`` entry.
+        scheduler_state: the checkpoint's ``scheduler`` entry.
+        what: names the checkpoint in errors.
+
+    Returns:
+        One line per hyperparameter whose value changed, e.g. ``"lr 0.05 -> 0.01"``
+        (``initial_lr`` is reported as ``lr``, the peak learning rate); empty when none did.
+
+    Raises:
+        CheckpointError: the saved state does not fit this optimizer (other groups or parameters).
+    """
+    wanted = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    try:
+        optimizer.load_state_dict(optimizer_state)
+        scheduler.load_state_dict(scheduler_state)
+    except (ValueError, KeyError, RuntimeError, TypeError, AttributeError) as err:
+        raise CheckpointError(f"{what}: optimizer/scheduler state does not match this run "
+                              f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
+    changed: dict[str, list[tuple[int, Any, Any]]] = {}
+    for i, (group, want) in enumerate(zip(optimizer.param_groups, wanted)):
+        for key, value in want.items():
+            if key == "lr":  # the scheduled value of the current step, recomputed below
+                continue
+            if key not in group or not _same(group[key], value):
+                changed.setdefault(key, []).append((i, group.get(key), value))
+                group[key] = value
+    if "initial_lr" in changed:
+        base = [g["initial_lr"] for g in optimizer.param_groups]
+        scheduler.base_lrs = list(base)
+        if hasattr(scheduler, "lr_lambdas"):
+            lrs = [b * fn(scheduler.last_epoch) for b, fn in zip(base, scheduler.lr_lambdas)]
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # get_lr() warns when called outside step()
+                lrs = scheduler.get_lr()
+        for group, lr in zip(optimizer.param_groups, lrs):
+            group["lr"] = lr
+        scheduler._last_lr = list(lrs)
+    lines = []
+    for key, items in changed.items():
+        olds = sorted({repr(o) for _, o, _ in items})
+        news = sorted({repr(n) for _, _, n in items})
+        groups = ", ".join(str(i) for i, _, _ in items)
+        label = "lr" if key == "initial_lr" else key
+        lines.append(f"{label} {'/'.join(olds)} -> {'/'.join(news)} (parameter group {groups})")
+    return lines

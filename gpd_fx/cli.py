@@ -16,6 +16,7 @@ import inspect
 import os
 import shlex
 import sys
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -30,6 +31,21 @@ EXIT_INTERRUPTED = 130  # the shell convention for "terminated by Ctrl-C"
 
 _LOSS_FIELDS = {"kd_loss": "dt_to_student", "kd_weight": "dt_to_student_weight", "static_kd": "static_kd",
                 "static_kd_weight": "static_kd_weight", "temperature": "temperature", "smoothing": "smoothing"}
+
+
+class CommandLineError(GPDError, ValueError):
+    """A combination of command-line options that cannot work; the message names the options."""
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+
+        return version("gpd_fx")
+    except (ImportError, PackageNotFoundError):
+        import gpd_fx
+
+        return gpd_fx.__version__
 
 
 def _ratio(text: str) -> int:
@@ -62,7 +78,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     # value) from "given"; the help shows the effective default of a fresh run
     p.add_argument("model", nargs="?", default=None,
                    help="student model spec: torchvision:NAME, timm:NAME or module.path:factory "
-                        f"(default: {d.model}, a ~78k-parameter ResNet-like CNN)")
+                        f"(default: {d.model}, a ~78k-parameter ResNet-like CNN; with --resume: the "
+                        "checkpoint's, if it is torchvision:, timm: or gpd_fx.models: -- a module.path:factory "
+                        "spec is never imported from a file and must be given again)")
     g = p.add_argument_group("dynamic teacher")
     g.add_argument("--ratio", type=_ratio, help=f"width ratio r >= 1 of the dynamic teacher (default: {d.ratio})")
     g.add_argument("--noise", type=float, help="symmetry-breaking noise of the expansion, relative to each "
@@ -120,10 +138,20 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 
     g = p.add_argument_group("output and runtime")
     g.add_argument("--out", metavar="DIR", help="output directory for checkpoint, metrics, plot and the folded "
-                                                f"student (default: {d.out_dir}; with --resume PATH: its directory)")
+                                                "student (default: a new directory runs/gpd-YYYYmmdd-HHMMSS for "
+                                                "every run, so a second run never replaces the first; with "
+                                                "--resume PATH: its directory). A directory that already holds a "
+                                                "run is refused unless --resume or --overwrite is given")
     g.add_argument("--resume", nargs="?", const="auto", metavar="PATH",
-                   help="continue from a checkpoint (default PATH: OUT/checkpoint.pt); settings not given "
-                        "on the command line are taken from the checkpoint")
+                   help="continue from a checkpoint (PATH defaults to OUT/checkpoint.pt, so without PATH --out "
+                        "is needed); settings not given on the command line are taken from the checkpoint. "
+                        "--lr, --momentum and --weight-decay given here replace the saved optimizer's values "
+                        "from the resumed step on (the run says so, and the saved config records them); flags "
+                        "that the saved teacher fixes (--ratio, --branches, --image-size, --in-chans, --noise, "
+                        "--expand-seed, --optimizer, --student-checkpoint, the model) must match the checkpoint")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace a run already in --out (its checkpoint, metrics, plot and student files are "
+                        "deleted first; other files are kept) (default: refuse)")
     g.add_argument("--compile", choices=COMPILE_MODES, help="compile the training step: none (eager), inductor "
                                                             "(torch.compile), gpd (our AOTAutograd backend: no "
                                                             f"Triton, CUDA graphs on CUDA) (default: {d.compile})")
@@ -154,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="gpd-fx",
         description="Gap Preserving Distillation as torch.fx graph passes: expand a student into a wider "
                     "dynamic teacher, train both jointly, fold the student back.")
+    parser.add_argument("--version", action="version", version=f"gpd-fx {_version()}",
+                        help="print the installed version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     p = sub.add_parser("train", help="expand -> train -> fold -> export (defaults: built-in digits data)",
@@ -197,7 +227,11 @@ def _train_config(args: argparse.Namespace):
     resume = args.resume
     if resume is not None:
         if resume == "auto":
-            resume = str(Path(out or base["out_dir"]) / "checkpoint.pt")
+            if out is None:
+                raise CommandLineError("--resume without PATH continues the run in --out DIR, and no --out was "
+                                       "given (every new run gets its own directory); pass --out DIR or "
+                                       "--resume DIR/checkpoint.pt")
+            resume = str(Path(out) / "checkpoint.pt")
         elif out is None:
             out = str(Path(resume).parent)
         saved = load_checkpoint(resume)["config"]
@@ -222,12 +256,35 @@ def _train_config(args: argparse.Namespace):
         "device": args.device, "amp": args.amp, "log_every": args.log_every, "progress": args.progress,
         "export_onnx": args.export_onnx, "fuse_bn": args.fuse_bn,
     }
+    if out is None:
+        out = _new_run_dir()
+        args.created_out = out
+    given["out_dir"] = out
     base.update({k: v for k, v in given.items() if v is not None})
     base["resume"] = resume
+    base["overwrite"] = bool(args.overwrite)
     loss = dict(base["loss"])
     loss.update({field: getattr(args, arg) for arg, field in _LOSS_FIELDS.items() if getattr(args, arg) is not None})
     base["loss"] = GPDLossConfig(**loss)
     return TrainConfig.from_dict(base)
+
+
+def _new_run_dir(root: Path = Path("runs")) -> str:
+    """A new, empty ``runs/gpd-YYYYmmdd-HHMMSS[-N]``, created here so that two runs never share it."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # each process would pick its own time stamp
+        raise CommandLineError("under torchrun pass --out DIR: the default output directory is new for every "
+                               "process, so the ranks would not agree on one")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    root.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 1000):
+        path = root / (f"gpd-{stamp}" if n == 1 else f"gpd-{stamp}-{n}")
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        return str(path)
+    raise CommandLineError(f"could not create a new run directory under {str(root)!r}; pass --out DIR")
 
 
 def _set_threads(threads: int | None) -> None:
@@ -245,8 +302,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from gpd_fx.trainer import run
 
     _set_threads(args.threads)
-    cfg = _train_config(args)
-    res = run(cfg)
+    try:
+        cfg = _train_config(args)
+        res = run(cfg)
+    except BaseException:
+        # a default run directory made for a run that never wrote anything is not left behind
+        created = getattr(args, "created_out", None)
+        if created is not None and Path(created).is_dir() and not any(Path(created).iterdir()):
+            Path(created).rmdir()
+        raise
     if not res.paths:  # ranks other than 0 write and print nothing
         return 0
     p = res.paths

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from gpd_fx.checkpoint import (CheckpointError, atomic_write, load_checkpoint, load_state_dict_checked,
-                               load_student, save_checkpoint, save_student)
+                               load_student, prepare_run_dir, restore_optimizer, save_checkpoint, save_student)
 from gpd_fx.compile import COMPILE_MODES, compile_step
 from gpd_fx.errors import GPDError
 from gpd_fx.losses import GPDLossConfig, gpd_loss, get_kd_loss
@@ -66,6 +66,9 @@ SCHEDULES = ("cosine", "step", "none")
 AMP_MODES = ("off", "bf16")
 # fields that fix the shape of the teacher: a resumed run must use the checkpoint's values
 _STRUCTURAL = ("model", "ratio", "branches", "image_size", "in_chans")
+# fields whose effect the restored state replaces and that cannot be re-applied: the teacher's
+# expansion (noise, seed, fine-tuned start) and the optimizer's kind
+_RESUME_FIXED = ("noise", "expand_seed", "student_checkpoint", "optimizer")
 
 
 class TrainConfigError(GPDError, ValueError):
@@ -133,7 +136,13 @@ class TrainConfig:
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
         amp: ``"off"`` or ``"bf16"`` autocast.
         out_dir: where checkpoint, metrics, plot and the folded student go.
-        resume: a checkpoint to continue from, or ``None``.
+        resume: a checkpoint to continue from, or ``None``. Hyperparameters that the restored
+            optimizer state would override (lr, momentum, weight decay) are re-applied from
+            this config and reported; values the saved state fixes (the structural fields, noise,
+            expand_seed, student_checkpoint, optimizer) must equal the checkpoint's.
+        overwrite: replace a run already in ``out_dir``; without it (and without ``resume``
+            of that run) a directory holding a run is refused (see
+            :func:`gpd_fx.checkpoint.prepare_run_dir`).
         teacher: static teacher model spec, or ``None`` for training from scratch.
         teacher_checkpoint: weights of the static teacher. Without one, the static teacher is
             first trained plainly for ``teacher_epochs`` and saved as ``OUT/static_teacher.pt``.
@@ -173,6 +182,7 @@ class TrainConfig:
     amp: str = "off"
     out_dir: str = "runs/gpd"
     resume: str | None = None
+    overwrite: bool = False
     teacher: str | None = None
     teacher_checkpoint: str | None = None
     teacher_epochs: int | None = None
@@ -668,11 +678,12 @@ def _fold(dt: nn.Module, fuse_bn: bool) -> tuple[nn.Module, nn.Module]:
 
 def _check_resume(ckpt: Mapping[str, Any], cfg: TrainConfig, path: str) -> None:
     saved = ckpt["config"]
-    for name in _STRUCTURAL:
-        if name in saved and saved[name] != getattr(cfg, name):
-            raise TrainConfigError(f"checkpoint {path!r} was written with {name}={saved[name]!r} but this run has "
-                                   f"{name}={getattr(cfg, name)!r}; use the same value to resume "
-                                   "(or start a new run without --resume)")
+    bad = [f"{name}={saved[name]!r} but this run has {name}={getattr(cfg, name)!r} (--{name.replace('_', '-')})"
+           for name in (*_STRUCTURAL, *_RESUME_FIXED) if name in saved and saved[name] != getattr(cfg, name)]
+    if bad:
+        raise TrainConfigError(f"checkpoint {path!r} was written with {'; '.join(bad)}; the saved teacher and "
+                               "optimizer state fix these, so use the checkpoint's values to resume "
+                               "(or start a new run without --resume)")
 
 
 def _example_batch(ds: Dataset, k: int = 2) -> Tensor:
@@ -741,6 +752,7 @@ def _train(model, cfg, train_ds, val_ds, static_teacher, callbacks, dist, n_trai
     elif cfg.student_checkpoint:
         load_state_dict_checked(model, load_student(cfg.student_checkpoint),
                                 f"student checkpoint {cfg.student_checkpoint!r}")
+    prepare_run_dir(out, resume=cfg.resume, overwrite=cfg.overwrite, main=dist.main)
 
     # ---- expand (on the CPU in float32, identically on every rank) ----
     example = _example_batch(train_ds).float()
@@ -778,12 +790,11 @@ def _train(model, cfg, train_ds, val_ds, static_teacher, callbacks, dist, n_trai
     history: list[dict[str, Any]] = []
     accum_saved = None
     if ckpt is not None:
-        try:
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-        except (ValueError, KeyError, RuntimeError) as err:
-            raise CheckpointError(f"checkpoint {str(cfg.resume)!r}: optimizer/scheduler state does not match "
-                                  f"this run ({str(err).splitlines()[0]})") from None
+        applied = restore_optimizer(optimizer, scheduler, ckpt["optimizer"], ckpt.get("scheduler"),
+                                    f"checkpoint {str(cfg.resume)!r}")
+        if applied:  # the restored state would have kept the old values; this run's config wins
+            printer(f"resume: applying this run's optimizer settings from step {ckpt.get('global_step', 0)}: "
+                    + "; ".join(applied))
         start_epoch, start_step = int(ckpt["epoch"]), int(ckpt.get("step_in_epoch", 0))
         global_step = int(ckpt.get("global_step", 0))
         history = list(ckpt.get("history", []))
@@ -1136,6 +1147,8 @@ def run(cfg: TrainConfig, *, callbacks: Sequence[Callable[[StepInfo], None]] = (
     """
     from gpd_fx.data import build_datasets
 
+    # before any work (data, static teacher): refuse a directory holding a run, check writability
+    prepare_run_dir(cfg.out_dir, resume=cfg.resume, overwrite=cfg.overwrite, main=_is_main_process())
     train_ds, val_ds, num_classes = build_datasets(cfg.data, cfg.image_size, channels=cfg.in_chans,
                                                    seed=cfg.seed, val_fraction=cfg.val_fraction)
     _check_dataset(train_ds, "training")
