@@ -128,7 +128,11 @@ class TrainConfig:
         grad_clip: clip the global gradient norm to this value; 0 disables.
         ratio: expansion ratio r >= 1 of the dynamic teacher.
         noise: symmetry-breaking noise of :func:`gpd_fx.expand`, relative to each weight's std.
-        branches: CBR multi-branch kinds: ``"none"`` (IR only), ``"all"`` or a comma list.
+        branches: multi-branch (CBR) kinds of the teacher's conv/linear layers: ``"none"`` = IR
+            only (``expand(branches=())``), ``"all"`` = every kind that applies
+            (``expand(branches=None)``, expand's own default), or a comma list of kinds from
+            ``gpd_fx.passes.branches.BRANCH_KINDS_CONV`` / ``BRANCH_KINDS_LINEAR`` such as
+            ``"kxk,1x1,identity"``.
         expand_seed: seed of the expansion noise and branches.
         loss: the :class:`~gpd_fx.losses.GPDLossConfig`.
         seed: seed of initialisation, data order and every other random choice.
