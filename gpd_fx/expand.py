@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import math
+import numbers
 import time
 from typing import Any, Callable, Iterable, Sequence
 
@@ -27,6 +29,13 @@ __all__ = ["expand"]
 # reasoning gives ~1e-5..1e-4 (dot products of up to ~2e4 terms, sqrt(n)*eps per layer), so
 # float32 is checked at 1e-3: still orders below the O(1e-1) error of a wrong rule.
 TOL = {torch.float64: 1e-9, torch.float32: 1e-3, torch.bfloat16: 3e-2, torch.float16: 1e-2}
+
+# Largest accepted ``noise``. The noise std is relative to each weight's std, so at 1 the copies
+# of a weight already differ by as much as the weights differ from each other; beyond 10 the
+# teacher's weights are mostly noise, and the zero-sum cancellation that makes the teacher exact
+# leaves a rounding error ~noise times larger than at noise = 1 (at 100 in float32 layers fail
+# the self-verification and silently become boundaries). Nothing useful lies above it.
+MAX_NOISE = 10.0
 
 
 def _as_inputs(example_inputs) -> tuple:
@@ -83,11 +92,14 @@ def expand(model: nn.Module, ratio: int = 2, example_inputs: Tensor | Sequence[A
     """Build the dynamic teacher of ``model``: ``ratio`` times wider, same function at init.
 
     Args:
-        model: the student, any ``torch.fx``-traceable module. Never modified.
+        model: the student, any ``torch.fx``-traceable ``nn.Module`` instance. Never modified:
+            the teacher owns copies of every tensor it trains, and the process-wide random
+            generators (CPU, and CUDA when initialised) are left as they were.
         ratio: integer expansion ratio r >= 1 (r = 1 gives an exact copy with the same graph).
         example_inputs: a tensor or tuple of tensors the model accepts; used to trace shapes and
             to verify the teacher (in float64 when the model allows).
         noise: std of the zero-sum symmetry-breaking noise, relative to each weight's std; 0 off.
+            A finite number in [0, 10] (above that the teacher's weights are mostly noise).
         seed: seed of the noise and of the multi-branch parameters.
         strict: raise :class:`~gpd_fx.errors.UnsupportedOpError` instead of cutting a boundary.
         leaf_modules: module classes or instances not to trace into.
@@ -104,6 +116,13 @@ def expand(model: nn.Module, ratio: int = 2, example_inputs: Tensor | Sequence[A
         A :class:`~gpd_fx.DynamicTeacher`: ``dt(x)`` is the teacher, ``dt.student(x)`` the
         student as a function of the teacher's parameters, ``dt.report`` the expansion report.
 
+    Raises:
+        ExpandInputError: ``model`` is not an ``nn.Module`` or is a teacher already, ``ratio`` or
+            ``noise`` is out of range, or the model fails on ``example_inputs``.
+        TraceError: ``torch.fx`` cannot trace the model (the message names the line).
+        UnsupportedOpError: ``strict=True`` and an op (a custom ``autograd.Function`` included)
+            has no rule.
+
     Example:
         >>> import torch, torchvision, gpd_fx
         >>> m = torchvision.models.resnet18(num_classes=10)
@@ -112,16 +131,50 @@ def expand(model: nn.Module, ratio: int = 2, example_inputs: Tensor | Sequence[A
         True
     """
     t0 = time.perf_counter()
+    if not isinstance(model, nn.Module):
+        raise ExpandInputError(
+            f"expand takes the student as an nn.Module instance, got {type(model).__name__} {model!r:.60}. "
+            "Build the model first and pass it, e.g. expand(torchvision.models.resnet18(num_classes=10), 2, "
+            "example_inputs=(torch.randn(1, 3, 224, 224),)); the CLI's model specs (torchvision:resnet18) "
+            "are for gpd-fx only")
     if isinstance(model, DynamicTeacher) or any(isinstance(m, DynamicTeacher) for m in model.modules()):
         raise ExpandInputError("this model is already an expanded teacher; expand the original student "
                                "(or gpd_fx.fold(dt) it first)")
-    if not isinstance(model, nn.Module):
-        raise ExpandInputError(f"expand takes an nn.Module, got {type(model).__name__}")
     if isinstance(ratio, bool) or not isinstance(ratio, int) or ratio < 1:
         raise ExpandInputError(f"ratio must be an integer >= 1, got {ratio!r}")
-    if not (isinstance(noise, (int, float)) and noise >= 0):
-        raise ExpandInputError(f"noise must be a number >= 0, got {noise!r}")
+    _check_noise(noise)
     inputs = _as_inputs(example_inputs)
+    # Building runs the model and its random ops (dropout) under fixed seeds, which would set the
+    # process-wide generators; the user's random stream continues as if expand had not run.
+    with _rng_untouched():
+        dt = _expand(model, ratio, inputs, noise, seed, strict, leaf_modules, concrete_args, extra_rules,
+                     branches, verify_dtype, progress)
+    dt.report.seconds = time.perf_counter() - t0
+    return dt
+
+
+def _check_noise(noise) -> None:
+    if isinstance(noise, bool) or not isinstance(noise, numbers.Real) or not math.isfinite(noise) \
+            or not 0 <= noise <= MAX_NOISE:
+        raise ExpandInputError(
+            f"noise must be a finite number in [0, {MAX_NOISE:g}] (the std of the symmetry-breaking noise "
+            f"relative to each weight's std; 0 turns it off, the default 0.1 suits most models), got {noise!r}")
+
+
+@contextlib.contextmanager
+def _rng_untouched():
+    """Restore the CPU generator and every initialised CUDA generator on exit.
+
+    CUDA generators are saved only when CUDA is initialised already: saving them would otherwise
+    start a CUDA context for a CPU-only expand, and a CUDA model initialises it before this point.
+    """
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        yield
+
+
+def _expand(model, ratio, inputs, noise, seed, strict, leaf_modules, concrete_args, extra_rules, branches,
+            verify_dtype, progress) -> DynamicTeacher:
     concrete_args = _none_defaults(model, inputs, concrete_args)
     load_lazy_rules()
     orig_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
@@ -160,6 +213,7 @@ def expand(model: nn.Module, ratio: int = 2, example_inputs: Tensor | Sequence[A
             _verify_again(train_teacher, work, probe, tol)
         train_teacher = train_teacher.to(orig_dtype)
     teacher = teacher.to(orig_dtype)
+    _own_tensors(model, teacher, train_teacher)
     mapped = {s.student_name for s in result.sources}
     template = _template_of(model, mapped)
     buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
@@ -185,8 +239,35 @@ def expand(model: nn.Module, ratio: int = 2, example_inputs: Tensor | Sequence[A
                   branches=list(branches) if isinstance(branches, (list, tuple)) else branches)
     dt = DynamicTeacher(teacher, template, result.sources, buffers, report, config, train_teacher=train_teacher)
     dt.train(model.training)
-    report.seconds = time.perf_counter() - t0
     return dt
+
+
+def _own_tensors(model: nn.Module, *graphs: nn.Module | None) -> None:
+    """Give the teacher its own copy of every parameter and buffer that shares memory with the
+    user's model.
+
+    Rules keep tensors that need no widening as they are (a classifier bias whose output stays at
+    student width, a first layer's input side), so an optimiser step on the teacher, or a BN
+    update in train mode, would write into the user's module. One copy is made per distinct view
+    of the user's memory, so tensors that are one in the teacher (tied weights) stay one.
+    """
+    theirs = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())
+              if t.device.type != "meta" and t.untyped_storage().nbytes()}
+    copies: dict[tuple, Tensor] = {}
+    for g in graphs:
+        if g is None:
+            continue
+        for mod in g.modules():
+            for store in (mod._parameters, mod._buffers):
+                for name, t in store.items():
+                    if t is None or t.device.type == "meta" or t.untyped_storage().data_ptr() not in theirs:
+                        continue
+                    key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(),
+                           t.dtype, isinstance(t, nn.Parameter))
+                    if key not in copies:
+                        own = t.detach().clone()
+                        copies[key] = nn.Parameter(own, t.requires_grad) if isinstance(t, nn.Parameter) else own
+                    store[name] = copies[key]
 
 
 def _none_defaults(model: nn.Module, inputs: tuple, concrete_args: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -33,8 +33,9 @@ def fold(dt, fuse_bn: bool = False):
         mode), or ``(student, fused)`` when ``fuse_bn=True``.
 
     Raises:
-        FoldError: ``dt`` is not an expanded teacher, or its parameters no longer have the
-            shapes the student map expects (for instance after a wrong ``load_state_dict``).
+        FoldError: ``dt`` is not an expanded teacher, its parameters no longer have the
+            shapes the student map expects (for instance after a wrong ``load_state_dict``), or
+            a teacher parameter or student statistic is NaN/inf (named in the message).
 
     Example:
         >>> student = gpd_fx.fold(dt)
@@ -44,6 +45,7 @@ def fold(dt, fuse_bn: bool = False):
 
     if not isinstance(dt, DynamicTeacher):
         raise FoldError(f"fold takes the DynamicTeacher returned by gpd_fx.expand, got {type(dt).__name__}")
+    _check_finite(dt)
     template = dt.template
     expected = dict(template.named_parameters(remove_duplicate=False))
     state = {}
@@ -64,6 +66,12 @@ def fold(dt, fuse_bn: bool = False):
                 raise FoldError(
                     f"student parameter {src.student_name!r} should have shape {tuple(want.shape)} but the "
                     f"teacher tensor {src.teacher_name!r} maps to {tuple(t.shape)}")
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                # finite teacher tensors whose sum over the copies overflows (float16)
+                raise FoldError(
+                    f"student parameter {src.student_name!r} mapped from the teacher tensor "
+                    f"{src.teacher_name!r} is non-finite (overflow in {t.dtype}); fold a float32 copy: "
+                    "gpd_fx.fold(dt.float())")
             state[src.student_name] = t.detach().clone()
     student = copy.deepcopy(template)
     full = student.state_dict(keep_vars=True)
@@ -93,12 +101,55 @@ def fold(dt, fuse_bn: bool = False):
         if name not in persistent:
             mod, _, attr = name.rpartition(".")
             (student.get_submodule(mod) if mod else student)._buffers[attr] = b.detach().clone()
+    _retie(student, template)
     for p in student.parameters():
         p.requires_grad_(True)
     student.eval()
     if fuse_bn:
         return student, fuse_batchnorm(student)
     return student
+
+
+def _check_finite(dt) -> None:
+    """A NaN/inf teacher parameter or student statistic is a diverged run, not a model.
+
+    An error rather than a warning: a single non-finite teacher value makes the teacher's
+    output non-finite, the next backward spreads it to every parameter, and a folded student
+    with NaN weights is unusable anywhere it goes; the one useful action is to fold an earlier
+    checkpoint, which the message says. The first offender is named (parameter order).
+    """
+    seen: set[int] = set()
+    graphs = [dt.teacher] + ([dt.teacher_train] if dt.teacher_train is not None else [])
+    for g in graphs:
+        for name, p in g.named_parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            if p.is_floating_point() and p.device.type != "meta" and not bool(torch.isfinite(p).all()):
+                bad = int((~torch.isfinite(p)).sum())
+                raise FoldError(
+                    f"teacher parameter {name!r} has {bad} non-finite value(s) (NaN/inf) of {p.numel()}: the "
+                    "training diverged (or the parameters were overwritten), and the folded student would "
+                    "be NaN as well. Fold a checkpoint saved before the divergence, or train again with a "
+                    "lower learning rate or gradient clipping.")
+    for name, b in dt.student_state.as_dict().items():
+        if b.is_floating_point() and not bool(torch.isfinite(b).all()):
+            raise FoldError(
+                f"student buffer {name!r} (the student's own statistics) has non-finite values: the "
+                "training diverged. Fold a checkpoint saved before the divergence.")
+
+
+def _retie(student: nn.Module, template: nn.Module) -> None:
+    """Parameters tied in the user's model (one object under several names) are one object
+    again: loading the state dict with ``assign=True`` gave each name its own parameter."""
+    names: dict[int, list[str]] = {}
+    for name, p in template.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    for group in names.values():
+        first = student.get_parameter(group[0])
+        for name in group[1:]:
+            mod, _, attr = name.rpartition(".")
+            (student.get_submodule(mod) if mod else student).register_parameter(attr, first)
 
 
 def _check_teacher_shape(t: torch.Tensor, src) -> None:

@@ -23,7 +23,7 @@ from gpd_fx.errors import TraceError
 
 from .widen import _get_path
 
-__all__ = ["trace", "GPDTracer", "MODE_ATTR"]
+__all__ = ["trace", "GPDTracer", "MODE_ATTR", "AutogradApply"]
 
 # Name of the empty submodule whose ``training`` flag the graph reads (it follows ``.train()``).
 MODE_ATTR = "_gpd_mode"
@@ -71,6 +71,84 @@ class GPDTracer(fx.Tracer):
         """True for a timm no-trace module that this tracer opens (see ``through``)."""
         return (self.through is not None and bool(self.timm_types) and isinstance(m, self.timm_types)
                 and id(m) not in self.leaf_ids and self.through(m))
+
+    def trace(self, root, concrete_args=None):
+        with _autograd_functions_as_calls():
+            return super().trace(root, concrete_args)
+
+
+class AutogradApply:
+    """The target of a graph node that calls a custom ``torch.autograd.Function``: ``Fn.apply``.
+
+    fx would trace into ``Fn.forward`` and record its ops, so the graph would run the forward
+    with ordinary autograd and the Function's own backward would be lost (a straight-through
+    estimator would become ``round``, with zero gradient). The tracer records one call of this
+    object instead, which runs ``Fn.apply`` itself. ``Fn.apply`` is a built-in method that fx
+    cannot name in generated code, hence this wrapper; it compares and hashes equal to
+    ``Fn.apply``, so a rule registered with ``gpd_fx.register_rule(Fn.apply)`` finds the node.
+    """
+
+    def __init__(self, function: type):
+        self.function = function
+        # what torch.fx's code generation reads to name the callable
+        self.__name__ = f"{function.__name__}_apply"
+        self.__module__ = function.__module__
+
+    def __call__(self, *args, **kwargs):
+        return self.function.apply(*args, **kwargs)
+
+    def __eq__(self, other):
+        if isinstance(other, AutogradApply):
+            return other.function is self.function
+        return other == self.function.apply
+
+    def __hash__(self):
+        return hash(self.function.apply)
+
+    def __repr__(self):
+        return f"{self.function.__qualname__}.apply"
+
+    def __reduce__(self):
+        return AutogradApply, (self.function,)
+
+
+def _inlined_functions() -> tuple[type, ...]:
+    """Functions whose backward is the derivative of their forward, traced into as before.
+
+    Reentrant activation checkpointing recomputes the forward in its backward: the inlined ops
+    give the same gradients, and as one call node its arguments (the checkpointed callable)
+    could not even be recorded.
+    """
+    from torch.utils.checkpoint import CheckpointFunction
+
+    return (CheckpointFunction,)
+
+
+@contextlib.contextmanager
+def _autograd_functions_as_calls():
+    """While tracing, ``Fn.apply`` on graph values records one :class:`AutogradApply` node."""
+    Function = torch.autograd.Function
+    original = Function.__dict__["apply"]
+    if getattr(original, "_gpd_patched", False):   # a trace inside a trace (inlined functions)
+        yield
+        return
+    inlined = _inlined_functions()
+
+    def apply(cls, *args, **kwargs):
+        proxies = []
+        fx.node.map_aggregate((args, kwargs), lambda a: proxies.append(a) if isinstance(a, fx.Proxy) else None)
+        if not proxies or issubclass(cls, inlined):
+            return original.__get__(None, cls)(*args, **kwargs)
+        return proxies[0].tracer.create_proxy("call_function", AutogradApply(cls), args, kwargs)
+
+    patched = classmethod(apply)
+    apply._gpd_patched = True
+    patched._gpd_patched = True
+    Function.apply = patched
+    try:
+        yield
+    finally:
+        Function.apply = original
 
 
 class _LiveFlag:

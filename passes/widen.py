@@ -80,6 +80,11 @@ class _Entry:
 
 
 def describe(node: fx.Node) -> str:
+    from .trace import AutogradApply
+
+    if isinstance(node.target, AutogradApply):
+        fn = node.target.function
+        return f"autograd.Function {fn.__module__}.{fn.__qualname__}"
     if node.op == "call_module":
         return f"module {node.target}"
     if node.op == "call_method":
@@ -746,12 +751,25 @@ class Builder:
         return any(_any_layout(self.env[a].layout) for a in node.all_input_nodes)
 
     def _boundary(self, node: fx.Node, reason: str) -> None:
+        from .trace import AutogradApply
+
+        key = "<key>"
+        if isinstance(node.target, AutogradApply):
+            # Its forward and backward are the user's code: what they do to the channels is not
+            # known, and the verification sees the forward values on one input only, never the
+            # backward. So it runs at student width, the backward intact, unless a rule says more.
+            key = repr(node.target)
+            if reason == "no rule for this op":
+                reason = (f"no rule for the custom autograd.Function {node.target.function.__qualname__} "
+                          "(it runs at student width with its own backward)")
         if self.strict and self._inputs_expanded(node):
             raise UnsupportedOpError(
                 f"While expanding {node.format_node()} ({describe(node)}): {reason}, and strict=True "
-                "forbids a boundary. Fix: register a rule with @gpd_fx.register_rule(<key>) or "
-                "expand(..., extra_rules={key: rule}), or pass strict=False to narrow its inputs "
-                "to student width around it.")
+                f"forbids a boundary. Fix: register a rule with @gpd_fx.register_rule({key}) or "
+                f"expand(..., extra_rules={{{key}: rule}}) (for a Function that acts on each element "
+                "alone, in its forward and its backward, the element-wise rule "
+                "gpd_fx.passes.rules.elementwise.broadcast is exact), or pass strict=False to narrow "
+                "its inputs to student width around it.")
         if self._inputs_expanded(node):
             self.boundaries.append(Boundary(node.name, describe(node), reason))
         args = self.narrow(node.args)
