@@ -4,6 +4,10 @@
     python benchmarks/zoo.py --source timm --ratio 2          # one model per timm family
     python benchmarks/zoo.py --models resnet18,swin_t --ratio 2 --json /tmp/zoo.json
 
+Results go to ``--json`` (default: ``zoo_<source>.json`` in the current directory, never into
+the source tree); the timm parameter-count cache goes to ``$XDG_CACHE_HOME/gpd_fx`` (default
+``~/.cache/gpd_fx``).
+
 One row per model and ratio: traced, exact in eval and in train mode, max relative error,
 expanded FLOP share, boundaries, expand seconds, student/teacher parameters (and, with
 ``--fold`` when ``gpd_fx.fold`` exists, fold exact / export ok / onnx agrees), then a summary
@@ -52,8 +56,13 @@ import torch
 from torch import Tensor, nn
 
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
 GIB = 2 ** 30
+
+
+def _cache_dir() -> Path:
+    """Per-user cache (not the source tree): ``$XDG_CACHE_HOME/gpd_fx`` or ``~/.cache/gpd_fx``."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "gpd_fx"
 
 # Exactness tolerances, relative to max |student output|. float64 (eps 1.1e-16): the teacher sums
 # r times more terms in another order; even ~1e5-term reductions through a deep net stay near
@@ -174,7 +183,7 @@ def timm_specs(image_size: int | None = None, progress: bool = True) -> list[Spe
     """One spec per timm family: its smallest model by parameter count (meta device)."""
     import timm
 
-    counts = timm_param_counts(RESULTS / "timm_param_counts.json", progress)
+    counts = timm_param_counts(_cache_dir() / "timm_param_counts.json", progress)
     families: dict[str, list[str]] = collections.defaultdict(list)
     for n in timm.list_models():
         families[_family(n)].append(n)
@@ -549,7 +558,7 @@ def _check_fold(dt, model: nn.Module, x: Tensor, tol: float, row: Row) -> None:
 
 def measure(spec: Spec, ratio: int, *, dtype: str = "auto", max_gib: float = 20.0,
             branches: str = "default", do_fold: bool = False, timm_fx: bool = True,
-            model: nn.Module | None = None) -> Row:
+            model: nn.Module | None = None, check_free_memory: bool = True) -> Row:
     """Build ``spec``, expand it at ``ratio`` and measure exactness; never raises.
 
     Args:
@@ -562,6 +571,9 @@ def measure(spec: Spec, ratio: int, *, dtype: str = "auto", max_gib: float = 20.
         timm_fx: for timm models, also check whether timm's own FX tracing reproduces the model.
         model: an already built model to use instead of ``spec.build()`` (e.g. a reduced-width
             instance of a zoo class in tests); it is converted and modified in place.
+        check_free_memory: also skip when the estimate exceeds the memory free at this moment
+            (sweeps on a shared machine). Tests pass ``False``: their outcome must not depend on
+            what other processes hold; the ``max_gib`` budget alone is deterministic.
 
     Returns:
         A :class:`Row`.
@@ -612,7 +624,7 @@ def measure(spec: Spec, ratio: int, *, dtype: str = "auto", max_gib: float = 20.
         if est > max_gib:
             row.status, row.reason = "skipped", f"needs ~{est:.1f} GiB (> {max_gib:g} GiB budget)"
             return row
-        avail = mem_available_gib()
+        avail = mem_available_gib() if check_free_memory else math.inf
         if est > avail - 0.5:
             row.status, row.reason = "skipped", f"needs ~{est:.1f} GiB, only {avail:.1f} GiB free now (rerun)"
             return row
@@ -955,41 +967,95 @@ def run_one(spec: Spec, ratio: int, args) -> Row:
     return row
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1 (a ratio r makes the teacher r x wider), "
+                                         f"got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not value > 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
+def _mem_total_gib() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024 / GIB
+    except OSError:
+        pass
+    return None
+
+
 def parse_args(argv=None):
+    return build_parser().parse_args(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of this script (every option's help states its default)."""
+    total = _mem_total_gib()
+    # budgets scale with the machine the sweep runs on (fixed fallbacks where /proc is missing)
+    max_gib = round(0.8 * total, 1) if total else 20.0
+    mem_limit = round(0.9 * total, 1) if total else 0.0
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--source", choices=["torchvision", "timm"], default="torchvision")
-    p.add_argument("--ratio", type=int, nargs="+", default=[2, 3])
-    p.add_argument("--models", default="", help="comma-separated model names (timm: names or families)")
-    p.add_argument("--image-size", type=int, default=None, help="input side for every model (default: per model)")
-    p.add_argument("--json", default=None, help="output JSON (default benchmarks/results/zoo_<source>.json)")
-    p.add_argument("--limit", type=int, default=None, help="first K models only")
-    p.add_argument("--fold", action="store_true", help="fold/export/onnx columns (needs gpd_fx.fold)")
+    p.add_argument("--source", choices=["torchvision", "timm"], default="torchvision",
+                   help="model zoo: every torchvision classifier, or one model per timm family "
+                        "(default: %(default)s)")
+    p.add_argument("--ratio", type=_positive_int, nargs="+", default=[2, 3],
+                   help="expansion ratios r >= 1 (default: 2 3)")
+    p.add_argument("--models", default="", help="comma-separated model names (timm: names or families) "
+                                                "(default: the whole zoo)")
+    p.add_argument("--image-size", type=_positive_int, default=None,
+                   help="input side for every model (default: per model)")
+    p.add_argument("--json", default=None, help="output JSON, rewritten after every row "
+                                                "(default: zoo_<source>.json in the current directory)")
+    p.add_argument("--limit", type=_positive_int, default=None, help="first K models only (default: all)")
+    p.add_argument("--fold", action="store_true", help="also fill fold/export/onnx columns (default: off)")
     p.add_argument("--dtype", choices=["auto", "float64", "float32"], default="auto",
-                   help="auto: float64 when the float64 teacher fits --max-gib, else float32")
+                   help="auto: float64 when the float64 teacher fits --max-gib, else float32 "
+                        "(default: %(default)s)")
     p.add_argument("--branches", choices=["default", "none", "all"], default="default",
-                   help="CBR branches passed to expand: library default, () or None")
-    p.add_argument("--max-gib", type=float, default=20.0, help="memory budget per model (GiB)")
-    p.add_argument("--mem-limit-gib", type=float, default=22.0,
-                   help="hard address-space cap of each worker (0: none)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads per model; 1 because OpenMP barriers stall badly when the "
-                        "2 cores are shared with other jobs")
-    p.add_argument("--timeout", type=float, default=1800.0, help="seconds per model and ratio")
+                   help="multi-branch (CBR) kinds of the teacher's conv/linear layers: none = IR only "
+                        "(expand's branches=()), all = every kind that applies (expand's branches=None), "
+                        "default = expand's own default, i.e. all (default: %(default)s)")
+    p.add_argument("--max-gib", type=_positive_float, default=max_gib,
+                   help="memory budget per model in GiB; a model estimated above it is a skipped row "
+                        "(default: 80%% of this machine's memory, %(default)s)")
+    p.add_argument("--mem-limit-gib", type=float, default=mem_limit,
+                   help="hard address-space cap of each worker in GiB, 0 = none "
+                        "(default: 90%% of this machine's memory, %(default)s)")
+    p.add_argument("--threads", type=_positive_int, default=1,
+                   help="torch threads per model; the inputs are tiny (batch 2), and more threads mostly "
+                        "wait on each other when the cores are busy (default: %(default)s)")
+    p.add_argument("--timeout", type=_positive_float, default=1800.0,
+                   help="seconds per model and ratio (default: %(default)s)")
     p.add_argument("--no-isolate", dest="isolate", action="store_false",
                    help="run in this process (default: one subprocess per model and ratio)")
-    p.add_argument("--resume", action="store_true", help="keep rows already in the JSON file")
+    p.add_argument("--resume", action="store_true", help="keep rows already in the JSON file (default: off)")
     p.add_argument("--rerun", default="",
                    help="with --resume: comma-separated models (timm: names or families) whose rows are "
-                        "measured again, e.g. after a fix")
-    p.add_argument("--no-timing", dest="timing", action="store_false", help="skip the ResNet-50 timing row")
+                        "measured again, e.g. after a fix (default: none)")
+    p.add_argument("--no-timing", dest="timing", action="store_false",
+                   help="skip the ResNet-50 timing row (default: timed)")
     p.add_argument("--all-ratios", action="store_true",
                    help="timm: run every ratio on every family (default: ratios after the first "
                         "only on transformers)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker-ratio", type=int, default=2, help=argparse.SUPPRESS)
     p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    return p
 
 
 def main(argv=None) -> int:
@@ -1019,7 +1085,7 @@ def main(argv=None) -> int:
         specs = chosen
     if args.limit:
         specs = specs[:args.limit]
-    out_path = Path(args.json) if args.json else RESULTS / f"zoo_{args.source}.json"
+    out_path = Path(args.json) if args.json else Path.cwd() / f"zoo_{args.source}.json"
     out_path.parent.mkdir(parents=True, exist_ok=True)
     done: dict = {}
     rerun = {m.strip() for m in args.rerun.split(",") if m.strip()}

@@ -85,8 +85,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ratio", type=_ratio, help=f"width ratio r >= 1 of the dynamic teacher (default: {d.ratio})")
     g.add_argument("--noise", type=float, help="symmetry-breaking noise of the expansion, relative to each "
                                                f"weight's std (default: {d.noise})")
-    g.add_argument("--branches", help="multi-branch (CBR) kinds for the teacher's conv/linear layers: none, all, "
-                                      f"or a comma list such as kxk,1x1,identity (default: {d.branches})")
+    g.add_argument("--branches", help="multi-branch (CBR) kinds of the teacher's conv/linear layers: none = IR "
+                                      "only (expand's branches=()), all = every kind that applies (expand's "
+                                      "branches=None, its own default), or a comma list of kinds such as "
+                                      f"kxk,1x1,identity (default: {d.branches})")
     g.add_argument("--expand-seed", type=int, help=f"seed of the expansion noise and branches (default: {d.expand_seed})")
 
     g = p.add_argument_group("data")

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, Te
 from gpd_fx.errors import GPDError
 
 __all__ = [
+    "CorruptImageError",
     "DataError",
     "DatasetNotFoundError",
     "IMAGENET_MEAN",
@@ -40,6 +41,32 @@ class DataError(GPDError, ValueError):
 
 class DatasetNotFoundError(GPDError, FileNotFoundError):
     """A data directory is missing or holds no images; the message names the path."""
+
+
+class CorruptImageError(DataError):
+    """An image file cannot be decoded; the message names the file.
+
+    Raised in a ``DataLoader`` worker, it reaches the main process re-created from a message
+    that holds the worker's whole traceback; the constructor keeps only this error's own line,
+    so the user sees the file and the fix, not 2,000 characters of worker frames.
+    """
+
+    def __init__(self, message: str) -> None:
+        marker = f"{type(self).__name__}: "
+        if "Traceback (most recent call last)" in message and marker in message:
+            message = message.rsplit(marker, 1)[1].strip()
+        super().__init__(message)
+
+
+def _load_image(path: str):
+    """torchvision's default image loader, with decoding errors naming the file."""
+    from torchvision.datasets.folder import default_loader
+
+    try:
+        return default_loader(path)
+    except (OSError, ValueError, SyntaxError) as err:  # PIL: truncated, not an image, bad header
+        raise CorruptImageError(f"image file {path!r} cannot be read ({type(err).__name__}: {err}); "
+                                "delete or replace it") from None
 
 
 def _check_fraction(val_fraction: float) -> None:
@@ -167,7 +194,7 @@ def _image_folder(root: Path, transform) -> Dataset:
     if not root.is_dir():
         raise DatasetNotFoundError(f"image directory {str(root)!r} does not exist or is not a directory")
     try:
-        return ImageFolder(str(root), transform=transform)
+        return ImageFolder(str(root), transform=transform, loader=_load_image)
     except FileNotFoundError as err:
         # torchvision says "Couldn't find any class folder" / "Found no valid file"
         raise DatasetNotFoundError(
@@ -211,6 +238,11 @@ def image_folder_datasets(
     val_tf = _image_transforms(image_size, channels, train=False)
     train_base = _image_folder(root, train_tf)
     num_classes = len(train_base.classes)
+    if num_classes < 2:
+        # one class trains a 1-logit model to a vacuous 100% accuracy
+        raise DataError(f"image directory {str(root)!r} has {num_classes} class sub-folder "
+                        f"({', '.join(train_base.classes)}); a classifier needs at least 2, one sub-folder per "
+                        "class (a root with train/ and val/ must hold the classes inside each)")
     if val_dir is not None:
         val_ds = _image_folder(Path(val_dir), val_tf)
         if val_ds.class_to_idx != train_base.class_to_idx:

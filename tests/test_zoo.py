@@ -19,9 +19,11 @@ The full-size models run in the ``slow`` cases and in ``python benchmarks/zoo.py
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -32,6 +34,12 @@ from torchvision.models.convnext import CNBlockConfig
 from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformerBlockV2
 
 TOL = 1e-9
+# Memory budget of one case in GiB, compared with the benchmark's own estimate (deterministic, from
+# parameter counts on the meta device), so that the suite's peak stays well under 8 GB; raise it
+# with GPD_FX_TEST_MAX_GIB on a bigger machine (vit_b_16 needs ~5.9, maxvit_t ~6.2 at r2 float64).
+# A case above it is a pytest skip, never a failure, and no case looks at the memory free at the
+# moment it runs: that depends on other processes, and made the suite flaky on a shared machine.
+MAX_GIB = float(os.environ.get("GPD_FX_TEST_MAX_GIB", "5"))
 
 
 def _load_zoo():
@@ -150,16 +158,21 @@ def _run(name: str, ratio: int, branches: str):
     if name.startswith("timm:"):
         name = name[len("timm:"):]
         spec = zoo.Spec("timm", name, {}, None, family=zoo._family(name))
-        return zoo.measure(spec, ratio, dtype="float64", branches=branches, timm_fx=False)
+        return zoo.measure(spec, ratio, dtype="float64", branches=branches, timm_fx=False, **BUDGET)
     if name in MINI:
         spec = zoo.Spec("torchvision", name, image_size=32)
-        return zoo.measure(spec, ratio, dtype="float64", branches=branches, model=MINI[name]())
+        return zoo.measure(spec, ratio, dtype="float64", branches=branches, model=MINI[name](), **BUDGET)
     spec = {s.name: s for s in zoo.torchvision_specs()}[name]
-    return zoo.measure(spec, ratio, dtype="float64", branches=branches)
+    return zoo.measure(spec, ratio, dtype="float64", branches=branches, **BUDGET)
+
+
+BUDGET = dict(max_gib=MAX_GIB, check_free_memory=False)
 
 
 def _check(name: str, ratio: int, branches: str) -> None:
     row = _run(name, ratio, branches)
+    if row.status == "skipped":  # the estimate exceeds MAX_GIB: the same on every run, never a failure
+        pytest.skip(f"{name} r{ratio}: {row.reason}")
     where = f"{name} r{ratio} branches={branches}, input {row.input}; repro: {row.repro}"
     assert row.status == "ok", f"{where}: {row.reason} ({row.error_where})"
     assert row.fallbacks == {}, f"{where}: rules fell back to boundaries: {row.fallbacks}"
@@ -222,3 +235,31 @@ def test_zoo_cli_writes_table_and_json(tmp_path, capsys):
     (row,) = data["rows"]
     assert row["status"] == "ok" and row["exact_eval"] and row["exact_train"], row
     assert data["environment"]["cpu_count"] >= 1 and data["environment"]["torch"] == torch.__version__
+
+
+def test_measure_never_consults_free_memory_when_told_not_to(monkeypatch):
+    """Tests pass check_free_memory=False: a busy machine cannot turn a case into a skip or failure."""
+    monkeypatch.setattr(zoo, "mem_available_gib", lambda: 0.0)
+    spec = zoo.Spec("torchvision", "mini_vit", image_size=32)
+    row = zoo.measure(spec, 2, dtype="float64", branches="none", model=_mini_vit(), **BUDGET)
+    assert row.status == "ok", row.reason
+    row = zoo.measure(spec, 2, dtype="float64", branches="none", model=_mini_vit(), max_gib=MAX_GIB)
+    assert row.status == "skipped" and "free now" in row.reason
+
+
+def test_zoo_help_shows_defaults_and_no_developer_machine(tmp_path, monkeypatch, capsys):
+    """Every option's help states its default; nothing about the machine it was written on; no source-tree output."""
+    with pytest.raises(SystemExit):
+        zoo.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for action in zoo.build_parser()._actions:
+        if action.help not in (None, argparse.SUPPRESS) and action.dest != "help":
+            assert "(default:" in action.help, action.option_strings
+    assert "2 cores" not in text and "benchmarks/results" not in text
+    assert "none = IR only" in text and "all = every kind that applies" in text
+    monkeypatch.chdir(tmp_path)
+    args = zoo.parse_args(["--ratio", "2"])
+    assert args.json is None  # resolved to ./zoo_<source>.json in main
+    with pytest.raises(SystemExit) as exc:
+        zoo.parse_args(["--ratio", "0"])
+    assert exc.value.code == 2
