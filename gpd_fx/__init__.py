@@ -8,13 +8,14 @@
 from gpd_fx.errors import (ExpandInputError, FoldError, GPDError, TraceError, UnsupportedOpError,
                            VerificationError)
 from gpd_fx.expand import expand
+from gpd_fx.param_groups import param_groups
 from gpd_fx.passes.fold import fold
 from gpd_fx.passes.registry import CannotExpand, register as register_rule
 from gpd_fx.teacher import DynamicTeacher, ExpansionReport
 from gpd_fx.trainer import TrainConfig, TrainResult, train
 
 __all__ = [
-    "expand", "fold", "train", "TrainConfig", "TrainResult", "DynamicTeacher", "ExpansionReport", "register_rule", "CannotExpand",
+    "expand", "fold", "train", "param_groups", "TrainConfig", "TrainResult", "DynamicTeacher", "ExpansionReport", "register_rule", "CannotExpand",
     "GPDError", "ExpandInputError", "TraceError", "UnsupportedOpError", "VerificationError", "FoldError",
 ]
 __version__ = "0.1.0"

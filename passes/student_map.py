@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ParamSource", "map_tensor", "teacher_tensor", "evaluate_map"]
+__all__ = ["ParamSource", "map_tensor", "teacher_tensor", "evaluate_map", "share_map", "out_part", "inp_part"]
 
 
 @dataclass
@@ -98,9 +98,134 @@ def map_tensor(t: Tensor, src: ParamSource) -> Tensor:
             t = t.new_zeros(shape).index_add(dim, idx.to(t.device), t)
     if src.scale != 1.0:
         t = t * src.scale
-    return t
+    # A strided view is not safe to hand to every kernel: torch 2.14's CPU batch_norm backward
+    # returns a wrong input gradient for a non-contiguous weight when the per-channel spatial
+    # size is 1 ((N, C) or (N, C, 1) inputs: off by O(1), forward correct). The copy costs one
+    # small tensor per parameter per step.
+    return t.contiguous()
+
+
+def mapped_tensor(teacher: nn.Module, src: ParamSource) -> Tensor:
+    """``map_tensor(teacher_tensor(teacher, src), src)``, computed the cheapest way.
+
+    A multi-branch layer maps each branch factor at student size instead of folding the
+    teacher-sized kernel first (``mapped_weight``); the result is the same linear function.
+    """
+    mod = teacher.get_submodule(src.module) if src.module else teacher
+    fn = getattr(mod, "mapped_" + src.attr, None)
+    if callable(fn):
+        return fn(src)
+    return map_tensor(teacher_tensor(teacher, src), src)
 
 
 def evaluate_map(teacher: nn.Module, sources: list[ParamSource]) -> dict[str, Tensor]:
     """Student parameters computed from the teacher's, keyed by the student's names."""
-    return {s.student_name: map_tensor(teacher_tensor(teacher, s), s) for s in sources}
+    return {s.student_name: mapped_tensor(teacher, s) for s in sources}
+
+
+def _partial(src: ParamSource, keep_out: bool, keep_inp: bool) -> ParamSource:
+    """``src`` with only its output selection and/or input sum (no scale): maps of branch factors."""
+    key = ("_partial", keep_out, keep_inp)
+    cached = src.__dict__.get(key)
+    if cached is None:
+        cached = ParamSource(src.student_name, src.module, src.attr,
+                             out=src.out if keep_out else None, inp=src.inp if keep_inp else None,
+                             scale=1.0, node=src.node)
+        src.__dict__[key] = cached
+    return cached
+
+
+def out_part(src: ParamSource) -> ParamSource:
+    """The output half of ``src``'s map (select output copy 0), unscaled."""
+    return _partial(src, True, False)
+
+
+def inp_part(src: ParamSource) -> ParamSource:
+    """The input half of ``src``'s map (sum over input copies), unscaled."""
+    return _partial(src, False, True)
+
+
+def _add_adjoint_(g: Tensor, gs: Tensor, src: ParamSource) -> None:
+    """``g += map^T(gs)`` in place: the student gradient ``gs`` goes to output copy 0 and to
+    every input copy it was summed from. Touches only the selected rows of ``g``."""
+    if src.scale != 1.0:
+        gs = gs * src.scale
+    out_r, in_r = _stride_of(src)
+    target = g
+    if src.out is not None:
+        dim, first = src.out
+        if out_r == 0:
+            target = target.narrow(dim, 0, 1)
+        elif out_r is not None and target.shape[dim] == first.numel() * out_r:
+            target = target.unflatten(dim, (first.numel(), out_r)).select(dim + 1, 0)
+        else:
+            target = None   # general index: scattered below
+    if src.inp is not None:
+        dim, idx, width = src.inp
+        if in_r is not None and g.shape[dim] == idx.numel():
+            gs = gs.unsqueeze(dim + 1).expand(*gs.shape[:dim + 1], in_r, *gs.shape[dim + 1:]).flatten(dim, dim + 1)
+        else:
+            gs = gs.index_select(dim, idx.to(gs.device))
+    if target is not None:
+        target.add_(gs)
+    else:
+        dim, first = src.out
+        g.index_add_(dim, first.to(g.device), gs)
+
+
+class _SharedMap(torch.autograd.Function):
+    """``(t_1..t_n) -> (alias_1..alias_n, map(t_1)..map(t_n))`` with one fused backward.
+
+    When a teacher tensor feeds both the teacher forward (through its alias) and the student
+    map, plain autograd builds a zero tensor of the teacher's size for the map's gradient and
+    adds it to the teacher's gradient: two extra passes over every teacher weight per step.
+    Here the student's gradient is added in place into the rows of the teacher's gradient it
+    belongs to (1/r of the tensor); a full-size tensor is only built where the teacher forward
+    did not use the alias.
+    """
+
+    @staticmethod
+    def forward(ctx, srcs, *tensors):
+        ctx.srcs = srcs
+        ctx.meta = [(t.shape, t.dtype, t.device) for t in tensors]
+        ctx.set_materialize_grads(False)
+        aliases = [t.view_as(t) for t in tensors]
+        mapped = [map_tensor(t, s) for t, s in zip(tensors, srcs)]
+        return (*aliases, *mapped)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        n = len(ctx.srcs)
+        out = []
+        for i, src in enumerate(ctx.srcs):
+            g, gs = grads[i], grads[n + i]
+            if gs is not None:
+                if g is None:
+                    shape, dtype, device = ctx.meta[i]
+                    g = torch.zeros(shape, dtype=dtype, device=device)
+                elif torch._debug_has_internal_overlap(g) != 0 or g.requires_grad:
+                    # an expanded (stride 0) gradient cannot be written in place
+                    g = g.clone()
+                _add_adjoint_(g, gs, src)
+            out.append(g)
+        return (None, *out)
+
+
+def share_map(tensors: list[Tensor], sources: list[ParamSource]) -> tuple[list[Tensor], list[Tensor]]:
+    """Aliases of ``tensors`` for the teacher forward and their student maps, sharing one backward.
+
+    Differentiable in both outputs; the teacher forward must read the aliases, not the
+    originals, for the gradient to be fused (see :class:`_SharedMap`). Under ``torch.compile``
+    the plain map is used (the compiler fuses the gradient sum itself).
+
+    Returns:
+        ``(aliases, mapped)``, both in the order of ``tensors``.
+    """
+    if not tensors:
+        return [], []
+    if torch.compiler.is_compiling() or not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors):
+        return list(tensors), [map_tensor(t, s) for t, s in zip(tensors, sources)]
+    outs = _SharedMap.apply(sources, *tensors)
+    n = len(tensors)
+    return list(outs[:n]), list(outs[n:])

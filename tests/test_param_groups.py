@@ -1,0 +1,314 @@
+"""Width-aware parameter groups: the student moves exactly as a plain student would.
+
+The property: with only the student's loss on, ``k`` optimiser steps on the dynamic teacher built
+from :func:`gpd_fx.param_groups` leave ``dt.student_parameters()`` equal to the parameters of a
+plain copy of the student trained by the same optimiser on the same batches. Checked on random
+CNNs and ViT blocks (hypothesis) and hand-written nets (Conv1d, grouped/depthwise convs, tied
+weights, nn.MultiheadAttention), for SGD (momentum, Nesterov, coupled decay), Adam and AdamW.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import gpd_fx
+from gpd_fx.param_groups import ParamGroupsError, width_factors
+from strategies import cnn_cases, vit_cases
+
+# float64 throughout. Each step changes a student entry by a sum of m identical teacher updates
+# (m <= 4) instead of one: a few ulps per step, amplified through <= ~20 layers of O(1)
+# activations in the loss gradient of the next step (BN's 1/std up to ~1e2). After 3 steps the
+# worst case is ~1e-12 relative; 1e-9 keeps headroom while the unfixed rule (steps r times too
+# large) is off by O(lr * |g|) ~ 1e-3..1e-1 and cannot pass.
+TOL = 1e-9
+STEPS = 3
+
+FAST = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+OPTIMIZERS = {
+    # name: (factory(params_or_groups, lr, wd), update kind, lr, weight decay)
+    "sgd_nesterov_wd": (lambda p, lr, wd: torch.optim.SGD(p, lr=lr, momentum=0.9, nesterov=True, weight_decay=wd),
+                        "sgd", 0.05, 1e-2),
+    "sgd_momentum": (lambda p, lr, wd: torch.optim.SGD(p, lr=lr, momentum=0.8, weight_decay=wd), "sgd", 0.1, 0.0),
+    # Adam divides by sqrt(v) + eps: a gradient that is analytically zero (a conv bias before
+    # BN) is rounding noise of up to ~1e-12 on each side, and Adam moves it by up to
+    # lr * noise / eps per step, independently on the two sides (with the default eps 1e-8:
+    # 2.4e-9 after 3 steps, seen on a random CNN). eps = 1e-3 bounds that at 3 * 1e-2 * 1e-12 /
+    # 1e-3 = 3e-11; the gradients that matter here are O(1), so the step is still Adam's
+    # normalised one, and the rule under test does not involve eps.
+    "adam": (lambda p, lr, wd: torch.optim.Adam(p, lr=lr, weight_decay=wd, eps=1e-3), "adam", 1e-2, 0.0),
+    "adamw": (lambda p, lr, wd: torch.optim.AdamW(p, lr=lr, weight_decay=wd, eps=1e-3), "adam", 1e-2, 5e-2),
+}
+
+
+def _loss(out: torch.Tensor, seed: int) -> torch.Tensor:
+    """A fixed random linear functional of the output plus a square term (any output shape)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out.shape, generator=g, dtype=out.dtype)
+    return (out * w).sum() + 0.1 * out.pow(2).mean()
+
+
+def _run_equivalence(model: nn.Module, x: torch.Tensor, ratio: int, opt_name: str, *, branches=(),
+                     groups: bool = True, steps: int = STEPS) -> float:
+    """Max relative gap between ``dt.student_parameters()`` and a plain copy after ``steps``."""
+    make, update, lr, wd = OPTIMIZERS[opt_name]
+    model = model.double().train()
+    # at least 8 samples: BatchNorm over 2 values per channel (a batch of 2 at a 1x1 map) makes
+    # (x - mean) / std ~ +-1 whatever x is, so the gradient below it is cancellation noise that
+    # differs between any two evaluation orders (plain vs teacher: 1e-2 apart, measured)
+    reps = -(-8 // x.shape[0])
+    x = x.double().repeat(reps, *([1] * (x.dim() - 1)))
+    plain = copy.deepcopy(model)
+    dt = gpd_fx.expand(model, ratio=ratio, example_inputs=(x,), branches=branches, seed=1)
+    dt.train()
+    opt_p = make(plain.parameters(), lr, wd)
+    opt_t = make(gpd_fx.param_groups(dt, lr, wd, update=update) if groups else dt.parameters(), lr, wd)
+    gen = torch.Generator().manual_seed(7)
+    for k in range(steps):
+        xb = x + 0.1 * torch.randn(x.shape, generator=gen, dtype=x.dtype)
+        opt_p.zero_grad()
+        _loss(plain(xb), k).backward()
+        opt_p.step()
+        opt_t.zero_grad()
+        _loss(dt.student(xb), k).backward()
+        opt_t.step()
+    mapped = dt.student_parameters()
+    worst = 0.0
+    for name, p in plain.named_parameters():
+        if name not in mapped:
+            continue
+        ref = p.detach()
+        err = (mapped[name].detach() - ref).abs().max().item()
+        worst = max(worst, err / max(1.0, ref.abs().max().item()))
+    return worst
+
+
+# ----------------------------------------------------------------------------- hand-written nets
+
+
+class Conv1dNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv1d(2, 6, 3, padding=1)
+        self.c2 = nn.Conv1d(6, 6, 3, padding=1, groups=3)
+        self.dw = nn.Conv1d(6, 6, 5, padding=2, groups=6)
+        self.fc = nn.Linear(6 * 8, 4)
+
+    def forward(self, x):
+        x = F.relu(self.c1(x))
+        x = F.gelu(self.c2(x)) + x
+        x = self.dw(x)
+        return self.fc(x.flatten(1))
+
+
+class TiedNet(nn.Module):
+    """One linear applied twice (tied weights) between two others, with LayerNorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(5, 8)
+        self.shared = nn.Linear(8, 8)
+        self.norm = nn.LayerNorm(8)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        h = self.norm(self.shared(h) + h)
+        h = torch.tanh(self.shared(h))
+        return self.out(h)
+
+
+class MHANet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(4, 8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.norm = nn.LayerNorm(8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.embed(x)
+        a, _ = self.attn(h, h, h, need_weights=False)
+        return self.head(self.norm(h + a).mean(1))
+
+
+class BNNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.c2 = nn.Conv2d(4, 8, 3, stride=2, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.c1(x)))
+        x = F.relu(self.bn2(self.c2(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+NETS = {
+    "conv1d_grouped_dw": (Conv1dNet, (3, 2, 8)),
+    "tied_linear_ln": (TiedNet, (4, 5)),
+    "mha": (MHANet, (3, 5, 4)),
+    "bn_cnn": (BNNet, (4, 3, 8, 8)),
+}
+
+
+@pytest.mark.parametrize("net", sorted(NETS))
+@pytest.mark.parametrize("opt_name", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("ratio", [1, 2, 3, 4])
+def test_student_moves_like_plain(net, opt_name, ratio):
+    cls, shape = NETS[net]
+    torch.manual_seed(0)
+    model = cls()
+    x = torch.randn(shape)
+    err = _run_equivalence(model, x, ratio, opt_name)
+    assert err <= TOL, f"{net} r={ratio} {opt_name}: student drifted {err:.2e} from the plain trajectory"
+
+
+@pytest.mark.parametrize("opt_name", ["sgd_nesterov_wd", "adam"])
+def test_plain_groups_move_student_r_times(opt_name):
+    """The failure the groups fix: plain ``dt.parameters()`` moves inner student weights r x."""
+    torch.manual_seed(0)
+    model = Conv1dNet().double()
+    x = torch.randn(3, 2, 8, dtype=torch.float64)
+    dt = gpd_fx.expand(model, ratio=3, example_inputs=(x,), branches=(), seed=1)
+    make, _, lr, _ = OPTIMIZERS[opt_name]
+    plain = copy.deepcopy(model)
+    before = {k: v.detach().clone() for k, v in dt.student_parameters().items()}
+    opt_p, opt_t = make(plain.parameters(), lr, 0.0), make(dt.parameters(), lr, 0.0)
+    for opt, out in ((opt_p, plain(x)), (opt_t, dt.student(x))):
+        opt.zero_grad()
+        _loss(out, 0).backward()
+        opt.step()
+    after = dt.student_parameters()
+    plain_p = dict(plain.named_parameters())
+    ratio_c2 = ((after["c2.weight"] - before["c2.weight"]).norm()
+                / (plain_p["c2.weight"].detach() - before["c2.weight"]).norm()).item()
+    ratio_c1 = ((after["c1.weight"] - before["c1.weight"]).norm()
+                / (plain_p["c1.weight"].detach() - before["c1.weight"]).norm()).item()
+    assert abs(ratio_c2 - 3.0) < 1e-6 and abs(ratio_c1 - 1.0) < 1e-6
+
+
+# ----------------------------------------------------------------------------- properties
+
+
+@FAST
+@given(case=cnn_cases(max_blocks=3), ratio=st.integers(1, 4), opt_name=st.sampled_from(sorted(OPTIMIZERS)))
+def test_property_random_cnn(case, ratio, opt_name):
+    assume(case.dynamic_batch)  # the batch is grown to 8 (see _run_equivalence)
+    err = _run_equivalence(case.model, case.x, ratio, opt_name)
+    assert err <= TOL, f"student drifted {err:.2e} from the plain trajectory"
+
+
+@FAST
+@given(case=vit_cases(), ratio=st.integers(1, 4), opt_name=st.sampled_from(sorted(OPTIMIZERS)))
+def test_property_random_vit(case, ratio, opt_name):
+    err = _run_equivalence(case.model, case.x, ratio, opt_name)
+    assert err <= TOL, f"student drifted {err:.2e} from the plain trajectory"
+
+
+# ----------------------------------------------------------------------------- CBR, API
+
+
+def test_cbr_original_kernel_follows_rule_and_branches_are_grouped():
+    torch.manual_seed(0)
+    model = BNNet().double()
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    dt = gpd_fx.expand(model, ratio=2, example_inputs=(x,), seed=1)  # default branches
+    factors = {name: f for name, f in width_factors(dt).values()}
+    roles = {f.role for f in factors.values()}
+    assert {"mapped", "branch", "branch-scale"} <= roles
+    mapped_wide = [f for f in factors.values() if f.role == "mapped" and f.copies == 2]
+    assert mapped_wide, "the second conv's original kernel reads 2 input copies"
+    groups = gpd_fx.param_groups(dt, lr=0.1, weight_decay=1e-3)
+    for g in groups:
+        if g["name"].startswith("branch-scale"):
+            assert g["weight_decay"] == 0.0 and g["lr"] == 0.1
+    # every trainable tensor appears exactly once
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == len([p for p in dt.parameters() if p.requires_grad])
+
+
+def test_groups_work_with_schedulers_and_state_dict():
+    torch.manual_seed(0)
+    dt = gpd_fx.expand(BNNet(), ratio=2, example_inputs=(torch.randn(2, 3, 8, 8),), branches=())
+    opt = torch.optim.SGD(gpd_fx.param_groups(dt, lr=0.1, weight_decay=5e-4), momentum=0.9)
+    base = [g["lr"] for g in opt.param_groups]
+    assert sorted(set(base)) == [0.05, 0.1]
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5)
+    assert [g["lr"] for g in opt.param_groups] == [b * 0.5 for b in base]
+    state = opt.state_dict()
+    opt2 = torch.optim.SGD(gpd_fx.param_groups(dt, lr=0.1, weight_decay=5e-4), momentum=0.9)
+    opt2.load_state_dict(state)
+    del sched
+
+
+def test_frozen_parameters_are_left_out():
+    torch.manual_seed(0)
+    dt = gpd_fx.expand(BNNet(), ratio=2, example_inputs=(torch.randn(2, 3, 8, 8),), branches=())
+    frozen = dt.teacher.get_submodule("fc").bias
+    frozen.requires_grad_(False)
+    groups = gpd_fx.param_groups(dt, lr=0.1)
+    assert all(p is not frozen for g in groups for p in g["params"])
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf")])
+def test_bad_lr_is_typed_error(bad):
+    dt = gpd_fx.expand(BNNet(), ratio=2, example_inputs=(torch.randn(2, 3, 8, 8),), branches=())
+    with pytest.raises(ParamGroupsError, match="lr must be"):
+        gpd_fx.param_groups(dt, lr=bad)
+
+
+def test_not_a_dynamic_teacher_is_typed_error():
+    with pytest.raises(ParamGroupsError, match="gpd_fx.expand"):
+        gpd_fx.param_groups(BNNet(), lr=0.1)
+    dt = gpd_fx.expand(BNNet(), ratio=2, example_inputs=(torch.randn(2, 3, 8, 8),), branches=())
+    with pytest.raises(ParamGroupsError, match="update="):
+        gpd_fx.param_groups(dt, lr=0.1, update="lion")
+    with pytest.raises(ParamGroupsError, match="weight_decay"):
+        gpd_fx.param_groups(dt, lr=0.1, weight_decay=-1)
+
+
+def test_no_warning_on_regular_nets():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dt = gpd_fx.expand(TiedNet(), ratio=3, example_inputs=(torch.randn(2, 5),), branches=())
+        gpd_fx.param_groups(dt, lr=0.1)
+
+
+def test_student_gradient_through_batchnorm1d_is_exact():
+    """dt.student's gradient equals the plain student's below a BatchNorm1d (mapped weights are
+    strided views of the teacher's; torch's CPU batch_norm backward mishandles those at a
+    per-channel size of 1)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 2)).double()
+    with torch.no_grad():  # the bug reads the wrong weight entries: invisible with all-ones
+        model[1].weight.uniform_(0.5, 1.5)
+    x = torch.randn(8, 4, dtype=torch.float64)
+    plain = copy.deepcopy(model)
+    dt = gpd_fx.expand(model, ratio=2, example_inputs=(x,), branches=())
+    dt.train()
+    _loss(plain(x), 0).backward()
+    _loss(dt.student(x), 0).backward()
+    lin = dt.teacher.get_submodule("0").weight.grad            # (10, 8): rows 0, 2, .. read
+    mapped = lin[::2].unflatten(1, (4, 1)).sum(2) if lin.shape[1] == 4 else lin[::2]
+    assert torch.allclose(mapped, plain[0].weight.grad, rtol=0, atol=1e-12)
