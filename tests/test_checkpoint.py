@@ -96,3 +96,75 @@ def test_student_files_round_trip(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 16)
     with pytest.raises(CheckpointError, match="corrupt"):
         load_student(tmp_path / "bad.safetensors")
+
+
+class _RunsShell:
+    """Pickles to ``os.system(...)``: the classic malicious checkpoint."""
+
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_blocked_pickle_names_the_global_and_never_advises_weights_only_false(tmp_path):
+    """A file pickling os.system is 'not trusted', names the global, and does not repeat torch's advice."""
+    torch.save({"format": CHECKPOINT_FORMAT, "dt": _RunsShell()}, tmp_path / "evil.pt")
+    for load in (load_checkpoint, load_student):
+        with pytest.raises(CheckpointError) as exc:
+            load(tmp_path / "evil.pt")
+        msg = str(exc.value)
+        assert "not trusted" in msg and "system" in msg and "evil.pt" in msg
+        assert "weights_only=False" not in msg and "weights_only` set to `False" not in msg
+        assert "\n" not in msg
+
+
+def test_prepare_run_dir_refuses_overwrites_and_cleans(tmp_path):
+    """Refuses a run dir (naming it, --resume and --overwrite), allows its own resume, cleans temp files."""
+    from gpd_fx.checkpoint import OutputDirError, RunExistsError, prepare_run_dir
+
+    run = tmp_path / "run dir"
+    assert prepare_run_dir(run) == run and run.is_dir()  # created; an empty dir is fine
+    save_checkpoint(_state(), run / "checkpoint.pt")
+    (run / "notes.txt").write_text("mine")
+    (run / ".checkpoint.pt.abc123.tmp").write_bytes(b"half")  # a killed atomic write
+    with pytest.raises(RunExistsError) as exc:
+        prepare_run_dir(run)
+    assert str(run) in str(exc.value) and "--resume" in str(exc.value) and "--overwrite" in str(exc.value)
+    assert not (run / ".checkpoint.pt.abc123.tmp").exists()
+    prepare_run_dir(run, resume=run / "checkpoint.pt")  # continuing this very run
+    with pytest.raises(RunExistsError):  # another run's checkpoint would overwrite this one
+        prepare_run_dir(run, resume=tmp_path / "other" / "checkpoint.pt")
+    prepare_run_dir(run, overwrite=True)
+    assert not (run / "checkpoint.pt").exists() and (run / "notes.txt").read_text() == "mine"
+    (tmp_path / "file").write_text("x")
+    for bad in (tmp_path / "file", tmp_path / "file" / "sub"):
+        with pytest.raises(OutputDirError, match="--out"):
+            prepare_run_dir(bad)
+
+
+def test_restore_optimizer_keeps_state_but_applies_new_hyperparameters():
+    """Momentum buffers and the schedule position come from the checkpoint; lr/momentum/decay from this run."""
+    from gpd_fx.checkpoint import restore_optimizer
+
+    def build(lr, momentum, wd):
+        p = torch.nn.Parameter(torch.ones(3, 3))
+        opt = torch.optim.SGD([p], lr=lr, momentum=momentum, weight_decay=wd)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+        return p, opt, sched
+
+    p, opt, sched = build(0.1, 0.9, 0.0)
+    for _ in range(3):
+        p.grad = torch.ones_like(p)
+        opt.step()
+        sched.step()
+    _, opt2, sched2 = build(0.01, 0.5, 1e-3)
+    changes = restore_optimizer(opt2, sched2, opt.state_dict(), sched.state_dict(), "ckpt")
+    assert any(c.startswith("lr 0.1 -> 0.01") for c in changes)
+    assert any(c.startswith("momentum 0.9 -> 0.5") for c in changes)
+    assert any(c.startswith("weight_decay 0.0 -> 0.001") for c in changes)
+    g = opt2.param_groups[0]
+    assert g["momentum"] == 0.5 and g["weight_decay"] == 1e-3
+    assert g["lr"] == pytest.approx(0.01 / 4) and sched2.get_last_lr() == [g["lr"]]  # position 3 kept
+    assert torch.equal(next(iter(opt2.state.values()))["momentum_buffer"],
+                       next(iter(opt.state.values()))["momentum_buffer"])
+    _, opt3, sched3 = build(0.1, 0.9, 0.0)
+    assert restore_optimizer(opt3, sched3, opt.state_dict(), sched.state_dict(), "ckpt") == []

@@ -155,6 +155,34 @@ def test_empty_directory_errors(tmp_path, layout):
         image_folder_datasets(root)
 
 
+def test_one_class_folder_is_refused(tmp_path):
+    """One class folder would train a 1-logit model to a vacuous 100%: refused, naming the directory."""
+    root = _write_tree(tmp_path / "one class", classes=("only",), per_class=3)
+    with pytest.raises(DataError, match=r"at least 2") as exc:
+        build_datasets(str(root), image_size=8)
+    assert str(root) in str(exc.value)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_corrupt_image_error_names_the_file(tmp_path, workers):
+    """A truncated image among good ones raises CorruptImageError naming it, short also from workers."""
+    from torch.utils.data import DataLoader
+
+    from gpd_fx.data import CorruptImageError
+
+    root = _write_tree(tmp_path / "imgs", per_class=4, size=32)
+    bad = root / "dog" / "2.png"
+    bad.write_bytes(bad.read_bytes()[:80])
+    train, val, _ = image_folder_datasets(root, image_size=8, val_fraction=0.25, seed=0)
+    loader = DataLoader(torch.utils.data.ConcatDataset([train, val]), batch_size=4, num_workers=workers)
+    with pytest.raises(CorruptImageError) as exc:
+        for _ in loader:
+            pass
+    msg = str(exc.value)
+    assert str(bad) in msg and "delete or replace it" in msg
+    assert "Traceback" not in msg and len(msg) < 400, msg
+
+
 # -------------------------------------------------------------------------------- loaders
 
 

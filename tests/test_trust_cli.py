@@ -295,3 +295,25 @@ def test_version_flag(capsys):
     import gpd_fx
 
     assert capsys.readouterr().out.strip() == f"gpd-fx {gpd_fx.__version__}"
+
+
+def test_api_train_refuses_a_directory_holding_a_run(tmp_path):
+    """gpd_fx.train into a directory with a run raises RunExistsError; overwrite=True replaces it."""
+    from torch.utils.data import Subset
+
+    from gpd_fx.checkpoint import RunExistsError
+    from gpd_fx.data import digits_datasets
+    from gpd_fx.models import small_cnn
+    from gpd_fx.trainer import TrainConfig, train
+
+    tr, va, k = digits_datasets(image_size=8)
+    tr, va = Subset(tr, range(64)), Subset(va, range(32))
+    cfg = TrainConfig(epochs=1, batch_size=32, max_steps_per_epoch=1, image_size=8, device="cpu", progress=False,
+                      export_onnx=False, out_dir=str(tmp_path / "run"))
+    train(small_cnn(k), cfg, tr, va)
+    before = (tmp_path / "run" / "checkpoint.pt").read_bytes()
+    with pytest.raises(RunExistsError, match="overwrite=True"):
+        train(small_cnn(k), cfg, tr, va)
+    assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == before
+    cfg.overwrite = True
+    train(small_cnn(k), cfg, tr, va)
