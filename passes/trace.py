@@ -13,6 +13,7 @@ import contextlib
 import inspect
 import re
 import math
+import weakref
 from typing import Any, Callable, Iterable
 
 import torch
@@ -23,7 +24,7 @@ from gpd_fx.errors import TraceError
 
 from .widen import _get_path
 
-__all__ = ["trace", "GPDTracer", "MODE_ATTR", "AutogradApply"]
+__all__ = ["trace", "GPDTracer", "MODE_ATTR", "AutogradApply", "autograd_apply"]
 
 # Name of the empty submodule whose ``training`` flag the graph reads (it follows ``.train()``).
 MODE_ATTR = "_gpd_mode"
@@ -86,13 +87,16 @@ class AutogradApply:
     object instead, which runs ``Fn.apply`` itself. ``Fn.apply`` is a built-in method that fx
     cannot name in generated code, hence this wrapper; it compares and hashes equal to
     ``Fn.apply``, so a rule registered with ``gpd_fx.register_rule(Fn.apply)`` finds the node.
+    Get instances from :func:`autograd_apply` (one per Function class).
     """
 
     def __init__(self, function: type):
         self.function = function
-        # what torch.fx's code generation reads to name the callable
+        # torch.fx names the callable in generated code from __module__ and __name__; pickling a
+        # GraphModule imports it back by __qualname__ from __module__ (see ``__getattr__`` below)
+        self.__module__ = __name__
         self.__name__ = f"{function.__name__}_apply"
-        self.__module__ = function.__module__
+        self.__qualname__ = _APPLY_PREFIX + f"{function.__module__}:{function.__qualname__}".encode().hex()
 
     def __call__(self, *args, **kwargs):
         return self.function.apply(*args, **kwargs)
@@ -109,7 +113,37 @@ class AutogradApply:
         return f"{self.function.__qualname__}.apply"
 
     def __reduce__(self):
-        return AutogradApply, (self.function,)
+        return autograd_apply, (self.function,)
+
+
+_APPLY_PREFIX = "_gpd_apply_"
+_APPLY_CACHE: "weakref.WeakKeyDictionary[type, AutogradApply]" = weakref.WeakKeyDictionary()
+
+
+def autograd_apply(function: type) -> AutogradApply:
+    """The one :class:`AutogradApply` of ``function`` (a ``torch.autograd.Function`` subclass)."""
+    obj = _APPLY_CACHE.get(function)
+    if obj is None:
+        obj = _APPLY_CACHE[function] = AutogradApply(function)
+    return obj
+
+
+def __getattr__(name: str):
+    """``from gpd_fx.passes.trace import _gpd_apply_<hex>``: how a pickled GraphModule's code
+    imports an :class:`AutogradApply` (the hex encodes ``module:qualname`` of the Function)."""
+    if name.startswith(_APPLY_PREFIX):
+        import importlib
+
+        try:
+            module, _, qualname = bytes.fromhex(name[len(_APPLY_PREFIX):]).decode().partition(":")
+            obj = importlib.import_module(module)
+            for part in qualname.split("."):
+                obj = getattr(obj, part)
+        except (ValueError, ImportError, AttributeError) as e:
+            raise AttributeError(f"{name}: cannot import the autograd.Function it names ({e})") from e
+        if isinstance(obj, type) and issubclass(obj, torch.autograd.Function):
+            return autograd_apply(obj)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _inlined_functions() -> tuple[type, ...]:
@@ -139,7 +173,7 @@ def _autograd_functions_as_calls():
         fx.node.map_aggregate((args, kwargs), lambda a: proxies.append(a) if isinstance(a, fx.Proxy) else None)
         if not proxies or issubclass(cls, inlined):
             return original.__get__(None, cls)(*args, **kwargs)
-        return proxies[0].tracer.create_proxy("call_function", AutogradApply(cls), args, kwargs)
+        return proxies[0].tracer.create_proxy("call_function", autograd_apply(cls), args, kwargs)
 
     patched = classmethod(apply)
     apply._gpd_patched = True

@@ -760,8 +760,8 @@ class Builder:
             # backward. So it runs at student width, the backward intact, unless a rule says more.
             key = repr(node.target)
             if reason == "no rule for this op":
-                reason = (f"no rule for the custom autograd.Function {node.target.function.__qualname__} "
-                          "(it runs at student width with its own backward)")
+                reason = (f"no rule for the custom autograd.Function {node.target.function.__qualname__}: it "
+                          f"runs at student width with its own backward (gpd_fx.register_rule({key}) widens it)")
         if self.strict and self._inputs_expanded(node):
             raise UnsupportedOpError(
                 f"While expanding {node.format_node()} ({describe(node)}): {reason}, and strict=True "
