@@ -278,6 +278,17 @@ def test_trace_keeps_autograd_function_apply():
     x = torch.randn(2, 3, 6, 6, requires_grad=True)
     gm(x).sum().backward()
     assert x.grad.abs().sum() > 0
+    # Function.apply is patched only while tracing, also when the trace fails
+    assert not getattr(torch.autograd.Function.__dict__["apply"], "_gpd_patched", False)
+
+    class DataBranch(nn.Module):
+        def forward(self, x):
+            y = RoundSTE.apply(x)
+            return y if y.sum() > 0 else -y   # a branch on data: fx cannot trace it
+
+    with pytest.raises(gpd_fx.TraceError):
+        trace(DataBranch())
+    assert not getattr(torch.autograd.Function.__dict__["apply"], "_gpd_patched", False)
     # the node's callable survives pickling (torch.save of a teacher) and deepcopy
     for copied in (pickle.loads(pickle.dumps(gm)), copy.deepcopy(gm)):
         assert [n.target for n in copied.graph.nodes].count(RoundSTE.apply) == 1
