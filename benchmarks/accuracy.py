@@ -1,36 +1,37 @@
-"""Accuracy benchmark on digits: does GPD give a better student than plain training or KD?
+"""Accuracy benchmark: does GPD give a better student than plain training or KD, at every ratio?
 
-    python benchmarks/accuracy.py                          # 3 seeds x 10 epochs, small_cnn at 16x16
-    python benchmarks/accuracy.py --seeds 0,1,2,3,4 --epochs 15 --json /tmp/acc.json
-    python benchmarks/accuracy.py --teacher-per-seed       # train the static teacher once per seed
+    python benchmarks/accuracy.py                                   # synth task, 5 seeds, all methods
+    python benchmarks/accuracy.py --seeds 0,1 --epochs 10 --ratios 2 --json /tmp/acc.json
+    python benchmarks/accuracy.py --data digits                     # the saturated built-in images
 
-The same student (``gpd_fx.models.small_cnn``, identical initial weights within a seed) is
-trained on scikit-learn's digits for the same number of epochs in four ways:
+Data (built locally, nothing downloaded):
 
-====  ========================================================================================
-a     plain: cross-entropy only (``gpd_fx.trainer.fit_plain``)
-b     Hinton KD: ``CE + 1.0 * KD(T=4)`` from a fixed static teacher (``fit_plain(teacher=...)``)
-c     GPD from scratch: ``gpd_fx.trainer.train`` (ratio 2, IR teacher, the default GPD loss:
-      label-smoothed soft CE from the dynamic teacher, weight 3)
-d     GPD + static teacher: ``train(..., static_teacher=...)``, the same KD term as (b) into both
-      the dynamic teacher and the student
-====  ========================================================================================
+- ``synth`` (default): scikit-learn's ``make_classification``, 10 classes of 4 Gaussian clusters
+  each in 16 informative of 32 features (6,000 samples, fixed ``--data-seed``; 5,000 train /
+  1,000 validation). The student is a 2-hidden-layer MLP of width 16 with BatchNorm; the static
+  teacher the same MLP at width 128. The task is capacity-bound: the plain student stays ~15-20
+  points under the wide model, so methods can be told apart (the built-in digits saturate: every
+  method ends within one validation image of the others).
+- ``digits``: scikit-learn's bundled 8x8 digits at ``--image-size``, ``small_cnn`` student,
+  ``wide_cnn`` static teacher.
 
-The static teacher is ``gpd_fx.models.wide_cnn`` (width 48, about 9x the student's
-parameters), trained plainly with the same recipe and epochs. By default it is trained **once**
-(with ``--teacher-seed``) and the same frozen teacher serves every seed, so the spread over
-seeds is the students' own; ``--teacher-per-seed`` trains one per seed instead.
+Methods, all from the same initial student and data order within a seed (paired):
 
-Every method shares the trainer's recipe (SGD momentum 0.9 Nesterov, lr 0.05, cosine schedule,
-weight decay 5e-4 on weights, batch 64, last partial batch dropped) and, within a seed, the
-same data order and initial student. The train/validation split (80/20, stratified) is fixed
-(``--split-seed``), so every seed is scored on the same 360 validation images. Reported: final
-validation accuracy of the student (for c/d that of ``dt.student`` and of the folded student,
-which must agree, and of the dynamic teacher), mean and sample std over seeds, and the
-maximum |folded(x) - dt.student(x)| over the validation set.
+==================  ===========================================================================
+plain               cross-entropy only (``fit_plain``)
+plain_matched       plain, trained for as many epochs as fit in the wall time of GPD at ratio 2
+                    (compute-matched baseline)
+kd                  Hinton KD from the static teacher (trained once, ``--teacher-seed``)
+gpd_r{R}_{ir,cbr}   GPD from scratch at ratio R, IR teacher (``branches=none``) or the default
+                    multi-branch teacher (``branches=all``), with the width-aware param groups
+                    (``--param-groups gpd``) and/or the old single-lr groups (``plain``)
+gpd_static_r2_ir    GPD at ratio 2 plus the static teacher's KD into both models
+==================  ===========================================================================
 
-Runs with one torch thread by default (see ``benchmarks/train_step.py``: on a shared machine a
-two-thread pool mostly waits); ``--threads`` changes it.
+Reported: the student's final validation accuracy (for GPD that of the folded student, which must
+equal ``dt.student``), mean +- sample std over seeds, and the paired delta against plain on the
+same seed (mean and wins/seeds). Every run uses the trainer's recipe (SGD momentum 0.9 Nesterov,
+cosine schedule, weight decay on weights only, batch 64) with one torch thread.
 """
 
 from __future__ import annotations
@@ -49,30 +50,55 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import TensorDataset
 
 from gpd_fx.data import digits_datasets
 from gpd_fx.losses import GPDLossConfig
 from gpd_fx.models import small_cnn, wide_cnn
-from gpd_fx.trainer import TrainConfig, evaluate, fit_plain, train
+from gpd_fx.trainer import TrainConfig, fit_plain, train
 
-HERE = Path(__file__).resolve().parent
-DEFAULT_JSON = HERE / "results" / "accuracy.json"
-METHODS = {
-    "a_plain": "(a) plain CE",
-    "b_kd": "(b) Hinton KD from static teacher",
-    "c_gpd": "(c) GPD from scratch",
-    "d_gpd_static": "(d) GPD + static teacher",
-}
+
+class MLP(nn.Module):
+    """``Linear -> BN -> ReLU`` twice, then a linear classifier."""
+
+    def __init__(self, d_in: int, width: int, classes: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(d_in, width), nn.BatchNorm1d(width), nn.ReLU(),
+                                  nn.Linear(width, width), nn.BatchNorm1d(width), nn.ReLU())
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+def synth_datasets(seed: int = 0) -> tuple[TensorDataset, TensorDataset, int]:
+    """The capacity-bound synthetic task (see the module docstring), standardised features."""
+    from sklearn.datasets import make_classification
+
+    x, y = make_classification(n_samples=6000, n_features=32, n_informative=16, n_redundant=0, n_classes=10,
+                               n_clusters_per_class=4, class_sep=1.5, flip_y=0.0, random_state=seed)
+    x = torch.tensor(x, dtype=torch.float32)
+    x = (x - x[:5000].mean(0)) / x[:5000].std(0)
+    y = torch.tensor(y)
+    return TensorDataset(x[:5000], y[:5000]), TensorDataset(x[5000:], y[5000:]), 10
+
+
+def _task(args) -> tuple[Any, Any, Callable[[], nn.Module], Callable[[], nn.Module], str]:
+    if args.data == "synth":
+        tr, va, k = synth_datasets(args.data_seed)
+        return tr, va, (lambda: MLP(32, args.width, k)), (lambda: MLP(32, 128, k)), \
+            f"synth (make_classification 10x4 clusters, 32 features), MLP width {args.width} vs 128"
+    tr, va, k = digits_datasets(image_size=args.image_size, channels=3, seed=args.data_seed)
+    return tr, va, (lambda: small_cnn(k, 3)), (lambda: wide_cnn(k, 3)), \
+        f"digits {args.image_size}x{args.image_size}, small_cnn vs wide_cnn"
 
 
 @contextlib.contextmanager
 def _quiet(enabled: bool):
-    """Swallow the trainer's per-epoch lines unless ``--verbose``."""
     if not enabled:
         yield
         return
@@ -80,69 +106,64 @@ def _quiet(enabled: bool):
         yield
 
 
-def _config(args: argparse.Namespace, seed: int, out_dir: str) -> TrainConfig:
-    return TrainConfig(
-        model="gpd_fx.models:small_cnn", data="digits", image_size=args.image_size, in_chans=3,
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, ratio=args.ratio,
-        branches=args.branches, expand_seed=seed, seed=seed, device="cpu", progress=False,
-        export_onnx=False, out_dir=out_dir, loss=GPDLossConfig(),
-    )
+def _config(args, seed: int, out_dir: str, **kw) -> TrainConfig:
+    base = dict(model="(benchmark module)", data=args.data, image_size=args.image_size, epochs=args.epochs,
+                batch_size=64, lr=args.lr, expand_seed=seed, seed=seed, device="cpu", progress=False,
+                export_onnx=False, out_dir=out_dir, loss=GPDLossConfig())
+    base.update(kw)
+    return TrainConfig(**base)
 
 
-@torch.no_grad()
-def _fold_max_diff(res, val_ds) -> float:
-    """max |folded(x) - dt.student(x)| over the validation set (both in eval mode)."""
-    x = torch.stack([val_ds[i][0] for i in range(len(val_ds))])
-    dt = res.dt.cpu().eval()
-    folded = res.student.cpu().eval()
-    return float((folded(x) - dt.student(x)).abs().max())
+def method_names(args) -> list[str]:
+    names = ["plain", "plain_matched", "kd"]
+    for r in args.ratios:
+        for br in args.branches:
+            for pg in args.param_groups:
+                names.append(f"gpd_r{r}_{br}" + ("" if pg == "gpd" else "_plaingroups"))
+    if args.static:
+        names += [f"gpd_static_r2_ir" + ("" if pg == "gpd" else "_plaingroups") for pg in args.param_groups]
+    return names
 
 
-def _train_static_teacher(args: argparse.Namespace, seed: int, train_ds, val_ds) -> tuple[nn.Module, dict]:
+def run_seed(args, seed: int, teacher: nn.Module, make_student, train_ds, val_ds) -> dict[str, Any]:
     torch.manual_seed(seed)
-    teacher = wide_cnn(10, 3)
-    cfg = _config(args, seed, "unused")
-    t0 = time.perf_counter()
-    teacher, hist = fit_plain(teacher, cfg, train_ds, val_ds, epochs=args.epochs, desc="static teacher")
-    info = {"seed": seed, "val_acc": hist[-1]["val_acc"], "seconds": time.perf_counter() - t0,
-            "params": sum(p.numel() for p in teacher.parameters()), "history": hist}
-    print(f"  static teacher wide_cnn (seed {seed}): val acc {100 * info['val_acc']:.2f}%  "
-          f"({info['seconds']:.0f} s)", flush=True)
-    return teacher, info
-
-
-def run_seed(args: argparse.Namespace, seed: int, teacher: nn.Module, train_ds, val_ds) -> dict[str, Any]:
-    torch.manual_seed(seed)
-    student0 = small_cnn(10, 3)  # every method starts from these weights
+    student0 = make_student()  # every method starts from these weights
     out: dict[str, Any] = {}
-
     with tempfile.TemporaryDirectory(prefix="gpd_acc_") as tmp:
-        cfg = _config(args, seed, tmp)
+        def plain(key: str, epochs: int, **kw) -> None:
+            t0 = time.perf_counter()
+            cfg = _config(args, seed, tmp, epochs=epochs)
+            _, hist = fit_plain(copy.deepcopy(student0), cfg, train_ds, val_ds, desc=key, **kw)
+            out[key] = {"student_acc": hist[-1]["val_acc"], "epochs": epochs, "seconds": time.perf_counter() - t0}
 
-        t0 = time.perf_counter()
-        model, hist = fit_plain(copy.deepcopy(student0), cfg, train_ds, val_ds, desc="plain")
-        out["a_plain"] = {"student_acc": hist[-1]["val_acc"], "seconds": time.perf_counter() - t0, "history": hist}
-
-        t0 = time.perf_counter()
-        model, hist = fit_plain(copy.deepcopy(student0), cfg, train_ds, val_ds, teacher=teacher, kd="kd",
-                                kd_weight=cfg.loss.static_kd_weight, desc="kd")
-        out["b_kd"] = {"student_acc": hist[-1]["val_acc"], "seconds": time.perf_counter() - t0, "history": hist}
-
-        for key, static in (("c_gpd", None), ("d_gpd_static", teacher)):
-            run_cfg = dataclasses.replace(cfg, out_dir=str(Path(tmp) / key))
+        def gpd(key: str, ratio: int, branches: str, groups: str, static: nn.Module | None = None) -> None:
+            cfg = _config(args, seed, str(Path(tmp) / key), ratio=ratio, branches=branches, param_groups=groups)
             t0 = time.perf_counter()
             with _quiet(not args.verbose):
-                res = train(copy.deepcopy(student0), run_cfg, train_ds, val_ds, static_teacher=static)
-            out[key] = {
-                "student_acc": res.student_acc, "folded_acc": res.folded_acc, "teacher_acc": res.teacher_acc,
-                "fold_max_abs_diff": _fold_max_diff(res, val_ds), "seconds": time.perf_counter() - t0,
-                "history": [{k: v for k, v in row.items() if k.startswith(("epoch", "val_", "train_", "gap"))}
-                            for row in res.history],
-            }
-    line = "  ".join(f"{k[:1]} {100 * v['student_acc']:.2f}%" for k, v in out.items())
-    print(f"  seed {seed}: {line}  (GPD teachers {100 * out['c_gpd']['teacher_acc']:.2f}% / "
-          f"{100 * out['d_gpd_static']['teacher_acc']:.2f}%; "
-          f"{sum(v['seconds'] for v in out.values()):.0f} s)", flush=True)
+                res = train(copy.deepcopy(student0), cfg, train_ds, val_ds, static_teacher=static)
+            out[key] = {"student_acc": res.folded_acc, "dt_student_acc": res.student_acc,
+                        "teacher_acc": res.teacher_acc, "seconds": time.perf_counter() - t0,
+                        "gap_history": [row.get("gap") for row in res.history]}
+
+        plain("plain", args.epochs)
+        plain("kd", args.epochs, teacher=teacher, kd="kd", kd_weight=GPDLossConfig().static_kd_weight)
+        for name in method_names(args):
+            if not name.startswith("gpd"):
+                continue
+            groups = "plain" if name.endswith("_plaingroups") else "gpd"
+            parts = name.split("_")
+            if name.startswith("gpd_static"):
+                gpd(name, 2, "none", groups, static=teacher)
+            else:
+                gpd(name, int(parts[1][1:]), "none" if parts[2] == "ir" else "all", groups)
+        # compute-matched plain: the epochs that fit in the time GPD r2 IR took
+        ref = out.get("gpd_r2_ir") or next((v for k, v in out.items() if k.startswith("gpd_")), None)
+        epochs = args.epochs
+        if ref is not None:
+            epochs = max(args.epochs, round(args.epochs * ref["seconds"] / max(out["plain"]["seconds"], 1e-9)))
+        plain("plain_matched", epochs)
+    line = "  ".join(f"{k} {100 * v['student_acc']:.1f}" for k, v in out.items())
+    print(f"  seed {seed}: {line}  ({sum(v['seconds'] for v in out.values()):.0f} s)", flush=True)
     return out
 
 
@@ -150,73 +171,79 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def summarise(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
+def summarise(per_seed: dict[int, dict[str, Any]], names: list[str]) -> dict[str, Any]:
     summary: dict[str, Any] = {}
-    for key in METHODS:
-        rows = [per_seed[s][key] for s in per_seed]
+    seeds = sorted(per_seed)
+    base = [per_seed[s]["plain"]["student_acc"] for s in seeds]
+    for key in names:
+        rows = [per_seed[s][key] for s in seeds if key in per_seed[s]]
+        if not rows:
+            continue
         entry: dict[str, Any] = {}
-        for metric in ("student_acc", "folded_acc", "teacher_acc", "seconds"):
+        for metric in ("student_acc", "teacher_acc", "seconds"):
             vals = [r[metric] for r in rows if metric in r]
             if vals:
                 m, sd = _mean_std(vals)
                 entry[metric] = {"mean": m, "std": sd, "values": vals}
-        if any("fold_max_abs_diff" in r for r in rows):
-            entry["fold_max_abs_diff"] = max(r["fold_max_abs_diff"] for r in rows)
-            entry["folded_equals_student"] = all(r["folded_acc"] == r["student_acc"] for r in rows)
+        deltas = [per_seed[s][key]["student_acc"] - b for s, b in zip(seeds, base)]
+        entry["delta_vs_plain"] = {"mean": statistics.mean(deltas), "wins": sum(d > 0 for d in deltas),
+                                   "seeds": len(deltas), "values": deltas}
+        if "dt_student_acc" in rows[0]:
+            entry["folded_equals_dt_student"] = all(r["dt_student_acc"] == r["student_acc"] for r in rows)
         summary[key] = entry
     return summary
 
 
-def print_table(results: dict[str, Any]) -> None:
+def format_table(results: dict[str, Any]) -> str:
     s = results["summary"]
-    cfg = results["config"]
-    print(f"\n== digits {cfg['image_size']}x{cfg['image_size']}, small_cnn student, {cfg['epochs']} epochs, "
-          f"seeds {cfg['seeds']}, GPD ratio {cfg['ratio']} (branches={cfg['branches']})")
-    teachers = results["static_teachers"]
-    accs = [t["val_acc"] for t in teachers]
-    m, sd = _mean_std(accs)
-    print(f"static teacher wide_cnn ({teachers[0]['params']:,} params, "
-          f"{'one per seed' if cfg['teacher_per_seed'] else 'trained once, seed ' + str(cfg['teacher_seed'])}): "
-          f"val acc {100 * m:.2f}%" + (f" ± {100 * sd:.2f}" if len(accs) > 1 else ""))
-    print(f"{'method':<36} {'student val acc %':>18} {'folded %':>16} {'dyn. teacher %':>16} "
-          f"{'fold |diff|':>11} {'s/seed':>7}")
-
-    def fmt(e: dict | None) -> str:
-        return f"{100 * e['mean']:6.2f} ± {100 * e['std']:4.2f}" if e else ""
-
-    for key, label in METHODS.items():
-        e = s[key]
-        diff = f"{e['fold_max_abs_diff']:.1e}" if "fold_max_abs_diff" in e else ""
-        print(f"{label:<36} {fmt(e.get('student_acc')):>18} {fmt(e.get('folded_acc')):>16} "
-              f"{fmt(e.get('teacher_acc')):>16} {diff:>11} {e['seconds']['mean']:>7.0f}")
-    print("per seed (student val acc %): " + "; ".join(
-        f"{k[:1]} " + " ".join(f"{100 * v:.2f}" for v in s[k]["student_acc"]["values"]) for k in METHODS))
+    lines = [f"{results['config']['task']}; {results['config']['epochs']} epochs; seeds {results['config']['seeds']}; "
+             f"static teacher {100 * results['static_teacher']['val_acc']:.2f}%",
+             "| method | student acc % (mean ± std) | Δ vs plain (pts) | wins | dyn. teacher % | s/run |",
+             "|---|---|---|---|---|---|"]
+    for key, e in s.items():
+        acc = e["student_acc"]
+        d = e["delta_vs_plain"]
+        t = e.get("teacher_acc")
+        lines.append(f"| {key} | {100 * acc['mean']:.2f} ± {100 * acc['std']:.2f} | {100 * d['mean']:+.2f} | "
+                     f"{d['wins']}/{d['seeds']} | "
+                     + (f"{100 * t['mean']:.2f} ± {100 * t['std']:.2f}" if t else "") +
+                     f" | {e['seconds']['mean']:.1f} |")
+    return "\n".join(lines)
 
 
 def _list_int(text: str) -> list[int]:
     return [int(t) for t in text.split(",") if t.strip()]
 
 
+def _list_str(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seeds", type=_list_int, default=[0, 1, 2], help="comma list of seeds (default 0,1,2)")
-    p.add_argument("--epochs", type=int, default=10, help="epochs of every method and of the teacher (default 10)")
-    p.add_argument("--image-size", type=int, default=16, help="digits are resized to this side (default 16)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--ratio", type=int, default=2, help="GPD expansion ratio (default 2)")
-    p.add_argument("--branches", default="none", help="GPD multi-branch kinds: none (IR only, default) or all")
-    p.add_argument("--teacher-seed", type=int, default=100, help="seed of the once-trained static teacher")
-    p.add_argument("--teacher-per-seed", action="store_true",
-                   help="train a static teacher per seed (seed + 100) instead of once")
-    p.add_argument("--split-seed", type=int, default=0, help="seed of the fixed train/val split")
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
-    p.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"output JSON (default {DEFAULT_JSON})")
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", choices=("synth", "digits"), default="synth", help="task (see the module docstring)")
+    p.add_argument("--data-seed", type=int, default=0, help="seed of the data set and its split")
+    p.add_argument("--width", type=int, default=16, help="student MLP width (synth)")
+    p.add_argument("--seeds", type=_list_int, default=[0, 1, 2, 3, 4], help="comma list of seeds")
+    p.add_argument("--epochs", type=int, default=20, help="epochs of every method and of the static teacher")
+    p.add_argument("--image-size", type=int, default=16, help="digits are resized to this side")
+    p.add_argument("--lr", type=float, default=0.05, help="peak learning rate (SGD, Nesterov)")
+    p.add_argument("--ratios", type=_list_int, default=[2, 3, 4], help="GPD expansion ratios")
+    p.add_argument("--branches", type=_list_str, default=["ir", "cbr"],
+                   help="teacher kinds: ir (branches=none), cbr (branches=all)")
+    p.add_argument("--param-groups", type=_list_str, default=["gpd", "plain"],
+                   help="optimiser groups of the GPD runs: gpd (width-aware), plain (one lr), or both")
+    p.add_argument("--no-static", dest="static", action="store_false", help="skip GPD + static teacher")
+    p.add_argument("--teacher-seed", type=int, default=100, help="seed of the static teacher")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    p.add_argument("--json", type=Path, default=Path("accuracy.json"), help="output JSON")
     p.add_argument("--verbose", action="store_true", help="show the trainer's per-epoch lines")
     args = p.parse_args(argv)
-    if len(args.seeds) < 1 or args.epochs < 1:
-        p.error("need at least one seed and one epoch")
+    if not args.seeds or args.epochs < 1 or any(r < 1 for r in args.ratios):
+        p.error("need at least one seed, one epoch and ratios >= 1")
+    if set(args.branches) - {"ir", "cbr"} or set(args.param_groups) - {"gpd", "plain"}:
+        p.error("--branches takes ir,cbr; --param-groups takes gpd,plain")
     return args
 
 
@@ -224,48 +251,30 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
-    load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
-    train_ds, val_ds, num_classes = digits_datasets(image_size=args.image_size, channels=3, seed=args.split_seed)
-    print(f"digits: {len(train_ds)} train / {len(val_ds)} val images, {args.image_size}x{args.image_size}; "
-          f"{args.epochs} epochs; seeds {args.seeds}", flush=True)
-
-    teachers: list[dict] = []
-    shared = None
-    if not args.teacher_per_seed:
-        shared, info = _train_static_teacher(args, args.teacher_seed, train_ds, val_ds)
-        teachers.append(info)
-    per_seed: dict[int, dict[str, Any]] = {}
-    for seed in args.seeds:
-        teacher = shared
-        if teacher is None:
-            teacher, info = _train_static_teacher(args, seed + 100, train_ds, val_ds)
-            teachers.append(info)
-        per_seed[seed] = run_seed(args, seed, teacher, train_ds, val_ds)
-
-    check = None
-    if shared is not None:  # sanity: distilling from the shared teacher left it unchanged
-        check = evaluate({"t": shared}, DataLoader(val_ds, batch_size=512), "cpu")["t_acc"]
+    train_ds, val_ds, make_student, make_teacher, task = _task(args)
+    print(f"{task}: {len(train_ds)} train / {len(val_ds)} val; {args.epochs} epochs; seeds {args.seeds}", flush=True)
+    torch.manual_seed(args.teacher_seed)
+    teacher = make_teacher()
+    t0 = time.perf_counter()
+    teacher, hist = fit_plain(teacher, _config(args, args.teacher_seed, "unused"), train_ds, val_ds,
+                              desc="static teacher")
+    static = {"val_acc": hist[-1]["val_acc"], "seconds": time.perf_counter() - t0,
+              "params": sum(p.numel() for p in teacher.parameters())}
+    print(f"  static teacher: val acc {100 * static['val_acc']:.2f}% ({static['params']:,} params)", flush=True)
+    names = method_names(args)
+    per_seed = {seed: run_seed(args, seed, teacher, make_student, train_ds, val_ds) for seed in args.seeds}
     results = {
-        "config": {"seeds": args.seeds, "epochs": args.epochs, "image_size": args.image_size,
-                   "batch_size": args.batch_size, "lr": args.lr, "ratio": args.ratio, "branches": args.branches,
-                   "teacher_per_seed": args.teacher_per_seed, "teacher_seed": args.teacher_seed,
-                   "split_seed": args.split_seed, "train_size": len(train_ds), "val_size": len(val_ds),
-                   "trainer_defaults": {k: v for k, v in _config(args, 0, "-").to_dict().items()
-                                        if k in ("optimizer", "momentum", "weight_decay", "schedule", "loss")}},
+        "config": {"task": task, **{k: (v if not isinstance(v, Path) else str(v)) for k, v in vars(args).items()}},
         "environment": {"date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
-                        "python": platform.python_version(), "cpu_count": os.cpu_count(),
-                        "threads": torch.get_num_threads(), "loadavg_start": load_start,
-                        "loadavg_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
-                        "argv": sys.argv[1:]},
-        "static_teachers": teachers,
-        "static_teacher_acc_after_all_runs": check,
+                        "python": platform.python_version(), "threads": torch.get_num_threads(),
+                        "loadavg_end": os.getloadavg() if hasattr(os, "getloadavg") else None},
+        "static_teacher": static,
         "per_seed": {str(k): v for k, v in per_seed.items()},
-        "summary": summarise(per_seed),
+        "summary": summarise(per_seed, names),
         "total_seconds": time.perf_counter() - t_start,
     }
-    print_table(results)
-    print(f"\ntotal {results['total_seconds']:.0f} s; load average {load_start} -> "
-          f"{results['environment']['loadavg_end']}; {torch.get_num_threads()} thread(s)")
+    print("\n" + format_table(results))
+    print(f"\ntotal {results['total_seconds']:.0f} s")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.json.with_suffix(args.json.suffix + ".tmp")
     tmp.write_text(json.dumps(results, indent=2) + "\n")

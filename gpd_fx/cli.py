@@ -71,7 +71,7 @@ def _positive_int(text: str) -> int:
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     from gpd_fx.compile import COMPILE_MODES
     from gpd_fx.losses import KD_LOSSES, GPDLossConfig
-    from gpd_fx.trainer import AMP_MODES, OPTIMIZERS, SCHEDULES, TrainConfig
+    from gpd_fx.trainer import AMP_MODES, OPTIMIZERS, PARAM_GROUPS, SCHEDULES, TrainConfig
 
     d, dl = TrainConfig(), GPDLossConfig()
     # every default is None so that --resume can tell "not given" (take the checkpoint's
@@ -108,6 +108,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--momentum", type=float, help=f"SGD momentum, Nesterov (default: {d.momentum})")
     g.add_argument("--weight-decay", type=float, help="weight decay of weight matrices and kernels "
                                                       f"(default: {d.weight_decay})")
+    g.add_argument("--param-groups", choices=PARAM_GROUPS,
+                   help="gpd: width-aware optimiser groups (gpd_fx.param_groups), so the student moves as "
+                        "far as --lr asks at every ratio; plain: one lr for every teacher tensor (inner "
+                        f"student weights then move ratio x the asked step) (default: {d.param_groups})")
     g.add_argument("--schedule", choices=SCHEDULES, help="learning-rate schedule, per step: cosine to 0, step "
                                                          f"(x0.1 at 50%% and 75%%) or none (default: {d.schedule})")
     g.add_argument("--warmup-epochs", type=float, help=f"linear warm-up in epochs (default: {d.warmup_epochs})")
@@ -150,7 +154,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                         "--lr, --momentum and --weight-decay given here replace the saved optimizer's values "
                         "from the resumed step on (the run says so, and the saved config records them); flags "
                         "that the saved teacher fixes (--ratio, --branches, --image-size, --in-chans, --noise, "
-                        "--expand-seed, --optimizer, --student-checkpoint, the model) must match the checkpoint")
+                        "--expand-seed, --optimizer, --param-groups, --student-checkpoint, the model) must match the checkpoint")
     g.add_argument("--overwrite", action="store_true",
                    help="replace a run already in --out (its checkpoint, metrics, plot and student files are "
                         "deleted first; other files are kept) (default: refuse)")
@@ -251,6 +255,7 @@ def _train_config(args: argparse.Namespace):
         "in_chans": args.in_chans, "val_fraction": args.val_fraction, "num_workers": args.num_workers,
         "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "optimizer": args.optimizer,
         "momentum": args.momentum, "weight_decay": args.weight_decay, "schedule": args.schedule,
+        "param_groups": args.param_groups,
         "warmup_epochs": args.warmup_epochs, "grad_clip": args.grad_clip,
         "max_steps_per_epoch": args.max_steps_per_epoch, "seed": args.seed, "teacher": args.teacher,
         "teacher_checkpoint": args.teacher_checkpoint, "teacher_epochs": args.teacher_epochs,

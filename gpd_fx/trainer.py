@@ -46,6 +46,8 @@ from gpd_fx.compile import COMPILE_MODES, compile_step
 from gpd_fx.errors import GPDError
 from gpd_fx.losses import GPDLossConfig, gpd_loss, get_kd_loss
 from gpd_fx.models import DEFAULT_STUDENT, build_model, resolve_stored_spec
+from gpd_fx.param_groups import param_groups
+from gpd_fx.teacher import DynamicTeacher
 
 __all__ = [
     "StepInfo",
@@ -63,12 +65,13 @@ __all__ = [
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "none")
+PARAM_GROUPS = ("gpd", "plain")
 AMP_MODES = ("off", "bf16")
 # fields that fix the shape of the teacher: a resumed run must use the checkpoint's values
 _STRUCTURAL = ("model", "ratio", "branches", "image_size", "in_chans")
 # fields whose effect the restored state replaces and that cannot be re-applied: the teacher's
 # expansion (noise, seed, fine-tuned start) and the optimizer's kind
-_RESUME_FIXED = ("noise", "expand_seed", "student_checkpoint", "optimizer")
+_RESUME_FIXED = ("noise", "expand_seed", "student_checkpoint", "optimizer", "param_groups")
 
 
 class TrainConfigError(GPDError, ValueError):
@@ -123,6 +126,12 @@ class TrainConfig:
         momentum: SGD momentum.
         weight_decay: applied to weights of rank >= 2 only (not to biases, norms or branch
             scales, whose decay only hurts).
+        param_groups: ``"gpd"`` (default): the dynamic teacher's optimiser groups come from
+            :func:`gpd_fx.param_groups`, so the student moves as far as ``lr`` asks whatever the
+            ratio (each teacher tensor's lr divided by the number of input copies the student map
+            sums, its weight decay multiplied by it). ``"plain"``: one lr for every teacher
+            tensor (inner student weights then move ``ratio`` times the asked step), kept to
+            measure the difference.
         schedule: ``"cosine"`` (to 0), ``"step"`` (x0.1 at 50% and 75%) or ``"none"``; per step.
         warmup_epochs: linear warm-up length in epochs (fractions allowed).
         grad_clip: clip the global gradient norm to this value; 0 disables.
@@ -172,6 +181,7 @@ class TrainConfig:
     optimizer: str = "sgd"
     momentum: float = 0.9
     weight_decay: float = 5e-4
+    param_groups: str = "gpd"
     schedule: str = "cosine"
     warmup_epochs: float = 0.0
     grad_clip: float = 0.0
@@ -228,6 +238,8 @@ class TrainConfig:
         need(self.schedule in SCHEDULES, f"unknown schedule {self.schedule!r}; choose one of {list(SCHEDULES)}")
         need(self.compile in COMPILE_MODES, f"unknown compile mode {self.compile!r}; choose one of {list(COMPILE_MODES)}")
         need(self.amp in AMP_MODES, f"unknown amp mode {self.amp!r}; choose one of {list(AMP_MODES)}")
+        need(self.param_groups in PARAM_GROUPS,
+             f"unknown param_groups {self.param_groups!r}; choose one of {list(PARAM_GROUPS)}")
         need(self.teacher_checkpoint is None or self.teacher is not None,
              "teacher_checkpoint needs teacher (the static teacher's model spec) to build the model")
 
@@ -494,10 +506,16 @@ def _check_dataset(ds: Dataset, name: str) -> int:
 # ------------------------------------------------------------------------- optimisation
 
 
-def _build_optimizer(params: Sequence[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
-    decay = [p for p in params if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in params if p.requires_grad and p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def _build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The run's optimiser: weight decay on tensors of rank >= 2 only; for a dynamic teacher
+    with ``cfg.param_groups == "gpd"`` the width-aware groups of :func:`gpd_fx.param_groups`."""
+    if isinstance(model, DynamicTeacher) and cfg.param_groups == "gpd":
+        update = "sgd" if cfg.optimizer == "sgd" else "adam"
+        groups = param_groups(model, cfg.lr, cfg.weight_decay, update=update, decay_vectors=False)
+    else:
+        params = [p for p in model.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay, "lr": cfg.lr},
+                  {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "lr": cfg.lr}]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
     return torch.optim.AdamW(groups, lr=cfg.lr)
@@ -788,7 +806,7 @@ def _train(model, cfg, train_ds, val_ds, static_teacher, callbacks, dist, n_trai
 
     # ---- optimisation ----
     params = list(dt.parameters())
-    optimizer = _build_optimizer(params, cfg)
+    optimizer = _build_optimizer(dt, cfg)
     scheduler = _build_scheduler(optimizer, cfg, steps_per_epoch)
     start_epoch, start_step, global_step = 0, 0, 0
     history: list[dict[str, Any]] = []
@@ -1072,7 +1090,7 @@ def fit_plain(model: nn.Module, cfg: TrainConfig, train_ds: Dataset, val_ds: Dat
         steps = min(steps, cfg.max_steps_per_epoch)
     run_cfg = dataclasses.replace(cfg, epochs=epochs)
     params = list(model.parameters())
-    opt = _build_optimizer(params, run_cfg)
+    opt = _build_optimizer(model, run_cfg)
     sched = _build_scheduler(opt, run_cfg, steps)
     history = []
     for epoch in range(epochs):

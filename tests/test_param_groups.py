@@ -312,3 +312,21 @@ def test_student_gradient_through_batchnorm1d_is_exact():
     lin = dt.teacher.get_submodule("0").weight.grad            # (10, 8): rows 0, 2, .. read
     mapped = lin[::2].unflatten(1, (4, 1)).sum(2) if lin.shape[1] == 4 else lin[::2]
     assert torch.allclose(mapped, plain[0].weight.grad, rtol=0, atol=1e-12)
+
+
+def test_trainer_builds_width_aware_groups_by_default():
+    from gpd_fx.trainer import TrainConfig, TrainConfigError, _build_optimizer
+
+    torch.manual_seed(0)
+    dt = gpd_fx.expand(BNNet(), ratio=3, example_inputs=(torch.randn(2, 3, 8, 8),), branches=())
+    cfg = TrainConfig(lr=0.1, weight_decay=1e-3)
+    opt = _build_optimizer(dt, cfg)
+    by_lr = {round(g["lr"], 12): g for g in opt.param_groups}
+    assert set(by_lr) == {0.1, round(0.1 / 3, 12)}
+    assert by_lr[round(0.1 / 3, 12)]["weight_decay"] == pytest.approx(3e-3)
+    # vectors (BN affine, biases) are not decayed, as in the plain recipe
+    assert all(g["weight_decay"] == 0 for g in opt.param_groups if all(p.ndim < 2 for p in g["params"]))
+    plain = _build_optimizer(dt, TrainConfig(lr=0.1, param_groups="plain"))
+    assert {g["lr"] for g in plain.param_groups} == {0.1}
+    with pytest.raises(TrainConfigError, match="param_groups"):
+        TrainConfig(param_groups="mup")
