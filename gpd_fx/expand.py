@@ -249,9 +249,10 @@ def _own_tensors(model: nn.Module, *graphs: nn.Module | None) -> None:
     """Give the teacher its own copy of every parameter and buffer that shares memory with the
     user's model.
 
-    Rules keep tensors that need no widening as they are (a classifier bias whose output stays at
-    student width, a first layer's input side), so an optimiser step on the teacher, or a BN
-    update in train mode, would write into the user's module. One copy is made per distinct view
+    Rules keep tensors that need no widening as they are (the bias of a classifier whose output
+    stays at student width), so an optimiser step on the teacher, or a BN update in train mode,
+    would write into the user's module. Copying here, after every rule and the multi-branch
+    rewrite ran, covers user rules too. One copy is made per distinct view
     of the user's memory, so tensors that are one in the teacher (tied weights) stay one.
     """
     theirs = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())

@@ -147,7 +147,7 @@ def __getattr__(name: str):
 
 
 def _inlined_functions() -> tuple[type, ...]:
-    """Functions whose backward is the derivative of their forward, traced into as before.
+    """Functions whose backward is the derivative of their forward: traced into, their ops recorded.
 
     Reentrant activation checkpointing recomputes the forward in its backward: the inlined ops
     give the same gradients, and as one call node its arguments (the checkpointed callable)

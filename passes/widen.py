@@ -753,12 +753,14 @@ class Builder:
     def _boundary(self, node: fx.Node, reason: str) -> None:
         from .trace import AutogradApply
 
-        key = "<key>"
+        key, hint = "<key>", ""
         if isinstance(node.target, AutogradApply):
             # Its forward and backward are the user's code: what they do to the channels is not
             # known, and the verification sees the forward values on one input only, never the
             # backward. So it runs at student width, the backward intact, unless a rule says more.
             key = repr(node.target)
+            hint = (" (for a Function that acts on each element alone, in its forward and its backward, "
+                    "the element-wise rule gpd_fx.passes.rules.elementwise.broadcast is exact)")
             if reason == "no rule for this op":
                 reason = (f"no rule for the custom autograd.Function {node.target.function.__qualname__}: it "
                           f"runs at student width with its own backward (gpd_fx.register_rule({key}) widens it)")
@@ -766,9 +768,7 @@ class Builder:
             raise UnsupportedOpError(
                 f"While expanding {node.format_node()} ({describe(node)}): {reason}, and strict=True "
                 f"forbids a boundary. Fix: register a rule with @gpd_fx.register_rule({key}) or "
-                f"expand(..., extra_rules={{{key}: rule}}) (for a Function that acts on each element "
-                "alone, in its forward and its backward, the element-wise rule "
-                "gpd_fx.passes.rules.elementwise.broadcast is exact), or pass strict=False to narrow "
+                f"expand(..., extra_rules={{{key}: rule}}){hint}, or pass strict=False to narrow "
                 "its inputs to student width around it.")
         if self._inputs_expanded(node):
             self.boundaries.append(Boundary(node.name, describe(node), reason))
