@@ -60,11 +60,13 @@ class CorruptImageError(DataError):
 
 def _load_image(path: str):
     """torchvision's default image loader, with decoding errors naming the file."""
+    from PIL import Image
     from torchvision.datasets.folder import default_loader
 
     try:
         return default_loader(path)
-    except (OSError, ValueError, SyntaxError) as err:  # PIL: truncated, not an image, bad header
+    # PIL: truncated or not an image (OSError), bad header (ValueError, SyntaxError), too many pixels
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise CorruptImageError(f"image file {path!r} cannot be read ({type(err).__name__}: {err}); "
                                 "delete or replace it") from None
 
