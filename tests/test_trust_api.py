@@ -16,9 +16,13 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
 import gpd_fx
 from gpd_fx.errors import ExpandInputError, FoldError, UnsupportedOpError
 from gpd_fx.passes.rules.elementwise import broadcast
+from strategies import cnn_cases, cnn_program, conv_spec, vit_cases, vit_program
 
 
 # --- the dynamic teacher owns every tensor it trains ----------------------------------------
@@ -120,6 +124,56 @@ def test_user_model_bit_identical_after_training_and_fold(name, cls, make_x):
                     f"{name} (branches={branches}): the user's {k} changed"
                 assert getattr(after[k], "grad", None) is None, f"{name}: the user's {k} got a gradient"
             assert m.training
+
+
+_SGD_OR_ADAM = st.sampled_from(["sgd", "adam"])
+
+
+def _train_and_fold_leaves_model_untouched(case, ratio, branches, optimizer) -> None:
+    model, x = case.model, case.x
+    before = {k: v.clone() for k, v in model.state_dict(keep_vars=True).items()}
+    flags = [m.training for m in model.modules()]
+    dt = gpd_fx.expand(model, ratio, (x,), branches=branches)
+    assert not (_storages(dt) & _storages(model)), "the teacher shares storage with the user's model"
+    dt.train()
+    opt = (torch.optim.SGD(dt.parameters(), lr=0.05, momentum=0.9) if optimizer == "sgd"
+           else torch.optim.Adam(dt.parameters(), lr=0.01))
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(2):
+        xb = torch.randn(x.shape, generator=gen, dtype=x.dtype)
+        yb = torch.randint(case.num_classes, (x.shape[0],), generator=gen)
+        t, s = dt(xb), dt.student(xb)
+        loss = F.cross_entropy(t, yb) + F.cross_entropy(s, yb) + F.mse_loss(s, t.detach())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    gpd_fx.fold(dt)(x)
+    gpd_fx.fold(dt, fuse_bn=True)
+    after = model.state_dict(keep_vars=True)
+    for k, v in before.items():
+        assert torch.equal(after[k], v) and after[k].grad is None, f"the user's {k} changed"
+    assert [m.training for m in model.modules()] == flags
+
+
+# the classifier of this CNN keeps its output at student width: its bias was shared
+_HEAD_CNN = cnn_program(dict(kind="cna", conv=conv_spec(4, 4, 3, norm="bn")))
+
+
+@settings(deadline=None, max_examples=8, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@example(case=_HEAD_CNN, ratio=2, branches=(), optimizer="sgd")
+@given(case=cnn_cases(), ratio=st.integers(2, 3), branches=st.sampled_from([None, ()]), optimizer=_SGD_OR_ADAM)
+def test_random_cnn_untouched_by_expand_training_and_fold(case, ratio, branches, optimizer):
+    """Property: for random CNNs (tests/strategies.py) expand + 2 SGD/Adam steps on the
+    teacher and the student + fold leave the user's model bit-identical."""
+    _train_and_fold_leaves_model_untouched(case, ratio, branches, optimizer)
+
+
+@settings(deadline=None, max_examples=5, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@example(case=vit_program({}), ratio=2, branches=(), optimizer="adam")
+@given(case=vit_cases(), ratio=st.integers(2, 3), branches=st.sampled_from([None, ()]), optimizer=_SGD_OR_ADAM)
+def test_random_vit_untouched_by_expand_training_and_fold(case, ratio, branches, optimizer):
+    """The same property for random transformer blocks."""
+    _train_and_fold_leaves_model_untouched(case, ratio, branches, optimizer)
 
 
 def test_tied_weights_stay_tied_in_teacher_and_student():
