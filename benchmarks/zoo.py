@@ -912,7 +912,7 @@ def run_worker(args) -> None:
         return
     spec = Spec(**json.loads(args.worker))
     row = measure(spec, args.worker_ratio, dtype=args.dtype, max_gib=args.max_gib,
-                  branches=args.branches, do_fold=args.fold)
+                  branches=args.branches, do_fold=args.fold, check_free_memory=args.free_memory_check)
     Path(args.worker_out).write_text(json.dumps(asdict(row)))
 
 
@@ -935,6 +935,8 @@ def _spawn(payload: str, ratio: int, args, timeout: float) -> tuple[dict | None,
                "--worker-out", str(out), "--threads", str(args.threads), "--dtype", args.dtype,
                "--max-gib", str(args.max_gib), "--branches", args.branches,
                "--mem-limit-gib", str(args.mem_limit_gib)]
+        if not args.free_memory_check:
+            cmd.append("--no-free-memory-check")
         if args.fold:
             cmd.append("--fold")
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONWARNINGS="ignore")
@@ -952,7 +954,7 @@ def _spawn(payload: str, ratio: int, args, timeout: float) -> tuple[dict | None,
 def run_one(spec: Spec, ratio: int, args) -> Row:
     if not args.isolate:
         return measure(spec, ratio, dtype=args.dtype, max_gib=args.max_gib, branches=args.branches,
-                       do_fold=args.fold)
+                       do_fold=args.fold, check_free_memory=args.free_memory_check)
     data, tail, rc = _spawn(json.dumps(asdict(spec)), ratio, args, args.timeout)
     if data is not None:
         return Row(**data)
@@ -1036,6 +1038,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mem-limit-gib", type=float, default=mem_limit,
                    help="hard address-space cap of each worker in GiB, 0 = none "
                         "(default: 90%% of this machine's memory, %(default)s)")
+    p.add_argument("--no-free-memory-check", dest="free_memory_check", action="store_false",
+                   help="do not skip a model whose estimate exceeds the memory free when it starts "
+                        "(default: such a model is a skipped row, 'rerun')")
     p.add_argument("--threads", type=_positive_int, default=1,
                    help="torch threads per model; the inputs are tiny (batch 2), and more threads mostly "
                         "wait on each other when the cores are busy (default: %(default)s)")
