@@ -92,6 +92,9 @@ class AutogradApply:
 
     def __init__(self, function: type):
         self.function = function
+        # ``Fn.apply`` as the user sees it, looked up past the tracer's patch: hashes of graph
+        # targets must not change when the patch is undone (fx indexes nodes by target)
+        self._apply = _unpatched_apply(function)
         # torch.fx names the callable in generated code from __module__ and __name__; pickling a
         # GraphModule imports it back by __qualname__ from __module__ (see ``__getattr__`` below)
         self.__module__ = __name__
@@ -99,21 +102,48 @@ class AutogradApply:
         self.__qualname__ = _APPLY_PREFIX + f"{function.__module__}:{function.__qualname__}".encode().hex()
 
     def __call__(self, *args, **kwargs):
-        return self.function.apply(*args, **kwargs)
+        proxy = _first_proxy((args, kwargs))
+        if proxy is not None:
+            # traced again by any fx tracer (an unpickled GraphModule is rebuilt by tracing its
+            # code with a plain one): stay one node
+            return proxy.tracer.create_proxy("call_function", self, args, kwargs)
+        # what ``Function.apply`` does (an override of ``apply`` in ``Fn`` ran while tracing,
+        # and its ops are in the graph already)
+        return _ORIGINAL_APPLY.__get__(None, self.function)(*args, **kwargs)
 
     def __eq__(self, other):
         if isinstance(other, AutogradApply):
             return other.function is self.function
-        return other == self.function.apply
+        return other == self._apply
 
     def __hash__(self):
-        return hash(self.function.apply)
+        return hash(self._apply)
 
     def __repr__(self):
         return f"{self.function.__qualname__}.apply"
 
     def __reduce__(self):
         return autograd_apply, (self.function,)
+
+
+_ORIGINAL_APPLY = torch.autograd.Function.__dict__["apply"]
+
+
+def _first_proxy(value) -> fx.Proxy | None:
+    found = []
+    fx.node.map_aggregate(value, lambda a: found.append(a) if isinstance(a, fx.Proxy) else None)
+    return found[0] if found else None
+
+
+def _unpatched_apply(function: type):
+    """``function.apply`` with the tracer's patch of ``Function.apply`` (if active) skipped."""
+    for klass in function.__mro__:
+        if "apply" in klass.__dict__:
+            found = klass.__dict__["apply"]
+            if getattr(found, "_gpd_patched", False):
+                found = _ORIGINAL_APPLY
+            return found.__get__(None, function)
+    return _ORIGINAL_APPLY.__get__(None, function)
 
 
 _APPLY_PREFIX = "_gpd_apply_"
@@ -163,17 +193,15 @@ def _autograd_functions_as_calls():
     """While tracing, ``Fn.apply`` on graph values records one :class:`AutogradApply` node."""
     Function = torch.autograd.Function
     original = Function.__dict__["apply"]
-    if getattr(original, "_gpd_patched", False):   # a trace inside a trace (inlined functions)
+    if getattr(original, "_gpd_patched", False):   # a trace inside a trace
         yield
         return
     inlined = _inlined_functions()
 
     def apply(cls, *args, **kwargs):
-        proxies = []
-        fx.node.map_aggregate((args, kwargs), lambda a: proxies.append(a) if isinstance(a, fx.Proxy) else None)
-        if not proxies or issubclass(cls, inlined):
+        if _first_proxy((args, kwargs)) is None or issubclass(cls, inlined):
             return original.__get__(None, cls)(*args, **kwargs)
-        return proxies[0].tracer.create_proxy("call_function", autograd_apply(cls), args, kwargs)
+        return autograd_apply(cls)(*args, **kwargs)
 
     patched = classmethod(apply)
     apply._gpd_patched = True

@@ -349,6 +349,48 @@ def test_trace_keeps_autograd_function_apply():
         torch.testing.assert_close(copied(x), gm(x), rtol=0, atol=0)
 
 
+class SignSplit(torch.autograd.Function):
+    """Two outputs (positive and negative part) and a backward of its own (the sum of both)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clamp(min=0), x.clamp(max=0)
+
+    @staticmethod
+    def backward(ctx, ga, gb):
+        return ga + gb
+
+
+class SplitNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        pos, neg = SignSplit.apply(self.bn(self.conv1(x)))
+        return self.conv2(pos - 0.5 * neg).mean((2, 3))
+
+
+def test_autograd_function_with_two_outputs_survives_fold_with_fused_bn():
+    """A two-output Function stays one node in the teacher and in fold(dt, fuse_bn=True)'s
+    graph (traced without example values), and the folded and fused students are exact."""
+    torch.manual_seed(0)
+    m = SplitNet().double()
+    x = torch.randn(3, 3, 6, 6, dtype=torch.float64)
+    m.train()(x)   # BN statistics that are not the identity
+    m.eval()
+    dt = gpd_fx.expand(m, 2, (x,))
+    assert [n.target for n in dt.teacher.graph.nodes].count(SignSplit.apply) == 1
+    torch.testing.assert_close(dt(x), m(x), rtol=1e-9, atol=1e-12)
+    student, fused = gpd_fx.fold(dt, fuse_bn=True)
+    assert [n.target for n in fused.graph.nodes].count(SignSplit.apply) == 1
+    assert not any(isinstance(mod, nn.BatchNorm2d) for mod in fused.modules())
+    torch.testing.assert_close(student(x), m(x), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(fused(x), m(x), rtol=1e-9, atol=1e-12)
+
+
 # --- bad arguments and non-finite teachers --------------------------------------------------
 
 def test_non_module_is_refused():
