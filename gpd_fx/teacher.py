@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -9,8 +10,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from gpd_fx.passes.branches import shared_folds
-from gpd_fx.passes.student_map import ParamSource, evaluate_map
+from gpd_fx.passes.branches import _Branched, shared_folds
+from gpd_fx.passes.student_map import ParamSource, evaluate_map, mapped_tensor, share_map
 
 __all__ = ["DynamicTeacher", "ExpansionReport"]
 
@@ -151,11 +152,43 @@ class DynamicTeacher(nn.Module):
     def joint(self, *args, **kwargs):
         """``(teacher(x), student(x))`` in one call: the forward to wrap in DDP or compile.
 
-        Multi-branch kernels are folded once and shared by the teacher forward and the student
-        map (calling ``dt(x)`` and ``dt.student(x)`` separately folds them twice).
+        The student map shares its work with the teacher forward: each teacher parameter the
+        student reads is passed to the teacher as an alias from one fused map
+        (:func:`~gpd_fx.passes.student_map.share_map`), so the student's gradient is added into
+        the rows of the teacher's gradient it belongs to instead of through a teacher-sized
+        zero tensor; each multi-branch layer computes the student's kernel from its branch
+        tensors at student size during the teacher forward. Values and gradients equal
+        ``(dt(x), dt.student(x))``.
         """
-        with shared_folds(self.teacher):
-            return self._graph()(*args, **kwargs), self.student(*args, **kwargs)
+        graph = self._graph()
+        if torch.compiler.is_compiling() or graph is not self.teacher:
+            with shared_folds(self.teacher):
+                return graph(*args, **kwargs), self.student(*args, **kwargs)
+        with shared_folds(self.teacher, self.sources):
+            plain, rest = self._split_sources()
+            tensors = [_holder(self.teacher, s.module)._parameters[s.attr] for s in plain]
+            aliases, mapped = share_map(tensors, plain)
+            with _swap_parameters(self.teacher, tensors, aliases):
+                t = graph(*args, **kwargs)
+            state = {s.student_name: m for s, m in zip(plain, mapped)}
+            for s in rest:   # multi-branch weights: the kernel their teacher forward computed
+                state[s.student_name] = mapped_tensor(self.teacher, s)
+            state.update(self.student_state.as_dict())
+            out = functional_call(self._template, state, args, kwargs, tie_weights=True, strict=False)
+        return t, out
+
+    def _split_sources(self) -> tuple[list[ParamSource], list[ParamSource]]:
+        """(sources reading a trainable teacher Parameter, each Parameter once; all others)."""
+        plain, rest, seen = [], [], set()
+        for s in self.sources:
+            mod = _holder(self.teacher, s.module)
+            p = mod._parameters.get(s.attr) if not isinstance(mod, _Branched) or s.attr != "weight" else None
+            if isinstance(p, nn.Parameter) and p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                plain.append(s)
+            else:
+                rest.append(s)
+        return plain, rest
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -173,3 +206,27 @@ class DynamicTeacher(nn.Module):
 
     def extra_repr(self) -> str:
         return f"ratio={self.ratio}, {len(self.sources)} mapped student parameters"
+
+
+def _holder(root: nn.Module, name: str) -> nn.Module:
+    return root.get_submodule(name) if name else root
+
+
+@contextlib.contextmanager
+def _swap_parameters(root: nn.Module, params: list[Tensor], replacements: list[Tensor]):
+    """Within the block every module of ``root`` that holds one of ``params`` (tied ones included)
+    reads its replacement instead; a dictionary write per holder, restored on exit. Cheaper than
+    ``functional_call``'s general re-parametrisation, which matters once per training step."""
+    by_id = {id(p): r for p, r in zip(params, replacements)}
+    swapped = []
+    try:
+        for mod in root.modules():
+            for name, p in mod._parameters.items():
+                if p is not None and id(p) in by_id:
+                    swapped.append((mod, name, p))
+        for mod, name, p in swapped:
+            mod._parameters[name] = by_id[id(p)]
+        yield
+    finally:
+        for mod, name, p in swapped:
+            mod._parameters[name] = p

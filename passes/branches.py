@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -40,8 +41,11 @@ from torch import Tensor, nn
 
 from gpd_fx.errors import GPDError
 
+from .student_map import inp_part, map_tensor, out_part, share_map
+
 __all__ = [
     "BRANCH_KINDS_CONV",
+    "BRANCH_MODES",
     "BRANCH_KINDS_LINEAR",
     "BranchConfigError",
     "BranchConvNd",
@@ -72,8 +76,10 @@ def _uniform(shape: Sequence[int], fan_in: int, like: Tensor, generator: torch.G
     return t.uniform_(-bound, bound, generator=generator).to(like.device)
 
 
-def _resolve(requested: Sequence[str] | None, reasons: dict[str, str | None], original: str) -> tuple[str, ...]:
-    """Validate a requested branch set against ``reasons`` (kind -> why it does not apply)."""
+def _resolve(requested: Sequence[str] | None, reasons: dict[str, str | None], original: str,
+             where: str = "this layer") -> tuple[str, ...]:
+    """Validate a requested branch set against ``reasons`` (kind -> why it does not apply);
+    ``where`` names the layer in error messages."""
     if requested is None:
         return tuple(k for k, why in reasons.items() if why is None)
     if isinstance(requested, str):
@@ -81,42 +87,102 @@ def _resolve(requested: Sequence[str] | None, reasons: dict[str, str | None], or
     kinds = tuple(requested)
     for kind in kinds:
         if kind not in reasons:
-            raise BranchConfigError(f"unknown branch kind {kind!r}; valid kinds are {tuple(reasons)}")
+            raise BranchConfigError(f"{where}: unknown branch kind {kind!r}; valid kinds are {tuple(reasons)}")
         if reasons[kind] is not None:
-            raise BranchConfigError(f"branch {kind!r} does not apply to this layer: {reasons[kind]}")
+            raise BranchConfigError(f"{where}: branch {kind!r} does not apply: {reasons[kind]}")
     if len(set(kinds)) != len(kinds):
-        raise BranchConfigError(f"branch kinds listed twice in {kinds}")
+        raise BranchConfigError(f"{where}: branch kinds listed twice in {kinds}")
     if original not in kinds:
         raise BranchConfigError(
-            f"branches={kinds} lacks {original!r}, the branch that holds the given weight; add it"
+            f"{where}: branches={kinds} lacks {original!r}, the branch that holds the given weight; add it"
         )
     # The original branch first: at init the sum is then 1*W + 0 + ... + 0, which is W exactly.
     return (original,) + tuple(k for k in kinds if k != original)
 
 
+# ---------------------------------------------------------------------------------- planning
+#
+# Each branch is computed either *folded* (its kernel added into one kernel that a single conv
+# applies: a per-step cost independent of the batch, about out*in*k^2 element operations, and
+# out*mid*in*k^2 multiply-adds for 1x1->kxk) or *run* (its own small conv on the activations,
+# scaled per output channel and added: cost proportional to batch x spatial size). Both are
+# the same linear function. The choice is made from this step's shapes by a cost model in
+# multiply-adds, once per input shape, and cached on the layer.
+
+BRANCH_MODES = ("auto", "fold", "run")
+"""``branch_mode`` values: choose by cost, fold every branch (one conv), run every branch."""
+
+# One element read or written costs about this many multiply-adds (single-thread CPU: ~30-60
+# GFLOP/s in GEMM/conv vs ~1 G elements/s of memory traffic). Calibrated on ResNet layer
+# shapes, fold vs run, forward + backward.
+_MEM = 20.0
+# forward + backward of a GEMM/conv: the forward and two gradient products
+_FB = 3.0
+
+
+def _check_mode(mode, kinds: tuple[str, ...], where: str):
+    if isinstance(mode, str):
+        if mode not in BRANCH_MODES:
+            raise BranchConfigError(f"{where}: branch_mode={mode!r}; allowed: {BRANCH_MODES} or a dict "
+                                    f"{{kind: 'fold' | 'run'}} over {kinds}")
+        return mode
+    mode = dict(mode)
+    for k, m in mode.items():
+        if k not in kinds or m not in ("fold", "run"):
+            raise BranchConfigError(f"{where}: branch_mode entry {k!r}: {m!r}; keys must be among {kinds} "
+                                    f"and values 'fold' or 'run'")
+    return mode
+
+
+def _best_plan(kinds: tuple[str, ...], fold_cost: dict[str, float], run_cost: dict[str, float],
+               base: float) -> tuple[str, ...]:
+    """The set of branches to run (the rest fold) of least modelled cost; ``base`` is the cost of
+    the one conv that applies a folded kernel (paid when at least one branch folds)."""
+    best, best_cost = (), math.inf
+    n = len(kinds)
+    for mask in range(1 << n):
+        run = tuple(k for i, k in enumerate(kinds) if mask >> i & 1)
+        cost = sum(run_cost[k] for k in run) + sum(fold_cost[k] for k in kinds if k not in run)
+        if len(run) < n:
+            cost += base
+        # ties go to fewer run branches (one conv, the exact-at-init kernel path)
+        if best_cost == math.inf or cost < best_cost * (1 - 1e-9):
+            best, best_cost = run, cost
+    return best
+
+
 @contextlib.contextmanager
-def shared_folds(root: nn.Module):
+def shared_folds(root: nn.Module, sources=None):
     """Within this block every multi-branch layer under ``root`` folds its kernel at most once.
 
-    Under ``torch.compile`` nothing is cached: the compiler sees both uses and deduplicates them.
+    With ``sources`` (the student-map sources), each layer whose weight the student reads also
+    computes, during the teacher forward, the student's kernel from the same branch tensors at
+    student size, sharing one fused backward with the teacher (``share_map``); the student map
+    then picks it up. Under ``torch.compile`` nothing is cached: the compiler sees both uses and
+    deduplicates them.
     """
     if torch.compiler.is_compiling():
         yield
         return
-    layers = [m for m in root.modules() if isinstance(m, _Branched)]
-    for m in layers:
-        m.__dict__["_fold_memo"] = {}
+    by_module = {}
+    if sources is not None:
+        by_module = {s.module: s for s in sources if s.attr == "weight"}
+    layers = [(n, m) for n, m in root.named_modules() if isinstance(m, _Branched)]
+    for n, m in layers:
+        m.__dict__["_fold_memo"] = {"src": by_module.get(n)}
     try:
         yield
     finally:
-        for m in layers:
+        for _, m in layers:
             m.__dict__["_fold_memo"] = None
 
 
 class _Branched(nn.Module):
-    """Shared plumbing: scale vectors ``v_<kind>`` and the online fold."""
+    """Shared plumbing: scale vectors ``v_<kind>``, the online fold, the run/fold plan and the
+    student-side map."""
 
     branches: tuple[str, ...]
+    branch_mode: str | dict[str, str] = "auto"
 
     def _init_scales(self, out_features: int, like: Tensor, original: str) -> None:
         self._v_shape = (-1,) + (1,) * (like.dim() - 1)
@@ -125,6 +191,20 @@ class _Branched(nn.Module):
             fill = 1.0 if kind == original else 0.0
             v = torch.full((out_features,), fill, dtype=like.dtype, device=like.device)
             self.register_parameter(f"v_{kind}", nn.Parameter(v))
+
+    # -- the tensors a fold reads, by role ------------------------------------------------
+    def _roles(self) -> dict[str, tuple[str, str]]:
+        """``{role: (attribute, part of the weight's map)}``; part is 'full', 'out' or 'inp'."""
+        raise NotImplementedError
+
+    def _scales(self) -> dict[str, Tensor]:
+        return {k: getattr(self, f"v_{k}") for k in self.branches}
+
+    def _own(self) -> dict[str, Tensor]:
+        return {role: getattr(self, attr) for role, (attr, _) in self._roles().items()}
+
+    def _fold_kernel(self, kinds, t: dict[str, Tensor], v: dict[str, Tensor], ident) -> Tensor:
+        raise NotImplementedError
 
     def branch_kernel(self, kind: str) -> Tensor:
         """The unscaled kernel ``K_b`` of one branch, shaped like the effective weight."""
@@ -147,22 +227,120 @@ class _Branched(nn.Module):
         return self._fold()
 
     def _fold(self) -> Tensor:
-        total = None
-        for kind in self.branches:
-            kernel = self.branch_kernel(kind)
-            # Static shape (not kernel.dim()) so the fold stays traceable by torch.fx.
-            v = getattr(self, f"v_{kind}").view(self._v_shape)
-            total = v * kernel if total is None else total + v * kernel
-        return total
+        return self._fold_kernel(self.branches, self._own(), self._scales(), self._ident())
 
     @property
     def weight(self) -> Tensor:
         """Read-only view of :meth:`effective_weight`, so code that reads ``.weight`` sees the fold."""
         return self.effective_weight()
 
+    # -- the student side ----------------------------------------------------------------
+    def _ident(self, src=None):
+        """Where the identity branch's ones sit: ``(rows, cols)`` (teacher) or, for the student
+        map of ``src``, those of the mapped identity kernel; a dense kernel if it is not a
+        0/1 selection of one entry per row."""
+        if "identity" not in self.branches:
+            return None
+        if src is None:
+            return self._ident_teacher()
+        cache = self.__dict__.setdefault("_ident_cache", {})
+        key = id(src)
+        if key not in cache:
+            with torch.no_grad():
+                dense = map_tensor(self.branch_kernel("identity"), src)
+            cache[key] = self._ident_from_dense(dense)
+        return cache[key]
+
+    def _mappable(self, src) -> bool:
+        # the branch factors are mapped separately: output map on dim 0, input map on dim 1
+        return ((src.out is None or src.out[0] == 0) and (src.inp is None or src.inp[0] == 1))
+
+    def mapped_weight(self, src) -> Tensor:
+        """The student map of :meth:`effective_weight`, computed at student size.
+
+        ``map(sum_b v_b * K_b) = sum_b map(v_b) * map(K_b)``: the map selects output copy 0 (so
+        it commutes with per-output-channel scales) and sums input copies (so a composition
+        ``B o A`` maps to ``out(B) o inp(A)``). Each branch factor is mapped first, then folded
+        at student width: about 1/r (1/r^2 for 1x1->kxk) of folding the teacher's kernel.
+        Inside a joint forward (:func:`shared_folds` with sources) the kernel computed during
+        the teacher forward is returned.
+        """
+        memo = self.__dict__.get("_fold_memo")
+        if memo is not None and memo.get("src") is src and "student_w" in memo:
+            return memo["student_w"]
+        if not self._mappable(src):
+            return map_tensor(self.effective_weight(), src)
+        roles = self._roles()
+        own = self._own()
+        parts = [self._part(src, part) for _, part in roles.values()]
+        mapped = dict(zip(roles, (map_tensor(t, p) for t, p in zip(own.values(), parts))))
+        return self._student_kernel(src, mapped)
+
+    def _part(self, src, part: str):
+        return src if part == "full" else out_part(src) if part == "out" else inp_part(src)
+
+    def _student_kernel(self, src, mapped: dict[str, Tensor]) -> Tensor:
+        vpart = out_part(src)
+        v = {k: map_tensor(t, vpart) for k, t in self._scales().items()}
+        w = self._fold_kernel(self.branches, mapped, v, self._ident(src))
+        return w * src.scale if src.scale != 1.0 else w
+
+    def _inputs(self) -> dict[str, Tensor]:
+        """The branch tensors the teacher forward reads. In a joint forward they are aliases from
+        :func:`share_map`, and the student kernel is computed from their maps on the way."""
+        memo = self.__dict__.get("_fold_memo")
+        src = memo.get("src") if memo is not None else None
+        if src is None or not self._mappable(src):
+            return self._own()
+        roles = self._roles()
+        own = self._own()
+        parts = [self._part(src, part) for _, part in roles.values()]
+        aliases, mapped = share_map(list(own.values()), parts)
+        memo["student_w"] = self._student_kernel(src, dict(zip(roles, mapped)))
+        return dict(zip(roles, aliases))
+
+    # -- planning ------------------------------------------------------------------------
+    def _costs(self, x: Tensor) -> tuple[dict[str, float], dict[str, float], float]:
+        raise NotImplementedError
+
+    def plan(self, x: Tensor) -> tuple[str, ...]:
+        """The branches run on the activations for an input like ``x`` (the others are folded).
+
+        Decided from ``branch_mode`` and, for ``'auto'``, the modelled cost of this input's
+        shape; cached per shape. Under ``torch.fx`` symbolic tracing every branch folds.
+        """
+        mode = self.branch_mode
+        if mode == "fold" or isinstance(x, torch.fx.Proxy):
+            return ()
+        if mode == "run":
+            return self.branches
+        if isinstance(mode, dict):
+            return tuple(k for k in self.branches if mode.get(k, "fold") == "run")
+        key = (tuple(x.shape), x.dtype)
+        compiling = torch.compiler.is_compiling()
+        cache = self.__dict__.setdefault("_plans", {})
+        if not compiling and key in cache:
+            return cache[key]
+        fold_cost, run_cost, base = self._costs(x)
+        run = _best_plan(self.branches, fold_cost, run_cost, base)
+        if not compiling:
+            cache[key] = run
+        return run
+
+    def plan_costs(self, x: Tensor) -> dict[str, Any]:
+        """The cost model behind :meth:`plan` for an input like ``x`` (multiply-add units)."""
+        fold_cost, run_cost, base = self._costs(x)
+        return {"fold": fold_cost, "run": run_cost, "base": base, "run_branches": self.plan(x)}
+
+    def _add_run(self, y: Tensor | None, out: Tensor, v: Tensor, vshape) -> Tensor:
+        v = v.view(vshape)
+        if y is None:
+            return out * v if self.bias is None else torch.addcmul(self.bias.view(vshape), out, v)
+        return torch.addcmul(y, out, v)
+
 
 class BranchConvNd(_Branched):
-    """Multi-branch convolution whose effective kernel is re-folded every forward (one conv call).
+    """Multi-branch convolution: each branch folded into one online kernel or run on its own.
 
     Args:
         weight: the original kernel, ``(out, in // groups, *kernel_size)``; copied into ``weight_kxk``.
@@ -174,9 +352,13 @@ class BranchConvNd(_Branched):
         generator: source of the extra branches' random initial parameters.
         mid_channels: middle width of the ``1x1_kxk`` branch (a multiple of ``groups``);
             defaults to the input channels.
+        branch_mode: ``'auto'`` (fold or run each branch by the cost of the input's shape),
+            ``'fold'``, ``'run'``, or ``{kind: 'fold' | 'run'}``.
+        name: the layer's name, for error messages.
 
     Returns:
-        A module whose forward is ``F.conv{dim}d(x, effective_weight(), bias, ...)``.
+        A module computing ``F.conv{dim}d(x, effective_weight(), bias, ...)`` (up to rounding
+        when some branches run on the activations).
 
     Example:
         >>> conv = nn.Conv2d(8, 8, 3, padding=1)
@@ -199,12 +381,16 @@ class BranchConvNd(_Branched):
         branches: Sequence[str] | None = None,
         generator: torch.Generator | None = None,
         mid_channels: int | None = None,
+        branch_mode: str | dict[str, str] = "auto",
+        name: str = "",
     ) -> None:
         super().__init__()
+        where = f"layer {name!r}" if name else "BranchConvNd"
         if dim not in (1, 2, 3) or weight.dim() != dim + 2:
-            raise BranchConfigError(f"dim={dim} with a weight of shape {tuple(weight.shape)}; expected dim+2 axes")
+            raise BranchConfigError(f"{where}: dim={dim} with a weight of shape {tuple(weight.shape)}; "
+                                    "expected dim+2 axes")
         if padding_mode not in ("zeros", "reflect", "replicate", "circular"):
-            raise BranchConfigError(f"padding_mode={padding_mode!r} is not one nn.Conv accepts")
+            raise BranchConfigError(f"{where}: padding_mode={padding_mode!r} is not one nn.Conv accepts")
         self.dim, self.groups, self.padding_mode = dim, groups, padding_mode
         self.out_channels, self.in_channels = weight.shape[0], weight.shape[1] * groups
         self.kernel_size = tuple(weight.shape[2:])
@@ -212,21 +398,26 @@ class BranchConvNd(_Branched):
         self.dilation = _tuple(dilation, dim, "dilation")
         if isinstance(padding, str):
             if padding not in ("same", "valid"):
-                raise BranchConfigError(f"padding={padding!r}; string padding must be 'same' or 'valid'")
+                raise BranchConfigError(f"{where}: padding={padding!r}; string padding must be 'same' or 'valid'")
             if padding == "same" and any(s != 1 for s in self.stride):
-                raise BranchConfigError("padding='same' needs stride 1 (as in nn.Conv)")
+                raise BranchConfigError(f"{where}: padding='same' needs stride 1 (as in nn.Conv)")
             self.padding: tuple[int, ...] | str = padding
         else:
             self.padding = _tuple(padding, dim, "padding")
         if self.out_channels % groups:
-            raise BranchConfigError(f"out_channels={self.out_channels} is not divisible by groups={groups}")
+            raise BranchConfigError(f"{where}: out_channels={self.out_channels} is not divisible by groups={groups}")
         self._pad = self._explicit_padding()
 
-        mid = self.in_channels if mid_channels is None else mid_channels
-        if mid % groups:
-            raise BranchConfigError(f"mid_channels={mid} is not divisible by groups={groups}")
         reasons = self._reasons(self.in_channels, self.out_channels, self.kernel_size, self.stride)
-        self.branches = _resolve(branches, reasons, "kxk")
+        self.branches = _resolve(branches, reasons, "kxk", where)
+        mid = self.in_channels if mid_channels is None else mid_channels
+        if "1x1_kxk" in self.branches and (isinstance(mid, bool) or not isinstance(mid, int) or mid < groups
+                                           or mid % groups):
+            raise BranchConfigError(
+                f"{where}: mid_channels={mid!r} for the 1x1_kxk branch must be a positive multiple of "
+                f"groups={groups} (allowed: {groups}, {2 * groups}, ..., e.g. the input width {self.in_channels})")
+        self.mid_channels = mid
+        self.branch_mode = _check_mode(branch_mode, self.branches, where)
 
         self.weight_kxk = nn.Parameter(weight.detach().clone())
         self.register_parameter("bias", None if bias is None else nn.Parameter(bias.detach().clone()))
@@ -297,6 +488,89 @@ class BranchConvNd(_Branched):
             return pad
         return [p for p in reversed(self.padding) for _ in range(2)]
 
+    # -- fold --------------------------------------------------------------------------------
+    def _roles(self) -> dict[str, tuple[str, str]]:
+        roles = {"kxk": ("weight_kxk", "full")}
+        if "1x1" in self.branches:
+            roles["1x1"] = ("weight_1x1", "full")
+        if "1x1_avg" in self.branches:
+            roles["1x1_avg"] = ("weight_1x1_avg", "full")
+        if "1x1_kxk" in self.branches:
+            roles["a"] = ("weight_1x1_kxk_a", "inp")
+            roles["b"] = ("weight_1x1_kxk_b", "out")
+        return roles
+
+    def _ident_teacher(self):
+        cached = self.__dict__.get("_ident_t")
+        if cached is None or cached[0].device != self.dirac.device:
+            o = torch.arange(self.out_channels, device=self.dirac.device)
+            cached = self.__dict__["_ident_t"] = (o, o % (self.in_channels // self.groups))
+        return cached
+
+    def _ident_from_dense(self, dense: Tensor):
+        centre = tuple(k // 2 for k in self.kernel_size)
+        tap = dense[(slice(None), slice(None), *centre)]
+        rest = dense.clone()
+        rest[(slice(None), slice(None), *centre)] = 0
+        nz = tap != 0
+        if bool((rest == 0).all()) and bool((nz.sum(1) == 1).all()) and bool((tap[nz] == 1).all()):
+            return (torch.arange(tap.shape[0], device=dense.device), nz.float().argmax(1))
+        return dense
+
+    def _compose(self, b: Tensor, a: Tensor) -> Tensor:
+        """``(B o A)[o, i, k] = sum_m B[o, m, k] A[m, i]`` per group: the 1x1 -> kxk kernel."""
+        g, out, ksize = self.groups, b.shape[0], math.prod(self.kernel_size)
+        a3 = a.reshape(g, a.shape[0] // g, a.shape[1])             # (g, mid/g, in/g)
+        b4 = b.reshape(g, out // g, b.shape[1], ksize)            # (g, out/g, mid/g, k)
+        return torch.einsum("gomk,gmi->goik", b4, a3).reshape(out, a.shape[1], *self.kernel_size)
+
+    def _fold_kernel(self, kinds, t: dict[str, Tensor], v: dict[str, Tensor], ident) -> Tensor:
+        """``sum_b v_b * K_b`` over ``kinds`` from branch tensors ``t`` (teacher or mapped).
+
+        The 1x1 and identity branches are added to the centre tap and the average branch is
+        broadcast over the window, in place on the kernel being built: no padded or expanded
+        branch kernel is materialised. The 1x1->kxk scale goes on whichever factor is smaller.
+        """
+        vs = self._v_shape
+        w = t["kxk"]
+        out, cin_g = w.shape[0], w.shape[1]
+        ksize = math.prod(self.kernel_size)
+        kern = None
+        if "kxk" in kinds:
+            kern = w * v["kxk"].view(vs)
+        if "1x1_kxk" in kinds:
+            b, a, vb = t["b"], t["a"], v["1x1_kxk"].view(vs)
+            # static sizes under torch.fx (shapes are proxies there)
+            mid_g, in_g = ((self.mid_channels // self.groups, self.in_channels // self.groups)
+                           if isinstance(b, torch.fx.Proxy) else (b.shape[1], a.shape[1]))
+            if mid_g <= in_g:
+                comp = self._compose(b * vb, a)
+            else:
+                comp = self._compose(b, a) * vb
+            kern = comp if kern is None else kern + comp
+        if "1x1_avg" in kinds:
+            avg = t["1x1_avg"] * (v["1x1_avg"] / ksize).view(vs)
+            kern = avg.expand(out, cin_g, *self.kernel_size).clone() if kern is None else kern + avg
+        tap = None
+        if "1x1" in kinds:
+            tap = t["1x1"].reshape(out, cin_g) * v["1x1"].view(-1, 1)
+        if "identity" in kinds:
+            vid = v["identity"]
+            if isinstance(ident, Tensor):   # a mapped identity that is not a selection
+                dense = ident * vid.view(vs)
+                kern = dense if kern is None else kern + dense
+            else:
+                rows, cols = ident
+                if tap is None:
+                    tap = vid.new_zeros(out, cin_g)
+                tap = tap.index_put((rows, cols), vid[rows], accumulate=True)
+        if tap is not None:
+            if kern is None:
+                kern = tap.new_zeros(out, cin_g, *self.kernel_size)
+            centre = (slice(None), slice(None), *(k // 2 for k in self.kernel_size))
+            kern[centre].add_(tap)   # in place through a view: autograd records it (CopySlices)
+        return kern
+
     def branch_kernel(self, kind: str) -> Tensor:
         """The unscaled k×k kernel of branch ``kind`` (composed and zero-padded as needed)."""
         if kind == "kxk":
@@ -305,11 +579,7 @@ class BranchConvNd(_Branched):
             # Zero-pad to the centre: the 1x1 then reads the same input pixel as the k×k centre tap.
             return F.pad(self.weight_1x1, [k // 2 for k in reversed(self.kernel_size) for _ in range(2)])
         if kind == "1x1_kxk":
-            g, (out, cin_g, *_) = self.groups, self._w_shape
-            # Compose per group: group i of the k×k only sees the middle channels of group i.
-            a = self.weight_1x1_kxk_a.reshape(g, -1, cin_g)  # (g, mid/g, in/g)
-            b = self.weight_1x1_kxk_b.reshape(g, out // g, -1, math.prod(self.kernel_size))  # (g, out/g, mid/g, k)
-            return torch.einsum("gomk,gmi->goik", b, a).reshape(self._w_shape)
+            return self._compose(self.weight_1x1_kxk_b, self.weight_1x1_kxk_a)
         if kind == "1x1_avg":
             # An average over the k×k window after a 1x1 is the 1x1 spread uniformly over the window.
             return (self.weight_1x1_avg / math.prod(self.kernel_size)).expand(self._w_shape)
@@ -317,14 +587,105 @@ class BranchConvNd(_Branched):
             return self.dirac
         raise BranchConfigError(f"branch {kind!r} is not part of this layer (it has {self.branches})")
 
-    def forward(self, x: Tensor) -> Tensor:
-        """One convolution with the online-folded kernel, padded as ``nn.Conv`` pads."""
+    # -- run ---------------------------------------------------------------------------------
+    def _conv(self, x: Tensor, w: Tensor, bias: Tensor | None, *, padded: bool, full: bool = True,
+              groups: int | None = None) -> Tensor:
+        """Conv with the layer's geometry (``full``) or a plain stride-1 1x1 (``full=False``);
+        ``padded``: ``x`` already carries the layer's non-zero padding."""
         conv = (F.conv1d, F.conv2d, F.conv3d)[self.dim - 1]
-        weight = self.effective_weight()
-        if self.padding_mode != "zeros":
-            x = F.pad(x, self._pad, mode=self.padding_mode)
-            return conv(x, weight, self.bias, self.stride, 0, self.dilation, self.groups)
-        return conv(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        g = self.groups if groups is None else groups
+        if not full:
+            return conv(x, w, bias, 1, 0, 1, g)
+        pad = 0 if padded else self.padding
+        return conv(x, w, bias, self.stride, pad, self.dilation, g)
+
+    def _padded(self, x: Tensor) -> Tensor:
+        mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+        return F.pad(x, self._pad, mode=mode)
+
+    def _centre(self, xp: Tensor) -> Tensor:
+        """The input pixel under each window's centre tap, on the output grid (from padded ``xp``)."""
+        idx = [slice(None), slice(None)]
+        for n, k, d, s in zip(xp.shape[2:], self.kernel_size, self.dilation, self.stride):
+            out = (n - d * (k - 1) - 1) // s + 1
+            start = d * (k // 2)
+            idx.append(slice(start, start + (out - 1) * s + 1, s))
+        return xp[tuple(idx)]
+
+    def _run_branch(self, kind: str, x: Tensor, xp: Tensor | None, t: dict[str, Tensor]) -> Tensor:
+        """One branch on the activations (unscaled, no bias); ``xp``: ``x`` padded as the layer pads
+        (``None`` for zero padding, which the convs do themselves)."""
+        padded = xp is not None
+        src = xp if padded else x
+        if kind == "kxk":
+            return self._conv(src, t["kxk"], None, padded=padded)
+        if kind == "1x1_kxk":
+            # the inner 1x1 has no bias and acts per pixel, so it commutes with any padding
+            return self._conv(self._conv(src, t["a"], None, padded=padded, full=False), t["b"], None, padded=padded)
+        if kind == "1x1_avg":
+            h = self._conv(src, t["1x1_avg"], None, padded=padded, full=False)
+            ones = h.new_full((self.out_channels, 1, *self.kernel_size), 1.0 / math.prod(self.kernel_size))
+            return self._conv(h, ones, None, padded=padded, groups=self.out_channels)
+        centre = self._centre(xp if padded else self._padded(x))
+        if kind == "1x1":
+            return self._conv(centre, t["1x1"], None, padded=True, full=False)
+        if kind == "identity":
+            return centre
+        raise BranchConfigError(f"branch {kind!r} is not part of this layer (it has {self.branches})")
+
+    def _costs(self, x: Tensor):
+        n = x.shape[0]
+        spatial_in = math.prod(x.shape[2:])
+        spatial_out = 1
+        for size, p, k, d, s in zip(x.shape[2:], self._pad_per_dim(), self.kernel_size, self.dilation, self.stride):
+            spatial_out *= (size + p - d * (k - 1) - 1) // s + 1
+        out, cin, g = self.out_channels, self.in_channels, self.groups
+        cin_g, mid, ksize = cin // g, self.mid_channels, math.prod(self.kernel_size)
+        kernel = out * cin_g * ksize
+        y = n * spatial_out * out
+        xin = n * spatial_in * cin
+        conv = _FB * n * spatial_out * out * cin_g * ksize
+        # applying a folded kernel: the conv, plus the kernel's gradient written and read
+        base = conv + _MEM * 3 * kernel
+        fold = {"kxk": _MEM * 6 * kernel,
+                "1x1": _MEM * 8 * out * cin_g,
+                "1x1_avg": _MEM * (3 * kernel + 6 * out * cin_g),
+                "identity": _MEM * 4 * out,
+                "1x1_kxk": _FB * out * (mid // g) * cin_g * ksize
+                + _MEM * (4 * kernel + 4 * out * (mid // g) * ksize + 4 * mid * cin_g)}
+        # running a branch: its convs, its kernel's gradient, and scaling + adding its output
+        out_add = _MEM * 5 * y
+        run = {"kxk": conv + _MEM * 3 * kernel + out_add,
+               "1x1": _FB * n * spatial_out * out * cin_g + _MEM * (3 * out * cin_g + 3 * xin) + out_add,
+               "1x1_avg": _FB * n * spatial_in * out * cin_g + _FB * 4 * n * spatial_out * out * ksize
+               + _MEM * (3 * out * cin_g + 4 * n * spatial_in * out) + out_add,
+               "identity": _MEM * 3 * xin + out_add,
+               "1x1_kxk": _FB * n * spatial_in * mid * cin_g + _FB * n * spatial_out * out * (mid // g) * ksize
+               + _MEM * (3 * mid * cin_g + 3 * out * (mid // g) * ksize + 4 * n * spatial_in * mid) + out_add}
+        return {k: fold[k] for k in self.branches}, {k: run[k] for k in self.branches}, base
+
+    def _pad_per_dim(self) -> list[int]:
+        # total padding per spatial dim, first dim first (self._pad is in F.pad order)
+        return [self._pad[2 * i] + self._pad[2 * i + 1] for i in range(self.dim)][::-1]
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The folded branches as one convolution, plus any branch run on the activations."""
+        t = self._inputs()
+        v = self._scales()
+        run = self.plan(x)
+        xp = self._padded(x) if self.padding_mode != "zeros" else None
+        y = None
+        if len(run) < len(self.branches):
+            memo = self.__dict__.get("_fold_memo")
+            if not run and memo is not None and memo.get("src") is None:
+                kern = self.effective_weight()          # shared with the student map in this block
+            else:
+                kern = self._fold_kernel([k for k in self.branches if k not in run], t, v, self._ident())
+            y = self._conv(xp if xp is not None else x, kern, self.bias, padded=xp is not None)
+        vshape = (-1,) + (1,) * self.dim
+        for kind in run:
+            y = self._add_run(y, self._run_branch(kind, x, xp, t), v[kind], vshape)
+        return y
 
     @torch.no_grad()
     def fold(self) -> nn.Module:
@@ -346,7 +707,8 @@ class BranchConvNd(_Branched):
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
                 f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, "
-                f"padding_mode={self.padding_mode!r}, branches={self.branches}")
+                f"padding_mode={self.padding_mode!r}, branches={self.branches}, mid_channels={self.mid_channels}, "
+                f"branch_mode={self.branch_mode!r}")
 
 
 class BranchLinear(_Branched):
@@ -358,9 +720,12 @@ class BranchLinear(_Branched):
         branches: kinds from :data:`BRANCH_KINDS_LINEAR`; ``None`` means all that apply.
         rank: rank of the ``lowrank`` branch; default ``max(1, min(in, out) // 4)``.
         generator: source of the low-rank factors' random initial values.
+        branch_mode: ``'auto'``, ``'fold'``, ``'run'`` or ``{kind: 'fold' | 'run'}`` (see
+            :class:`BranchConvNd`).
+        name: the layer's name, for error messages.
 
     Returns:
-        A module whose forward is ``F.linear(x, effective_weight(), bias)``.
+        A module computing ``F.linear(x, effective_weight(), bias)``.
     """
 
     def __init__(
@@ -371,16 +736,20 @@ class BranchLinear(_Branched):
         branches: Sequence[str] | None = None,
         rank: int | None = None,
         generator: torch.Generator | None = None,
+        branch_mode: str | dict[str, str] = "auto",
+        name: str = "",
     ) -> None:
         super().__init__()
+        where = f"layer {name!r}" if name else "BranchLinear"
         if weight.dim() != 2:
-            raise BranchConfigError(f"a linear weight must be 2-D, got shape {tuple(weight.shape)}")
+            raise BranchConfigError(f"{where}: a linear weight must be 2-D, got shape {tuple(weight.shape)}")
         self.out_features, self.in_features = weight.shape
-        self.rank = max(1, min(self.in_features, self.out_features) // 4) if rank is None else int(rank)
-        if self.rank < 1:
-            raise BranchConfigError(f"rank={rank} must be at least 1")
+        self.rank = max(1, min(self.in_features, self.out_features) // 4) if rank is None else rank
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise BranchConfigError(f"{where}: rank={rank!r} must be a positive int")
         reasons = self._reasons(self.in_features, self.out_features)
-        self.branches = _resolve(branches, reasons, "linear")
+        self.branches = _resolve(branches, reasons, "linear", where)
+        self.branch_mode = _check_mode(branch_mode, self.branches, where)
         self.weight_linear = nn.Parameter(weight.detach().clone())
         self.register_parameter("bias", None if bias is None else nn.Parameter(bias.detach().clone()))
         if "lowrank" in self.branches:
@@ -406,6 +775,48 @@ class BranchLinear(_Branched):
         """
         return tuple(k for k, why in cls._reasons(in_features, out_features).items() if why is None)
 
+    def _roles(self) -> dict[str, tuple[str, str]]:
+        roles = {"linear": ("weight_linear", "full")}
+        if "lowrank" in self.branches:
+            roles["a"] = ("lowrank_a", "out")
+            roles["b"] = ("lowrank_b", "inp")
+        return roles
+
+    def _ident_teacher(self):
+        cached = self.__dict__.get("_ident_t")
+        if cached is None or cached[0].device != self.eye.device:
+            o = torch.arange(self.out_features, device=self.eye.device)
+            cached = self.__dict__["_ident_t"] = (o, o)
+        return cached
+
+    def _ident_from_dense(self, dense: Tensor):
+        nz = dense != 0
+        if bool((nz.sum(1) == 1).all()) and bool((dense[nz] == 1).all()):
+            return (torch.arange(dense.shape[0], device=dense.device), nz.float().argmax(1))
+        return dense
+
+    def _fold_kernel(self, kinds, t: dict[str, Tensor], v: dict[str, Tensor], ident) -> Tensor:
+        """``sum_b v_b * K_b`` over ``kinds``; identity entries added in place, the low-rank
+        scale applied to the ``(out, rank)`` factor."""
+        w = t["linear"]
+        kern = None
+        if "linear" in kinds:
+            kern = w * v["linear"].view(-1, 1)
+        if "lowrank" in kinds:
+            lr = (t["a"] * v["lowrank"].view(-1, 1)) @ t["b"]
+            kern = lr if kern is None else kern + lr
+        if "identity" in kinds:
+            vid = v["identity"]
+            if isinstance(ident, Tensor):
+                dense = ident * vid.view(-1, 1)
+                kern = dense if kern is None else kern + dense
+            else:
+                rows, cols = ident
+                if kern is None:
+                    kern = w.new_zeros(w.shape)
+                kern = kern.index_put((rows, cols), vid[rows], accumulate=True)
+        return kern
+
     def branch_kernel(self, kind: str) -> Tensor:
         """The unscaled ``(out, in)`` matrix of branch ``kind``."""
         if kind == "linear":
@@ -416,9 +827,42 @@ class BranchLinear(_Branched):
             return self.lowrank_a @ self.lowrank_b
         raise BranchConfigError(f"branch {kind!r} is not part of this layer (it has {self.branches})")
 
+    def _costs(self, x: Tensor):
+        rows = x.numel() // max(1, x.shape[-1]) if x.dim() else 1
+        out, inp, rank = self.out_features, self.in_features, self.rank
+        kernel, y = out * inp, rows * out
+        mm = _FB * rows * out * inp
+        base = mm + _MEM * 3 * kernel
+        fold = {"linear": _MEM * 6 * kernel, "identity": _MEM * 4 * out,
+                "lowrank": _FB * out * rank * inp + _MEM * (4 * kernel + 4 * rank * (out + inp))}
+        out_add = _MEM * 5 * y
+        run = {"linear": mm + _MEM * 3 * kernel + out_add, "identity": _MEM * 2 * y + out_add,
+               "lowrank": _FB * rows * rank * (out + inp) + _MEM * (4 * rows * rank + 3 * rank * (out + inp))
+               + out_add}
+        return {k: fold[k] for k in self.branches}, {k: run[k] for k in self.branches}, base
+
     def forward(self, x: Tensor) -> Tensor:
-        """One ``F.linear`` with the online-folded weight."""
-        return F.linear(x, self.effective_weight(), self.bias)
+        """The folded branches as one ``F.linear``, plus any branch run on the activations."""
+        t = self._inputs()
+        v = self._scales()
+        run = self.plan(x)
+        y = None
+        if len(run) < len(self.branches):
+            memo = self.__dict__.get("_fold_memo")
+            if not run and memo is not None and memo.get("src") is None:
+                kern = self.effective_weight()
+            else:
+                kern = self._fold_kernel([k for k in self.branches if k not in run], t, v, self._ident())
+            y = F.linear(x, kern, self.bias)
+        for kind in run:
+            if kind == "linear":
+                out = F.linear(x, t["linear"])
+            elif kind == "lowrank":
+                out = F.linear(F.linear(x, t["b"]), t["a"])
+            else:
+                out = x
+            y = self._add_run(y, out, v[kind], (-1,))
+        return y
 
     @torch.no_grad()
     def fold(self) -> nn.Linear:
@@ -435,4 +879,5 @@ class BranchLinear(_Branched):
         return lin
 
     def extra_repr(self) -> str:
-        return f"{self.in_features}, {self.out_features}, rank={self.rank}, branches={self.branches}"
+        return (f"{self.in_features}, {self.out_features}, rank={self.rank}, branches={self.branches}, "
+                f"branch_mode={self.branch_mode!r}")

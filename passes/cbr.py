@@ -1,8 +1,9 @@
 """Channel-Branch Reparameterization: rewrite the teacher's widened conv/linear layers into
 multi-branch layers whose kernel is folded online (design.md §2, branch direction).
 
-The student map is untouched: a source that reads ``weight`` of a multi-branch layer gets its
-``effective_weight()``, so the student always sees the folded kernel.
+The student map is untouched: a source that reads ``weight`` of a multi-branch layer gets the map
+of its ``effective_weight()`` (computed per branch at student size, see
+``_Branched.mapped_weight``), so the student always sees the folded kernel.
 """
 
 from __future__ import annotations
@@ -16,9 +17,55 @@ from torch import nn
 from .branches import BRANCH_KINDS_CONV, BRANCH_KINDS_LINEAR, BranchConfigError, BranchConvNd, BranchLinear
 from .student_map import ParamSource
 
-__all__ = ["add_branches", "resolve_branches"]
+__all__ = ["MID_CHOICES", "DEFAULT_MID", "add_branches", "resolve_branches", "resolve_options"]
 
 _CONV = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
+
+MID_CHOICES = ("student", "teacher")
+"""Named middle widths of the 1x1->kxk branch: the layer's input width in the student or in the
+teacher. Also accepted: a positive float, a factor of the teacher's input width (rounded to a
+multiple of the layer's groups), or a positive int, one width for every layer (it must be a
+multiple of each layer's groups)."""
+
+DEFAULT_MID = "teacher"
+"""Default middle width of the 1x1->kxk branch (see :data:`MID_CHOICES`)."""
+
+_OPTION_KEYS = ("conv", "linear", "mid", "mode")
+
+
+def resolve_options(branches) -> dict:
+    """The non-kind options of a ``branches={...}`` dict: ``mid`` (1x1->kxk middle width: one of
+    :data:`MID_CHOICES`, a float factor of the teacher's input width or an int width) and ``mode``
+    (``'auto'``, ``'fold'`` or ``'run'``, see ``BranchConvNd``)."""
+    from .branches import BRANCH_MODES
+
+    opts = {"mid": DEFAULT_MID, "mode": "auto"}
+    if isinstance(branches, dict):
+        opts.update({k: branches[k] for k in ("mid", "mode") if k in branches})
+    mid = opts["mid"]
+    if not (mid in MID_CHOICES or (isinstance(mid, (int, float)) and not isinstance(mid, bool) and mid > 0)):
+        raise BranchConfigError(f"branches['mid']={mid!r}; allowed: {MID_CHOICES}, a positive float factor of "
+                                "the teacher's input width (e.g. 0.5) or a positive int width")
+    if opts["mode"] not in BRANCH_MODES:
+        raise BranchConfigError(f"branches['mode']={opts['mode']!r}; allowed: {BRANCH_MODES}")
+    return opts
+
+
+def _mid_width(mid, layer: str, teacher_in: int, student_in: int, groups: int) -> int:
+    if mid == "teacher":
+        width = teacher_in
+    elif mid == "student":
+        width = student_in
+    elif isinstance(mid, int):
+        width = mid
+    else:   # a factor of the teacher's input width, rounded to a multiple of groups
+        width = max(groups, int(round(mid * teacher_in / groups)) * groups)
+    if width < groups or width % groups:
+        raise BranchConfigError(
+            f"layer {layer!r}: the 1x1->kxk middle width {width} (branches['mid']={mid!r}) is not a positive multiple "
+            f"of groups={groups}; allowed: multiples of {groups} (the teacher's input width {teacher_in}, the "
+            f"student's {student_in}), or {MID_CHOICES}")
+    return width
 
 
 def resolve_branches(branches) -> tuple[tuple[str, ...] | None, tuple[str, ...] | None]:
@@ -30,9 +77,12 @@ def resolve_branches(branches) -> tuple[tuple[str, ...] | None, tuple[str, ...] 
     if branches is None:
         return None, None
     if isinstance(branches, dict):
-        unknown_keys = set(branches) - {"conv", "linear"}
+        unknown_keys = set(branches) - set(_OPTION_KEYS)
         if unknown_keys:
-            raise BranchConfigError(f"branches dict keys must be 'conv'/'linear', got {sorted(unknown_keys)}")
+            raise BranchConfigError(f"branches dict keys must be among {_OPTION_KEYS}, got {sorted(unknown_keys)}")
+        if "conv" not in branches and "linear" not in branches:
+            conv = lin = None     # only options given: every kind that applies
+            return conv, lin
         conv = branches.get("conv", ())
         lin = branches.get("linear", ())
         for k in conv:
@@ -65,10 +115,19 @@ def add_branches(teacher: fx.GraphModule, sources: list[ParamSource], branches, 
     input map) are rewritten; student-width copies at boundaries stay plain. Layers for which no
     branch beyond the original applies stay plain too (nothing to gain, and one less fold).
 
+    ``branches`` may be a dict with options besides the kinds: ``mid`` (the 1x1->kxk middle
+    width, see :func:`resolve_options`) and ``mode`` (fold/run policy of every layer).
+
     Returns:
         The number of layers rewritten.
+
+    Raises:
+        BranchConfigError: an unknown kind or option, or a middle width that does not fit a
+            layer's groups (the message names the layer and the allowed values).
     """
     conv_kinds, lin_kinds = resolve_branches(branches)
+    opts = resolve_options(branches)
+    weight_src = {s.module: s for s in sources if s.attr == "weight"}
     widened = {s.module for s in sources if s.attr == "weight" and (s.out is not None or s.inp is not None)}
     gen = torch.Generator().manual_seed(seed)
     count = 0
@@ -94,15 +153,21 @@ def add_branches(teacher: fx.GraphModule, sources: list[ParamSource], branches, 
             kinds = _pick(conv_kinds, applicable, "kxk")
             if kinds == ("kxk",):
                 continue
+            src = weight_src[node.target]
+            student_in = src.inp[2] * m.groups if src.inp is not None else m.in_channels
+            mid = (_mid_width(opts["mid"], node.target, m.in_channels, student_in, m.groups)
+                   if "1x1_kxk" in kinds else None)
             new = BranchConvNd(m.weight, m.bias, dim=dim, stride=m.stride, padding=m.padding,
                                dilation=m.dilation, groups=m.groups, padding_mode=m.padding_mode,
-                               branches=kinds, generator=gen)
+                               branches=kinds, generator=gen, mid_channels=mid, branch_mode=opts["mode"],
+                               name=node.target)
         elif type(m) is nn.Linear and (lin_kinds is None or lin_kinds):
             applicable = BranchLinear.applicable_branches(m.in_features, m.out_features)
             kinds = _pick(lin_kinds, applicable, "linear")
             if kinds == ("linear",):
                 continue
-            new = BranchLinear(m.weight, m.bias, branches=kinds, generator=gen)
+            new = BranchLinear(m.weight, m.bias, branches=kinds, generator=gen, branch_mode=opts["mode"],
+                               name=node.target)
         if new is None:
             continue
         parent, _, name = node.target.rpartition(".")

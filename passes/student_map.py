@@ -77,8 +77,96 @@ def _stride_of(src: ParamSource) -> tuple[int | None, int | None]:
     return cached
 
 
+def _fast(t: Tensor, src: ParamSource) -> bool:
+    """Both halves of the map are interleaved (or absent) and match ``t``'s shape."""
+    out_r, in_r = _stride_of(src)
+    if src.out is not None:
+        dim, first = src.out
+        if out_r is None or (out_r > 0 and t.shape[dim] != first.numel() * out_r):
+            return False
+    if src.inp is not None:
+        dim, idx, _ = src.inp
+        if in_r is None or t.shape[dim] != idx.numel():
+            return False
+    return True
+
+
+def _select_out(t: Tensor, src: ParamSource) -> Tensor:
+    out_r, _ = _stride_of(src)
+    if src.out is None:
+        return t
+    dim, first = src.out
+    if out_r == 0:
+        return t.narrow(dim, 0, 1)
+    return t.unflatten(dim, (first.numel(), out_r)).select(dim + 1, 0)
+
+
+def _map_fast(t: Tensor, src: ParamSource) -> Tensor:
+    """The interleaved map without autograd: a strided view of output copy 0 and ``r - 1``
+    elementwise adds of the input copies (a reduction over a size-r middle axis is several
+    times slower on the CPU)."""
+    _, in_r = _stride_of(src)
+    t = _select_out(t, src)
+    if src.inp is not None:
+        dim, _, width = src.inp
+        v = t.unflatten(dim, (width, in_r))
+        t = v.select(dim + 1, 0)
+        if in_r > 1:
+            t = t + v.select(dim + 1, 1)
+            for j in range(2, in_r):
+                t.add_(v.select(dim + 1, j))
+    t = t.contiguous()
+    if src.scale != 1.0:
+        t = t * src.scale
+    return t
+
+
+def _adjoint_fast(gs: Tensor, src: ParamSource, shape) -> Tensor:
+    """``map^T(gs)`` as a new teacher-sized tensor, written once (copy 0 rows get ``gs``
+    repeated over the input copies, the other rows zero)."""
+    out_r, in_r = _stride_of(src)
+    if src.scale != 1.0:
+        gs = gs * src.scale
+    g = gs.new_empty(shape)
+    target = g
+    if src.out is not None:
+        dim, first = src.out
+        if out_r == 0:
+            g.narrow(dim, 1, g.shape[dim] - 1).zero_()
+            target = g.narrow(dim, 0, 1)
+        elif out_r > 1:
+            v = g.unflatten(dim, (first.numel(), out_r))
+            v.narrow(dim + 1, 1, out_r - 1).zero_()
+            target = v.select(dim + 1, 0)
+    if src.inp is not None:
+        dim, _, width = src.inp
+        target.unflatten(dim, (width, in_r)).copy_(gs.unsqueeze(dim + 1))
+    else:
+        target.copy_(gs)
+    return g
+
+
+class _MapFn(torch.autograd.Function):
+    """:func:`map_tensor` for interleaved maps with a hand-written backward (one write of the
+    teacher-sized gradient instead of a zero fill, a slice copy and a copy of an expanded view)."""
+
+    @staticmethod
+    def forward(ctx, t, src):
+        ctx.src, ctx.shape = src, t.shape
+        return _map_fast(t, src)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gs):
+        return _adjoint_fast(gs, ctx.src, ctx.shape), None
+
+
 def map_tensor(t: Tensor, src: ParamSource) -> Tensor:
     """Apply one source's map to the teacher tensor ``t`` (differentiable)."""
+    if _fast(t, src) and not torch.compiler.is_compiling() and not isinstance(t, torch.fx.Proxy):
+        if t.requires_grad and torch.is_grad_enabled():
+            return _MapFn.apply(t, src)
+        return _map_fast(t, src)
     out_r, in_r = _stride_of(src)
     if src.out is not None:
         dim, first = src.out
@@ -98,11 +186,7 @@ def map_tensor(t: Tensor, src: ParamSource) -> Tensor:
             t = t.new_zeros(shape).index_add(dim, idx.to(t.device), t)
     if src.scale != 1.0:
         t = t * src.scale
-    # A strided view is not safe to hand to every kernel: torch 2.14's CPU batch_norm backward
-    # returns a wrong input gradient for a non-contiguous weight when the per-channel spatial
-    # size is 1 ((N, C) or (N, C, 1) inputs: off by O(1), forward correct). The copy costs one
-    # small tensor per parameter per step.
-    return t.contiguous()
+    return t
 
 
 def mapped_tensor(teacher: nn.Module, src: ParamSource) -> Tensor:
@@ -150,27 +234,22 @@ def _add_adjoint_(g: Tensor, gs: Tensor, src: ParamSource) -> None:
     every input copy it was summed from. Touches only the selected rows of ``g``."""
     if src.scale != 1.0:
         gs = gs * src.scale
-    out_r, in_r = _stride_of(src)
-    target = g
+    if _fast(g, src):
+        target = _select_out(g, src)
+        if src.inp is not None:
+            dim, _, width = src.inp
+            target.unflatten(dim, (width, _stride_of(src)[1])).add_(gs.unsqueeze(dim + 1))
+        else:
+            target.add_(gs)
+        return
+    if src.inp is not None:
+        dim, idx, _ = src.inp
+        gs = gs.index_select(dim, idx.to(gs.device))
     if src.out is not None:
         dim, first = src.out
-        if out_r == 0:
-            target = target.narrow(dim, 0, 1)
-        elif out_r is not None and target.shape[dim] == first.numel() * out_r:
-            target = target.unflatten(dim, (first.numel(), out_r)).select(dim + 1, 0)
-        else:
-            target = None   # general index: scattered below
-    if src.inp is not None:
-        dim, idx, width = src.inp
-        if in_r is not None and g.shape[dim] == idx.numel():
-            gs = gs.unsqueeze(dim + 1).expand(*gs.shape[:dim + 1], in_r, *gs.shape[dim + 1:]).flatten(dim, dim + 1)
-        else:
-            gs = gs.index_select(dim, idx.to(gs.device))
-    if target is not None:
-        target.add_(gs)
-    else:
-        dim, first = src.out
         g.index_add_(dim, first.to(g.device), gs)
+    else:
+        g.add_(gs)
 
 
 class _SharedMap(torch.autograd.Function):
@@ -190,7 +269,8 @@ class _SharedMap(torch.autograd.Function):
         ctx.meta = [(t.shape, t.dtype, t.device) for t in tensors]
         ctx.set_materialize_grads(False)
         aliases = [t.view_as(t) for t in tensors]
-        mapped = [map_tensor(t, s) for t, s in zip(tensors, srcs)]
+        with torch.no_grad():
+            mapped = [map_tensor(t, s) for t, s in zip(tensors, srcs)]
         return (*aliases, *mapped)
 
     @staticmethod

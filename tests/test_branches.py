@@ -244,4 +244,253 @@ def test_fx_traceable():
         with torch.no_grad():
             for b in m.branches:
                 getattr(m, f"v_{b}").normal_()
-        assert torch.equal(torch.fx.symbolic_trace(m)(x), m(x))
+        traced = torch.fx.symbolic_trace(m)
+        # A trace cannot see the input shape, so it folds every branch: bitwise the fold path,
+        # and equal to rounding to the per-shape plan of 'auto'.
+        assert_close(traced(x), m(x), atol=1e-5, rtol=1e-5)
+        m.branch_mode = "fold"
+        assert torch.equal(traced(x), m(x))
+
+
+# ----------------------------------------------------------------- folded vs run branch paths
+
+
+def _grads(m, x, weight):
+    m.zero_grad(set_to_none=True)
+    x = x.detach().requires_grad_(True)
+    (m(x) * weight).sum().backward()
+    named = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    return named, x.grad.clone()
+
+
+def _randomise_scales(m, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for b in m.branches:
+            getattr(m, f"v_{b}").normal_(generator=g)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_run_paths_equal_fold_values_and_gradients(case):
+    """Every branch run on the activations equals the same branch folded into the kernel, in
+    value and in the gradient of every parameter and of the input (float64), for each stride,
+    dilation, groups and padding mode of CASES; also every mix of one branch run, rest folded."""
+    *cfg, _ = case
+    torch.manual_seed(0)
+    conv = _conv(*cfg)
+    m = _branch(conv, generator=torch.Generator().manual_seed(4))
+    _randomise_scales(m, 5)
+    x = torch.randn(2, cfg[1], *(11, 10, 9)[: cfg[0]], dtype=torch.float64)
+    m.branch_mode = "fold"
+    assert m.plan(x) == ()
+    y_fold = m(x)
+    weight = torch.randn_like(y_fold)
+    g_fold, gx_fold = _grads(m, x, weight)
+    modes = ["run"] + [{k: "run"} for k in m.branches]
+    for mode in modes:
+        m.branch_mode = mode
+        run = m.plan(x)
+        assert run == (m.branches if mode == "run" else tuple(mode))
+        # float64; each output is a sum of <= ~200 products of O(1) terms: 1e-12 is ~1e3 ulps
+        assert_close(m(x), y_fold, atol=1e-12, rtol=0, msg=f"value, run={run}")
+        g_run, gx_run = _grads(m, x, weight)
+        assert g_run.keys() == g_fold.keys()
+        for n in g_fold:
+            assert_close(g_run[n], g_fold[n], atol=1e-10, rtol=1e-12, msg=f"grad {n}, run={run}")
+        assert_close(gx_run, gx_fold, atol=1e-11, rtol=0, msg=f"input grad, run={run}")
+
+
+@pytest.mark.parametrize("mode", ["fold", "run", "auto"])
+def test_linear_run_paths_equal_fold(mode):
+    """BranchLinear: running each branch on the activations equals the fold, values and gradients."""
+    lin = nn.Linear(10, 10, dtype=torch.float64)
+    m = BranchLinear(lin.weight, lin.bias, generator=torch.Generator().manual_seed(0))
+    _randomise_scales(m, 1)
+    x = torch.randn(3, 4, 10, dtype=torch.float64)
+    m.branch_mode = "fold"
+    y_fold = m(x)
+    w = torch.randn_like(y_fold)
+    g_fold, gx_fold = _grads(m, x, w)
+    for run_mode in (mode, {"lowrank": "run"}, {"identity": "run", "linear": "run"}):
+        m.branch_mode = run_mode
+        assert_close(m(x), y_fold, atol=1e-12, rtol=0)   # float64, 10-term dot products
+        g_run, gx_run = _grads(m, x, w)
+        for n in g_fold:
+            assert_close(g_run[n], g_fold[n], atol=1e-11, rtol=1e-12, msg=n)
+        assert_close(gx_run, gx_fold, atol=1e-12, rtol=0)
+
+
+def test_run_path_exact_at_init():
+    """With every branch run, the layer still equals the given conv at init (to rounding: the
+    bias is added after the convolution instead of inside it)."""
+    conv = _conv(2, 4, 4, 3, 1, 1, 1, 1, "zeros")
+    m = _branch(conv, generator=torch.Generator().manual_seed(0), branch_mode="run")
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    assert_close(m(x), conv(x), atol=1e-14, rtol=0)
+
+
+def test_auto_plan_follows_shape_and_is_cached():
+    """'auto' runs the 1x1->kxk branch on a tiny spatial grid and folds it on a large one; the
+    decision is cached per input shape."""
+    w = torch.randn(256, 256, 3, 3)
+    m = BranchConvNd(w, None, dim=2, padding=1, generator=torch.Generator().manual_seed(0))
+    small, large = torch.empty(2, 256, 1, 1), torch.empty(2, 256, 64, 64)
+    assert "1x1_kxk" in m.plan(small)
+    assert "1x1_kxk" not in m.plan(large)
+    assert m.plan(large) == ()
+    assert set(m._plans) == {((2, 256, 1, 1), torch.float32), ((2, 256, 64, 64), torch.float32)}
+    costs = m.plan_costs(small)
+    assert set(costs["fold"]) == set(m.branches) and costs["run_branches"] == m.plan(small)
+
+
+def test_branch_mode_errors_name_the_layer():
+    """A bad branch_mode or mid width is a typed error naming the layer and the allowed values."""
+    w = torch.randn(6, 4, 3, 3)
+    with pytest.raises(BranchConfigError, match=r"layer 'blk.conv'.*branch_mode='sometimes'.*'auto', 'fold', 'run'"):
+        BranchConvNd(w, None, dim=2, branch_mode="sometimes", name="blk.conv")
+    with pytest.raises(BranchConfigError, match=r"layer 'c'.*'bogus'.*'fold' or 'run'"):
+        BranchConvNd(w, None, dim=2, branch_mode={"bogus": "run"}, name="c")
+    with pytest.raises(BranchConfigError, match=r"layer 'c'.*mid_channels=3.*multiple of groups=2.*allowed: 2, 4"):
+        BranchConvNd(w, None, dim=2, groups=2, mid_channels=3, name="c")
+    with pytest.raises(BranchConfigError, match=r"layer 'c': unknown branch kind 'bogus'.*valid kinds"):
+        BranchConvNd(w, None, dim=2, branches=("kxk", "bogus"), name="c")
+
+
+def _interleaved_source(out, cin_g, r, dims):
+    from gpd_fx.passes.student_map import ParamSource
+
+    return ParamSource("w", "", "weight", out=(0, torch.arange(out // r) * r),
+                       inp=(1, torch.arange(cin_g) // r, cin_g // r))
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if (c[2] // 2) % c[7] == 0 and (c[1] // c[7]) % 2 == 0
+                                  and c[2] % 2 == 0], ids=str)
+def test_mapped_weight_equals_map_of_fold(case):
+    """The student map computed per branch at student size equals the map of the folded kernel,
+    in value and gradient (float64), for an interleaved r=2 source."""
+    from gpd_fx.passes.student_map import map_tensor
+
+    *cfg, _ = case
+    conv = _conv(*cfg)
+    m = _branch(conv, generator=torch.Generator().manual_seed(6))
+    _randomise_scales(m, 7)
+    src = _interleaved_source(m.out_channels, m.in_channels // m.groups, 2, cfg[0])
+    ref = map_tensor(m.effective_weight(), src)
+    got = m.mapped_weight(src)
+    assert_close(got, ref, atol=1e-12, rtol=0)   # float64, O(10)-term sums
+    w = torch.randn_like(ref)
+    g_ref = torch.autograd.grad((ref * w).sum(), list(m.parameters()), allow_unused=True)
+    g_got = torch.autograd.grad((m.mapped_weight(src) * w).sum(), list(m.parameters()), allow_unused=True)
+    for a, b in zip(g_ref, g_got):
+        assert (a is None) == (b is None) or (a is not None and not a.any()) or (b is not None and not b.any())
+        if a is not None and b is not None:
+            assert_close(b, a, atol=1e-12, rtol=0)
+
+
+# ------------------------------------------------------------------ student map and joint step
+
+
+def _index_map(t, src):
+    """The map by its definition with gathers and scatters (reference for the strided paths)."""
+    if src.out is not None:
+        t = t.index_select(src.out[0], src.out[1])
+    if src.inp is not None:
+        dim, idx, width = src.inp
+        shape = list(t.shape)
+        shape[dim] = width
+        t = t.new_zeros(shape).index_add(dim, idx, t)
+    return t * src.scale
+
+
+@pytest.mark.parametrize("r", [2, 3])
+@pytest.mark.parametrize("kind", ["weight", "vector", "inp_only", "single_row"])
+def test_map_and_shared_map_match_definition(r, kind):
+    """map_tensor's strided forward/backward and share_map's fused backward equal the map's
+    definition (gather output copy 0, scatter-add input copies), in float64."""
+    from gpd_fx.passes.student_map import ParamSource, map_tensor, share_map
+
+    shape = {"weight": (4 * r, 3 * r, 3, 3), "vector": (4 * r,), "inp_only": (5, 3 * r), "single_row": (1, 3 * r)}[kind]
+    out = None if kind == "inp_only" else (0, torch.tensor([0]) if kind == "single_row" else torch.arange(4) * r)
+    inp = None if kind == "vector" else (1, torch.arange(3 * r) // r, 3)
+    src = ParamSource("s", "", "w", out=out, inp=inp, scale=0.75)
+    t = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    ref = _index_map(t, src)
+    got = map_tensor(t, src)
+    assert_close(got, ref, atol=1e-15, rtol=0)   # float64: the same r-term sums
+    w = torch.randn_like(ref)
+    (g_ref,) = torch.autograd.grad((ref * w).sum(), t)
+    (g_got,) = torch.autograd.grad((map_tensor(t, src) * w).sum(), t)
+    assert torch.equal(g_got, g_ref)
+    # fused: the alias feeds a teacher-side use, the map a student-side one
+    aliases, mapped = share_map([t], [src])
+    wt = torch.randn_like(t)
+    (g_shared,) = torch.autograd.grad((aliases[0] * wt).sum() + (mapped[0] * w).sum(), t)
+    assert_close(g_shared, g_ref + wt, atol=1e-15, rtol=0)
+    # only the map used: the teacher-sized gradient is built from zeros
+    aliases, mapped = share_map([t], [src])
+    (g_only,) = torch.autograd.grad((mapped[0] * w).sum(), t)
+    assert torch.equal(g_only, g_ref)
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.b1 = nn.BatchNorm2d(8)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.c3 = nn.Conv2d(8, 8, 3, stride=2, padding=1, padding_mode="reflect")
+        self.fc = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.b1(self.c1(x)))
+        x = x + torch.relu(self.c2(x))
+        x = self.c3(x).mean((2, 3))
+        return self.head(torch.relu(self.fc(x)) + x)
+
+
+@pytest.mark.parametrize("mode", ["fold", "run", "auto"])
+@pytest.mark.parametrize("mid", ["teacher", "student", 0.5])
+def test_joint_equals_separate_teacher_and_student(mode, mid):
+    """dt.joint (fused map, student kernel computed during the teacher forward) gives the same
+    outputs and parameter gradients as dt(x) and dt.student(x) called separately, for every
+    fold/run policy and middle width (float64)."""
+    import copy
+
+    import gpd_fx
+
+    torch.manual_seed(0)
+    net = _Net().double()
+    dt = gpd_fx.expand(net, ratio=2, example_inputs=(torch.randn(2, 3, 8, 8, dtype=torch.float64),),
+                       branches={"mid": mid, "mode": mode}).train()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in dt.named_parameters():
+            if ".v_" in n:
+                p.normal_(generator=g)
+    ref = copy.deepcopy(dt)
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    t, s = dt.joint(x)
+    t_ref, s_ref = ref(x), ref.student(x)
+    assert_close(t, t_ref, atol=1e-12, rtol=0)   # float64, same ops up to summation order
+    assert_close(s, s_ref, atol=1e-12, rtol=0)
+    wt, ws = torch.randn_like(t), torch.randn_like(s)
+    ((t * wt).sum() + (s * ws).sum()).backward()
+    ((t_ref * wt).sum() + (s_ref * ws).sum()).backward()
+    for (n, p), q in zip(dt.named_parameters(), ref.parameters()):
+        assert (p.grad is None) == (q.grad is None), n
+        if p.grad is not None:
+            assert_close(p.grad, q.grad, atol=1e-11, rtol=1e-12, msg=n)
+
+
+def test_bad_mid_is_a_typed_error_naming_the_layer():
+    """A middle width that does not divide a layer's groups names the layer and the allowed values."""
+    import gpd_fx
+
+    net = _Net()
+    with pytest.raises(BranchConfigError, match=r"layer 'c2'.*middle width 3.*multiple of groups=2.*allowed"):
+        gpd_fx.expand(net, ratio=2, example_inputs=(torch.randn(1, 3, 8, 8),), branches={"mid": 3})
+    with pytest.raises(BranchConfigError, match=r"branches\['mid'\]='wide'; allowed: \('student', 'teacher'\)"):
+        gpd_fx.expand(net, ratio=2, example_inputs=(torch.randn(1, 3, 8, 8),), branches={"mid": "wide"})
+    with pytest.raises(BranchConfigError, match=r"unknown branch kind 'bogus'.*conv kinds.*linear kinds"):
+        gpd_fx.expand(net, ratio=2, example_inputs=(torch.randn(1, 3, 8, 8),), branches=["kxk", "bogus"])
