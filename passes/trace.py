@@ -95,6 +95,8 @@ class AutogradApply:
         # ``Fn.apply`` as the user sees it, looked up past the tracer's patch: hashes of graph
         # targets must not change when the patch is undone (fx indexes nodes by target)
         self._apply = _unpatched_apply(function)
+        self._overridden = any("apply" in k.__dict__ for k in function.__mro__[:function.__mro__.index(
+            torch.autograd.Function)])
         # torch.fx names the callable in generated code from __module__ and __name__; pickling a
         # GraphModule imports it back by __qualname__ from __module__ (see ``__getattr__`` below)
         self.__module__ = __name__
@@ -107,9 +109,11 @@ class AutogradApply:
             # traced again by any fx tracer (an unpickled GraphModule is rebuilt by tracing its
             # code with a plain one): stay one node
             return proxy.tracer.create_proxy("call_function", self, args, kwargs)
-        # what ``Function.apply`` does (an override of ``apply`` in ``Fn`` ran while tracing,
-        # and its ops are in the graph already)
-        return _ORIGINAL_APPLY.__get__(None, self.function)(*args, **kwargs)
+        if self._overridden:
+            # what ``Function.apply`` does: the override of ``apply`` in ``Fn`` ran while tracing
+            # and its ops are in the graph already
+            return _ORIGINAL_APPLY.__get__(None, self.function)(*args, **kwargs)
+        return self.function.apply(*args, **kwargs)   # the spelling torch.compile understands
 
     def __eq__(self, other):
         if isinstance(other, AutogradApply):

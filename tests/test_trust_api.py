@@ -302,6 +302,18 @@ def test_autograd_function_is_one_node_with_its_backward():
     assert not mapped[1::2].any()
 
 
+def test_compiled_teacher_keeps_the_function_backward():
+    """torch.compile (fullgraph) of the teacher runs the Function with its own backward: the
+    same conv1 gradient as eager."""
+    m, x, dt = _ste_setup()
+    dt(x).sum().backward()
+    eager = dt.teacher.get_submodule("conv1").weight.grad.clone()
+    dt.zero_grad()
+    torch.compile(dt, backend="aot_eager", fullgraph=True)(x).sum().backward()
+    assert eager.abs().sum() > 0
+    torch.testing.assert_close(dt.teacher.get_submodule("conv1").weight.grad, eager, rtol=1e-12, atol=1e-12)
+
+
 def test_autograd_function_strict_names_the_function_and_the_fix():
     """strict=True refuses the boundary naming the node, the Function class and the fix."""
     with pytest.raises(UnsupportedOpError, match=r"RoundSTE") as e:
