@@ -323,3 +323,19 @@ def test_api_train_refuses_a_directory_holding_a_run(tmp_path):
     assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == before
     cfg.overwrite = True
     train(small_cnn(k), cfg, tr, va)
+
+
+def test_branches_means_the_same_in_train_help_trainconfig_and_zoo(capsys, monkeypatch):
+    """--branches: none = IR only, all = every kind that applies, in every place that documents it."""
+    from gpd_fx.trainer import TrainConfig
+
+    monkeypatch.setenv("COLUMNS", "1000")
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    texts = {"gpd-fx train --help": capsys.readouterr().out, "TrainConfig": TrainConfig.__doc__}
+    with pytest.raises(SystemExit):
+        cli.main(["zoo", "--help"])
+    texts["gpd-fx zoo --help"] = capsys.readouterr().out
+    for where, text in texts.items():
+        text = " ".join(text.replace("``", "").replace('"', "").split())
+        assert "none = IR only" in text and "all = every kind that applies" in text, where

@@ -222,11 +222,13 @@ def test_randomize_constants_breaks_zero_head():
         assert m.eval()(torch.randn(1, 3, 32, 32)).abs().max() > 0
 
 
-def test_zoo_cli_writes_table_and_json(tmp_path, capsys):
-    """The script runs one model in a worker subprocess and writes rows, summary and environment."""
-    out = tmp_path / "zoo.json"
+def test_zoo_cli_writes_table_and_json(tmp_path, monkeypatch, capsys):
+    """The script runs one model in a worker subprocess and writes rows, summary and environment
+    to ./zoo_<source>.json by default (the current directory, never the source tree)."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "zoo_torchvision.json"
     rc = zoo.main(["--models", "squeezenet1_1", "--ratio", "2", "--branches", "none", "--no-timing",
-                   "--json", str(out), "--timeout", "600", "--no-free-memory-check"])
+                   "--timeout", "600", "--no-free-memory-check"])
     assert rc == 0
     text = capsys.readouterr().out
     assert "squeezenet1_1" in text and "SUMMARY ratio 2: 1/1" in text
