@@ -134,7 +134,12 @@ class TrainConfig:
             measure the difference.
         schedule: ``"cosine"`` (to 0), ``"step"`` (x0.1 at 50% and 75%) or ``"none"``; per step.
         warmup_epochs: linear warm-up length in epochs (fractions allowed).
-        grad_clip: clip the global gradient norm to this value; 0 disables.
+        grad_clip: clip the global gradient norm to this value; 0 disables. The default 2.0 keeps
+            the first steps of a deep student from diverging: ``gpd-fx train torchvision:resnet18``
+            on the built-in data had a student at chance (10%) after epoch 1 without clipping and
+            23% after epoch 2 (52% with a one-epoch warm-up); with 2.0 it had 80% and 95%
+            (5.0: 18% after epoch 1). The default small CNN ends the same either way (98.3%
+            without, 98.6% with).
         ratio: expansion ratio r >= 1 of the dynamic teacher.
         noise: symmetry-breaking noise of :func:`gpd_fx.expand`, relative to each weight's std.
         branches: multi-branch (CBR) kinds of the teacher's conv/linear layers: ``"none"`` = IR
@@ -184,7 +189,7 @@ class TrainConfig:
     param_groups: str = "gpd"
     schedule: str = "cosine"
     warmup_epochs: float = 0.0
-    grad_clip: float = 0.0
+    grad_clip: float = 2.0
     ratio: int = 2
     noise: float = 0.1
     branches: str = "none"
@@ -1112,6 +1117,8 @@ def fit_plain(model: nn.Module, cfg: TrainConfig, train_ds: Dataset, val_ds: Dat
                                             "try a lower --lr")
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if run_cfg.grad_clip > 0:  # the same recipe as train()
+                nn.utils.clip_grad_norm_(params, run_cfg.grad_clip)
             opt.step()
             sched.step()
         val = evaluate({"model": model}, val_loader, device)
