@@ -1,6 +1,6 @@
 """Accuracy benchmark: does GPD give a better student than plain training or KD, at every ratio?
 
-    python benchmarks/accuracy.py                                   # synth task, 5 seeds, all methods
+    python benchmarks/accuracy.py                                   # shifted digits, 5 seeds, all methods
     python benchmarks/accuracy.py --seeds 0,1 --epochs 10 --ratios 2 --json /tmp/acc.json
     python benchmarks/accuracy.py --data digits                     # the saturated built-in images
 
@@ -12,6 +12,11 @@ Data (built locally, nothing downloaded):
   teacher the same MLP at width 128. The task is capacity-bound: the plain student stays ~15-20
   points under the wide model, so methods can be told apart (the built-in digits saturate: every
   method ends within one validation image of the others).
+- ``shifted``: scikit-learn's bundled 8x8 digits, standardised, each pasted at a random offset
+  into a 12x12 canvas with Gaussian noise (std 0.5) added; 1,437 train / 360 validation images,
+  fixed by ``--data-seed``. Student: ``SmallCNN`` of width 4 (the built-in ResNet-like CNN);
+  static teacher: the same at width 16. Plain training leaves the width-4 student ~11 points
+  under the width-16 model (79% vs 90%, 15 epochs, measured).
 - ``digits``: scikit-learn's bundled 8x8 digits at ``--image-size``, ``small_cnn`` student,
   ``wide_cnn`` static teacher.
 
@@ -58,7 +63,7 @@ from torch.utils.data import TensorDataset
 
 from gpd_fx.data import digits_datasets
 from gpd_fx.losses import GPDLossConfig
-from gpd_fx.models import small_cnn, wide_cnn
+from gpd_fx.models import SmallCNN, small_cnn, wide_cnn
 from gpd_fx.trainer import TrainConfig, fit_plain, train
 
 
@@ -87,7 +92,30 @@ def synth_datasets(seed: int = 0) -> tuple[TensorDataset, TensorDataset, int]:
     return TensorDataset(x[:5000], y[:5000]), TensorDataset(x[5000:], y[5000:]), 10
 
 
+def shifted_digits(seed: int = 0, canvas: int = 12, noise: float = 0.5) -> tuple[TensorDataset, TensorDataset, int]:
+    """Digits at random offsets in a noisy canvas (see the module docstring)."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(d.target), generator=g)
+    x = torch.tensor(d.images, dtype=torch.float32)[perm]
+    y = torch.tensor(d.target)[perm]
+    x = (x - x.mean()) / x.std()
+    out = torch.zeros(len(x), 1, canvas, canvas)
+    off = torch.randint(0, canvas - 7, (len(x), 2), generator=g)
+    for i in range(len(x)):
+        out[i, 0, off[i, 0]:off[i, 0] + 8, off[i, 1]:off[i, 1] + 8] = x[i]
+    out += noise * torch.randn(out.shape, generator=g)
+    n_train = len(x) * 4 // 5
+    return TensorDataset(out[:n_train], y[:n_train]), TensorDataset(out[n_train:], y[n_train:]), 10
+
+
 def _task(args) -> tuple[Any, Any, Callable[[], nn.Module], Callable[[], nn.Module], str]:
+    if args.data == "shifted":
+        tr, va, k = shifted_digits(args.data_seed)
+        return tr, va, (lambda: SmallCNN(k, 1, width=args.width)), (lambda: SmallCNN(k, 1, width=16)), \
+            f"shifted noisy digits 12x12, SmallCNN width {args.width} vs 16"
     if args.data == "synth":
         tr, va, k = synth_datasets(args.data_seed)
         return tr, va, (lambda: MLP(32, args.width, k)), (lambda: MLP(32, 128, k)), \
@@ -116,12 +144,17 @@ def _config(args, seed: int, out_dir: str, **kw) -> TrainConfig:
 
 def method_names(args) -> list[str]:
     names = ["plain", "plain_matched", "kd"]
+    first = args.param_groups[0]
     for r in args.ratios:
         for br in args.branches:
-            for pg in args.param_groups:
+            # IR teachers with every group kind asked for; CBR and the static teacher with the first
+            # (all combinations with --all-combinations)
+            kinds = args.param_groups if br == "ir" or args.all_combinations else [first]
+            for pg in kinds:
                 names.append(f"gpd_r{r}_{br}" + ("" if pg == "gpd" else "_plaingroups"))
     if args.static:
-        names += [f"gpd_static_r2_ir" + ("" if pg == "gpd" else "_plaingroups") for pg in args.param_groups]
+        kinds = args.param_groups if args.all_combinations else [first]
+        names += [f"gpd_static_r2_ir" + ("" if pg == "gpd" else "_plaingroups") for pg in kinds]
     return names
 
 
@@ -222,9 +255,10 @@ def _list_str(text: str) -> list[str]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", choices=("synth", "digits"), default="synth", help="task (see the module docstring)")
+    p.add_argument("--data", choices=("shifted", "synth", "digits"), default="shifted",
+                   help="task (see the module docstring)")
     p.add_argument("--data-seed", type=int, default=0, help="seed of the data set and its split")
-    p.add_argument("--width", type=int, default=16, help="student MLP width (synth)")
+    p.add_argument("--width", type=int, default=None, help="student width (default: 4 for shifted, 16 for synth)")
     p.add_argument("--seeds", type=_list_int, default=[0, 1, 2, 3, 4], help="comma list of seeds")
     p.add_argument("--epochs", type=int, default=20, help="epochs of every method and of the static teacher")
     p.add_argument("--image-size", type=int, default=16, help="digits are resized to this side")
@@ -235,11 +269,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--param-groups", type=_list_str, default=["gpd", "plain"],
                    help="optimiser groups of the GPD runs: gpd (width-aware), plain (one lr), or both")
     p.add_argument("--no-static", dest="static", action="store_false", help="skip GPD + static teacher")
+    p.add_argument("--all-combinations", action="store_true",
+                   help="run CBR and GPD + static with every --param-groups kind, not only the first")
     p.add_argument("--teacher-seed", type=int, default=100, help="seed of the static teacher")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--json", type=Path, default=Path("accuracy.json"), help="output JSON")
     p.add_argument("--verbose", action="store_true", help="show the trainer's per-epoch lines")
     args = p.parse_args(argv)
+    if args.width is None:
+        args.width = 4 if args.data == "shifted" else 16
     if not args.seeds or args.epochs < 1 or any(r < 1 for r in args.ratios):
         p.error("need at least one seed, one epoch and ratios >= 1")
     if set(args.branches) - {"ir", "cbr"} or set(args.param_groups) - {"gpd", "plain"}:
