@@ -382,14 +382,18 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, scheduler: Any, optimize
         raise CheckpointError(f"{what}: optimizer/scheduler state does not match this run "
                               f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
     changed: dict[str, list[tuple[int, Any, Any]]] = {}
+    rescheduled = False
     for i, (group, want) in enumerate(zip(optimizer.param_groups, wanted)):
         for key, value in want.items():
             if key == "lr":  # the scheduled value of the current step, recomputed below
                 continue
-            if key not in group or not _same(group[key], value):
-                changed.setdefault(key, []).append((i, group.get(key), value))
-                group[key] = value
-    if "initial_lr" in changed:
+            if key in group and _same(group[key], value):
+                continue
+            if key in group:  # a key the saved state lacks (older torch) is filled in, not reported
+                changed.setdefault(key, []).append((i, group[key], value))
+            group[key] = value
+            rescheduled |= key == "initial_lr"
+    if rescheduled:
         base = [g["initial_lr"] for g in optimizer.param_groups]
         scheduler.base_lrs = list(base)
         if hasattr(scheduler, "lr_lambdas"):
