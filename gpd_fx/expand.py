@@ -237,12 +237,21 @@ def _expand(model, ratio, inputs, noise, seed, strict, leaf_modules, concrete_ar
         size_guards=sorted({str(n.args[2]) for n in teacher.graph.nodes if n.target is shape_guard}),
         coupling_graph=result.coupling,
         coupling_groups=_components(result.coupling),
+        teacher_cost_fn=_cbr_cost(teacher, inputs) if n_branch else None,
     )
     config = dict(ratio=ratio, noise=noise, seed=seed, strict=strict,
                   branches=list(branches) if isinstance(branches, (list, tuple)) else branches)
     dt = DynamicTeacher(teacher, template, result.sources, buffers, report, config, train_teacher=train_teacher)
     dt.train(model.training)
     return dt
+
+
+def _cbr_cost(teacher, inputs):
+    import functools
+
+    from gpd_fx.passes.cbr import teacher_cost
+
+    return functools.partial(teacher_cost, teacher, inputs)   # report.teacher_cost, on first access
 
 
 def _own_tensors(model: nn.Module, *graphs: nn.Module | None) -> None:

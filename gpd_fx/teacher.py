@@ -42,6 +42,12 @@ class ExpansionReport:
         coupling_groups: number of groups of expanded tensors whose channel maps are tied
             (residual adds, concat inputs, shared layouts); ``coupling_graph`` is the
             ``networkx.Graph`` behind it (nodes are graph node names) for inspection.
+        teacher_cost: (computed on first access) for a multi-branch (CBR) teacher, its cost next
+            to the IR teacher's at
+            the example input: ``{"params", "ir_params", "flops", "ir_flops" (one forward),
+            "input_shapes", "layers": {layer: {"fold": [...], "run": [...]}}}``; which
+            branches run on the activations is decided per input shape, so a training batch
+            may differ (``layer.plan(x)``). ``None`` for an IR-only teacher.
     """
 
     ratio: int
@@ -61,6 +67,16 @@ class ExpansionReport:
     size_guards: list[str] = field(default_factory=list)
     coupling_groups: int = 0
     coupling_graph: Any = field(default=None, repr=False)
+    teacher_cost_fn: Any = field(default=None, repr=False, compare=False)
+    _teacher_cost: dict[str, Any] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def teacher_cost(self) -> dict[str, Any] | None:
+        # computed on first use (one teacher forward at the example input under a FLOP counter),
+        # so that expand does not pay for it
+        if self._teacher_cost is None and self.teacher_cost_fn is not None:
+            self._teacher_cost = self.teacher_cost_fn()
+        return self._teacher_cost
 
     def summary(self) -> str:
         return (f"ratio {self.ratio}: teacher {self.teacher_params:,} params vs student "
@@ -68,8 +84,29 @@ class ExpansionReport:
                 f"{len(self.boundaries)} boundaries; {self.branch_layers} multi-branch layers; "
                 f"max rel. error {self.max_rel_error:.2e} ({self.probe_dtype}); {self.seconds:.2f} s")
 
+    def cost_summary(self) -> str:
+        """One line: the CBR teacher's parameters and forward FLOPs against the IR teacher's, and
+        how many layers fold all branches / run some on the activations at the example input."""
+        c = self.teacher_cost
+        if c is None:
+            return "IR teacher (no multi-branch layers)"
+        layers = c["layers"]
+        n_run = sum(1 for p in layers.values() if p["run"])
+        kinds: dict[str, int] = {}
+        for p in layers.values():
+            for k in p["run"]:
+                kinds[k] = kinds.get(k, 0) + 1
+        run = ", ".join(f"{k} x{n}" for k, n in kinds.items()) or "none"
+        return (f"CBR teacher vs IR teacher: {c['params']:,} vs {c['ir_params']:,} params "
+                f"({c['params'] / max(1, c['ir_params']):.2f}x); forward {c['flops'] / 1e9:.3g} vs "
+                f"{c['ir_flops'] / 1e9:.3g} GFLOP ({c['flops'] / max(1.0, c['ir_flops']):.2f}x) at {c['input_shapes']}; "
+                f"{len(layers) - n_run} of {len(layers)} layers fold every branch, {n_run} run some on the "
+                f"activations ({run})")
+
     def __str__(self) -> str:
         lines = [self.summary()]
+        if self.teacher_cost is not None:
+            lines.append("  " + self.cost_summary())
         for n, why in self.boundary_reasons.items():
             lines.append(f"  boundary {n}: {why}")
         for n, why in self.fallbacks.items():

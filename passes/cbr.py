@@ -8,7 +8,8 @@ of its ``effective_weight()`` (computed per branch at student size, see
 
 from __future__ import annotations
 
-from typing import Sequence
+import math
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -17,7 +18,7 @@ from torch import nn
 from .branches import BRANCH_KINDS_CONV, BRANCH_KINDS_LINEAR, BranchConfigError, BranchConvNd, BranchLinear
 from .student_map import ParamSource
 
-__all__ = ["MID_CHOICES", "DEFAULT_MID", "add_branches", "resolve_branches", "resolve_options"]
+__all__ = ["MID_CHOICES", "DEFAULT_MID", "add_branches", "resolve_branches", "resolve_options", "teacher_cost"]
 
 _CONV = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
 
@@ -27,8 +28,12 @@ teacher. Also accepted: a positive float, a factor of the teacher's input width 
 multiple of the layer's groups), or a positive int, one width for every layer (it must be a
 multiple of each layer's groups)."""
 
-DEFAULT_MID = "teacher"
-"""Default middle width of the 1x1->kxk branch (see :data:`MID_CHOICES`)."""
+DEFAULT_MID = "student"
+"""Default middle width of the 1x1->kxk branch (see :data:`MID_CHOICES`). The student's input
+width is the narrowest middle at which the branch's share of the *student* kernel (its map,
+``out(B) o inp(A)``) is not rank-limited, and it costs 1/r of a teacher-width middle in
+parameters and in the per-step fold (measured on a ResNet-18 GPD step, 32x32, batch 16, r=2:
+1.31x faster than a teacher-width middle; see benchmarks/README.md)."""
 
 _OPTION_KEYS = ("conv", "linear", "mid", "mode")
 
@@ -174,3 +179,86 @@ def add_branches(teacher: fx.GraphModule, sources: list[ParamSource], branches, 
         setattr(teacher.get_submodule(parent) if parent else teacher, name, new.to(m.weight.dtype))
         count += 1
     return count
+
+
+def _conv_flops(m, shape) -> float:
+    """FLOPs (2 per multiply-add, as ``torch.utils.flop_counter`` counts) of the plain layer of
+    ``m``'s geometry on an input of ``shape``: what the IR teacher runs there."""
+    from .branches import BranchConvNd
+
+    if isinstance(m, BranchConvNd):
+        spatial = 1
+        for size, p, k, d, st in zip(shape[2:], m._pad_per_dim(), m.kernel_size, m.dilation, m.stride):
+            spatial *= (size + p - d * (k - 1) - 1) // st + 1
+        return 2.0 * shape[0] * spatial * m.out_channels * (m.in_channels // m.groups) * math.prod(m.kernel_size)
+    rows = math.prod(shape[:-1])
+    return 2.0 * rows * m.out_features * m.in_features
+
+
+def teacher_cost(teacher: nn.Module, inputs: tuple) -> dict[str, Any]:
+    """The multi-branch teacher's size and forward FLOPs next to the IR teacher's, and which
+    branches each layer folds or runs, at ``inputs`` (the example inputs).
+
+    The IR figures are those of the same teacher with every multi-branch layer a plain layer
+    (its weight and bias only, one conv/linear), computed from the shapes each layer sees.
+
+    Returns:
+        ``{"params", "ir_params", "flops", "ir_flops", "input_shapes", "layers"}``, where
+        ``layers`` maps each multi-branch layer to ``{"fold": [...], "run": [...]}``.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .branches import _Branched
+
+    layers = {n: m for n, m in teacher.named_modules() if isinstance(m, _Branched)}
+    shapes: dict[str, tuple] = {}
+    def record(name):
+        def hook(mod, args):
+            shapes.setdefault(name, tuple(args[0].shape))   # returns None: the inputs stay as they are
+        return hook
+
+    hooks = [m.register_forward_pre_hook(record(n)) for n, m in layers.items()]
+    own: dict[str, float] = {}
+    modes = {m: m.training for m in teacher.modules()}
+    teacher.eval()   # no running-statistics update, no dropout
+    try:
+        with torch.no_grad():
+            counter = FlopCounterMode(display=False)
+            with counter:
+                teacher(*inputs)
+            total = float(counter.get_total_flops())
+            for n, m in layers.items():
+                if n in shapes:
+                    w = next(m.parameters())
+                    x = torch.zeros(shapes[n], dtype=w.dtype, device=w.device)
+                    c = FlopCounterMode(display=False)
+                    with c:
+                        m(x)
+                    own[n] = float(c.get_total_flops())
+    finally:
+        for h in hooks:
+            h.remove()
+        for m, mode in modes.items():
+            m.training = mode
+    params = sum(p.numel() for p in teacher.parameters() if p.requires_grad)
+    extra = 0
+    for m in layers.values():
+        keep = {id(m.weight_kxk if hasattr(m, "weight_kxk") else m.weight_linear)}
+        if m.bias is not None:
+            keep.add(id(m.bias))
+        extra += sum(p.numel() for p in m.parameters(recurse=False) if p.requires_grad and id(p) not in keep)
+    ir_flops = total - sum(own.values()) + sum(_conv_flops(layers[n], shapes[n]) for n in own)
+    plans = {}
+    for n, m in layers.items():
+        if n in shapes:
+            run = _cached_plan(m, shapes[n])
+            plans[n] = {"fold": [k for k in m.branches if k not in run], "run": list(run)}
+    return {"params": params, "ir_params": params - extra, "flops": total, "ir_flops": ir_flops,
+            "input_shapes": [tuple(x.shape) for x in inputs if isinstance(x, torch.Tensor)], "layers": plans}
+
+
+def _cached_plan(m, shape) -> tuple[str, ...]:
+    for (key_shape, _), run in m.__dict__.get("_plans", {}).items():
+        if key_shape == shape:
+            return run
+    return m.plan(torch.empty(shape, device="meta"))

@@ -494,3 +494,28 @@ def test_bad_mid_is_a_typed_error_naming_the_layer():
         gpd_fx.expand(net, ratio=2, example_inputs=(torch.randn(1, 3, 8, 8),), branches={"mid": "wide"})
     with pytest.raises(BranchConfigError, match=r"unknown branch kind 'bogus'.*conv kinds.*linear kinds"):
         gpd_fx.expand(net, ratio=2, example_inputs=(torch.randn(1, 3, 8, 8),), branches=["kxk", "bogus"])
+
+
+def test_report_teacher_cost_matches_ir_teacher():
+    """dt.report.teacher_cost gives the IR teacher's parameters and forward FLOPs exactly (as an
+    IR-only expand and torch's FLOP counter measure them) next to the CBR teacher's, and the
+    fold/run split of every multi-branch layer."""
+    import gpd_fx
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    net = _Net()
+    x = torch.randn(2, 3, 8, 8)
+    ir = gpd_fx.expand(net, ratio=2, example_inputs=(x,), branches=())
+    dt = gpd_fx.expand(net, ratio=2, example_inputs=(x,), branches={"mode": "run"})
+    assert ir.report.teacher_cost is None
+    cost = dt.report.teacher_cost
+    with torch.no_grad(), FlopCounterMode(display=False) as fc_ir:
+        ir.teacher.eval()(x)
+    assert cost["ir_params"] == ir.report.teacher_params
+    assert cost["params"] == dt.report.teacher_params > cost["ir_params"]
+    assert cost["ir_flops"] == fc_ir.get_total_flops()
+    assert cost["flops"] > cost["ir_flops"]
+    assert set(cost["layers"]) == {"c1", "c2", "c3", "fc", "head"}   # head: input widened, lowrank applies
+    assert all(p["fold"] == [] and p["run"] for p in cost["layers"].values())
+    assert "CBR teacher vs IR teacher" in str(dt.report)
