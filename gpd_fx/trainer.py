@@ -922,7 +922,16 @@ def _train(model, cfg, train_ds, val_ds, static_teacher, callbacks, dist, n_trai
                                 + "; try a lower --lr or --grad-clip")
                         loss.backward()
                         if cfg.grad_clip > 0:
-                            nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                            # a finite loss can still have non-finite gradients (overflow in the
+                            # backward); clipping would turn them into NaN weights without a word
+                            norm = nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                            if not torch.isfinite(norm):  # the same on every rank: grads are all-reduced
+                                raise TrainingDivergedError(
+                                    f"gradient norm is {float(norm):.4g} at epoch {epoch + 1}, step "
+                                    f"{step_in_epoch + 1} (global step {global_step + 1}); stopped before "
+                                    "updating the weights"
+                                    + (f"; the last good checkpoint {str(ckpt_path)!r} is kept" if ckpt_path.exists() else "")
+                                    + "; try a lower --lr")
                         optimizer.step()
                         scheduler.step()
                         global_step += 1
@@ -1118,7 +1127,9 @@ def fit_plain(model: nn.Module, cfg: TrainConfig, train_ds: Dataset, val_ds: Dat
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if run_cfg.grad_clip > 0:  # the same recipe as train()
-                nn.utils.clip_grad_norm_(params, run_cfg.grad_clip)
+                if not torch.isfinite(nn.utils.clip_grad_norm_(params, run_cfg.grad_clip)):
+                    raise TrainingDivergedError(f"{desc}: gradient norm is not finite at epoch {epoch + 1}, "
+                                                f"step {i + 1}; try a lower --lr")
             opt.step()
             sched.step()
         val = evaluate({"model": model}, val_loader, device)
