@@ -1,6 +1,6 @@
 """The rule registry: one expansion rule per op kind, keyed by module type, function or method name.
 
-A rule is a function ``rule(ctx, node) -> Out`` (see :class:`gpd_fx.passes.widen.RuleContext`).
+A rule is a function ``rule(ctx, node) -> Out`` (see :class:`gpd_fx.passes.widen_context.RuleContext`).
 It emits the teacher version of ``node`` and returns its output layout, or raises
 :class:`CannotExpand` to let the driver cut a boundary. Module calls, ``torch.*`` functions,
 ``F.*`` functions and tensor methods reach the same rule by registering all their keys at once::
@@ -8,18 +8,25 @@ It emits the teacher version of ``node`` and returns its output layout, or raise
     @register(nn.ReLU, F.relu, torch.relu, "relu", transparent=True)
     def elementwise(ctx, node): ...
 
-Users add rules for their own layers with the same decorator or ``expand(extra_rules=...)``.
+Users add rules for their own layers with the same decorator or ``expand(extra_rules=...)``; a
+user rule registered for a key replaces the built-in one. Built-in rules are registered inside
+:func:`builtin_rules`, where a key registered twice is an error (the later rule would silently
+win): one rule per op kind.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch.fx as fx
 from torch import nn
 
-__all__ = ["register", "lookup", "has_module_rule", "CannotExpand", "RuleEntry", "RULES"]
+from gpd_fx.errors import GPDError
+
+__all__ = ["register", "lookup", "has_module_rule", "CannotExpand", "RuleEntry", "RULES", "builtin_rules",
+           "DuplicateRuleError"]
 
 
 class CannotExpand(Exception):
@@ -35,21 +42,39 @@ class RuleEntry:
     transparent: bool = False
 
 
+class DuplicateRuleError(GPDError):
+    """A built-in rule key registered twice (a bug in gpd_fx's rule modules)."""
+
+
 class _Registry:
     def __init__(self) -> None:
         self.modules: dict[type, RuleEntry] = {}
         self.functions: dict[Any, RuleEntry] = {}
         self.methods: dict[str, RuleEntry] = {}
+        self._builtin_depth = 0          # > 0 inside ``builtin_rules()``
+        self._builtin_keys: dict[Any, RuleEntry] = {}
 
     def add(self, key: Any, entry: RuleEntry) -> None:
         if isinstance(key, type):
-            self.modules[key] = entry
+            table = self.modules
         elif isinstance(key, str):
-            self.methods[key] = entry
+            table = self.methods
         elif callable(key):
-            self.functions[key] = entry
+            table = self.functions
         else:
             raise TypeError(f"rule key must be a module type, a function or a method name, got {key!r}")
+        if self._builtin_depth:
+            # one register(...) call may name a function twice: ``F.linear`` is
+            # ``torch._C._nn.linear`` in some torch versions and not in others
+            alias = self._builtin_keys.get(key) is entry and not isinstance(key, str)
+            if key in self._builtin_keys and not alias:
+                old = self._builtin_keys[key]
+                raise DuplicateRuleError(
+                    f"built-in rule key {key!r} is registered twice: by {_name(old)} "
+                    f"(transparent={old.transparent}) and by {_name(entry)} (transparent={entry.transparent}). "
+                    "Fix: keep the key in one register(...) call of gpd_fx/passes/rules (one rule per op kind).")
+            self._builtin_keys[key] = entry
+        table[key] = entry
 
     def lookup(self, node: fx.Node, modules: dict[str, nn.Module],
                extra: "_Registry | None" = None) -> RuleEntry | None:
@@ -79,7 +104,23 @@ class _Registry:
         return None
 
 
+def _name(entry: RuleEntry) -> str:
+    fn = entry.fn
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', fn)}"
+
+
 RULES = _Registry()
+
+
+@contextlib.contextmanager
+def builtin_rules() -> Iterator[None]:
+    """Rules registered inside this block are gpd_fx's own: registering one key twice raises
+    :class:`DuplicateRuleError` (at import, where the duplicate is written)."""
+    RULES._builtin_depth += 1
+    try:
+        yield
+    finally:
+        RULES._builtin_depth -= 1
 
 
 def register(*keys: Any, transparent: bool = False, registry: _Registry | None = None):
@@ -121,7 +162,8 @@ def load_lazy_rules() -> None:
     for item in list(_LAZY):
         if item[0] in sys.modules:
             _LAZY.remove(item)
-            item[1]()
+            with builtin_rules():
+                item[1]()
 
 
 def make_registry(extra_rules: dict[Any, Callable] | None) -> _Registry | None:

@@ -22,9 +22,9 @@ from torch import nn
 
 from gpd_fx.errors import TraceError
 
-from .widen import _get_path
+from .module_paths import get_path
 
-__all__ = ["trace", "GPDTracer", "MODE_ATTR", "AutogradApply", "autograd_apply"]
+__all__ = ["trace", "trace_function", "shape_guard", "GPDTracer", "MODE_ATTR", "AutogradApply", "autograd_apply"]
 
 # Name of the empty submodule whose ``training`` flag the graph reads (it follows ``.train()``).
 MODE_ATTR = "_gpd_mode"
@@ -305,6 +305,9 @@ class _FlagTracer(GPDTracer):
 _UNKNOWN = object()
 
 
+# dead-code elimination must keep the guards although nothing uses their (None) result: fx's
+# public registration of a function with a side effect (an assert-like check)
+@fx.node.has_side_effect
 def shape_guard(value: Any, expected: bool, where: str) -> None:
     """Run-time check of a Python branch that tracing decided on the example inputs.
 
@@ -318,9 +321,6 @@ def shape_guard(value: Any, expected: bool, where: str) -> None:
             f"example inputs; for these inputs it is {not expected} (another input shape?). "
             "Expand with example inputs of the shape you run the model on.")
 
-
-# dead-code elimination must keep the guards although nothing uses their (None) result
-fx.node._side_effectful_functions.add(shape_guard)
 
 
 class _ValueProxy(fx.Proxy):
@@ -430,7 +430,7 @@ class _ValueTracer(_FlagTracer):
             return _UNKNOWN
         if node.op == "get_attr":
             with _unpatched():  # fx patches nn.Module.__getattr__ too
-                return _get_path(self.root, node.target)
+                return get_path(self.root, node.target)
         args, kwargs = self._value_of(node.args), self._value_of(node.kwargs)
         if args is _UNKNOWN or kwargs is _UNKNOWN:
             return _UNKNOWN
@@ -578,6 +578,22 @@ def _jit_tracing():
         torch.jit.is_tracing = saved
 
 
+def trace_function(fn: Callable, example_inputs: tuple) -> fx.Graph:
+    """Trace the plain function ``fn`` (one positional parameter per example input) into a graph.
+
+    Python branches on sizes are decided on ``example_inputs`` and guarded at run time (as in
+    :func:`trace` with example inputs). Used to expand a wrapped function (``fx.wrap``, timm's
+    no-trace functions) op by op. Raises whatever torch.fx raises when ``fn`` cannot be traced.
+    """
+    tracer = _ValueTracer(example_inputs=example_inputs)
+    try:
+        return tracer.trace(fn)
+    finally:
+        # proxies and tracer form reference cycles that would keep the values alive
+        tracer.values.clear()
+        tracer.module_inputs.clear()
+
+
 def trace(model: nn.Module, *, leaf_modules: Iterable[type | nn.Module] | None = None,
           concrete_args: dict[str, Any] | None = None,
           autowrap_functions: Iterable[Any] = (), example_inputs: tuple | None = None,
@@ -654,7 +670,7 @@ def trace(model: nn.Module, *, leaf_modules: Iterable[type | nn.Module] | None =
         targets: dict[str, Any] = {}
         for node in graph.nodes:
             if node.op in ("call_module", "get_attr") and node.target != MODE_ATTR:
-                targets[node.target] = _get_path(model, node.target)
+                targets[node.target] = get_path(model, node.target)
         mode = nn.Module()
         mode.training = model.training
         targets[MODE_ATTR] = mode

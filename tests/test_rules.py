@@ -346,3 +346,33 @@ def test_unfold_windows_over_spatial_dims():
 
     torch.manual_seed(0)
     exact(M(), torch.randn(2, 3, 5, 6))
+
+
+def test_builtin_rule_key_registered_twice_is_an_error():
+    """A built-in key claimed twice (``"masked_fill"`` was in two lists, the later silently won)
+    is an error at import; aliases inside one call (``F.linear`` / ``torch._C._nn.linear``) and
+    user rules replacing a built-in one are not."""
+    from gpd_fx.errors import GPDError
+    from gpd_fx.passes.registry import RULES, DuplicateRuleError, builtin_rules, register
+
+    def rule_a(ctx, node):
+        return ctx.emit_same(), None
+
+    def rule_b(ctx, node):
+        return ctx.emit_same(), None
+
+    key, fn_key = "_gpd_test_duplicate_key", lambda x: x
+    try:
+        with builtin_rules():
+            register(key, fn_key, fn_key)(rule_a)   # the same function twice in one call: an alias
+            with pytest.raises(DuplicateRuleError, match="_gpd_test_duplicate_key.*registered twice"):
+                register(key)(rule_b)
+            with pytest.raises(DuplicateRuleError):
+                register("_gpd_test_other", "_gpd_test_other")(rule_b)   # a name listed twice
+        assert issubclass(DuplicateRuleError, GPDError)
+        register(key)(rule_b)   # outside the built-ins: a user rule replaces the built-in one
+        assert RULES.methods[key].fn is rule_b
+    finally:
+        for table in (RULES.methods, RULES.functions, RULES._builtin_keys):
+            for k in (key, fn_key, "_gpd_test_other"):
+                table.pop(k, None)

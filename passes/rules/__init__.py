@@ -1,3 +1,10 @@
-"""Op rules, one module per op family; importing this package registers them all."""
+"""Op rules, one module per op family; importing this package registers them all.
 
-from . import attention, elementwise, guards, linear_ops, norm, recurrent, reduce, shape, stochastic, timm_layers  # noqa: F401
+They register inside ``builtin_rules()``, so a key that two rules (or two lists of one rule)
+claim is an error at import rather than a silent override.
+"""
+
+from ..registry import builtin_rules
+
+with builtin_rules():
+    from . import attention, elementwise, guards, linear_ops, norm, recurrent, reduce, shape, stochastic, timm_layers  # noqa: F401

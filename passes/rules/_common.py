@@ -21,7 +21,7 @@ def arg(node: fx.Node, i: int, name: str, default: Any = None) -> Any:
 
 def tensor_inputs(ctx, node: fx.Node) -> list[fx.Node]:
     """Student argument nodes (flattened) whose value is a tensor."""
-    return [a for a in node.all_input_nodes if isinstance(ctx.b.svals.get(a), Tensor)]
+    return ctx.tensor_inputs(node)
 
 
 def norm_dim(d: int, ndim: int) -> int:

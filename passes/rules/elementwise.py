@@ -44,7 +44,7 @@ _ACTIVATION_METHODS = [
     "clamp_", "clip", "clamp_min", "clamp_min_", "clamp_max", "clamp_max_", "floor", "ceil",
     "round", "trunc", "log1p", "expm1", "nan_to_num", "contiguous", "clone", "detach", "float",
     "double", "half", "bfloat16", "to", "type", "type_as", "requires_grad_", "hardtanh_",
-    "neg_", "zero_", "fill_", "masked_fill", "masked_fill_", "sigmoid",
+    "neg_", "zero_", "fill_", "masked_fill_",
 ]
 _BINARY_FUNCTIONS = [
     operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.pow,
@@ -67,7 +67,7 @@ _BINARY_METHODS = [
 def broadcast(ctx, node):
     """Any broadcasting element-wise op: align every tensor operand to one output layout."""
     out = ctx.out
-    tensors = [a for a in node.all_input_nodes if isinstance(ctx.b.svals.get(a), Tensor)]
+    tensors = ctx.tensor_inputs(node)
     ref: Layout | None = None
     converted = {}
     for a in tensors:

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from ..layout import Layout, interleaved
 from ..registry import CannotExpand, register
 from ..weights import widen_per_channel, widen_weight
+from ..widen_params import WidenedWeight
 from ._common import arg, clone_module, need_dim
 
 
@@ -129,24 +130,15 @@ def weight_arg(ctx, w: fx.Node, out_dim: int, in_dim: int, out_lay: Layout | Non
     a hypernetwork) is widened at run time by the same rule without noise: exact, and still
     trained through its student-width inputs.
     """
-    from ..widen import WidenedWeight, _get_path, _set_path
-
-    b = ctx.b
     want = WidenedWeight(None if out_lay is None else out_lay.at(out_dim),
                          None if in_index is None else Layout(in_dim, in_index, ctx.r))
-    state = b.param_state.get(w.target) if w.op == "get_attr" else None
+    state = ctx.param_state(w.target) if w.op == "get_attr" else None
     if isinstance(state, WidenedWeight) and state.same(want):
         return ctx.emit("get_attr", w.target)   # a second use with the same maps: one weight
     if w.op == "get_attr" and state is None:
-        val = _get_path(b.sgm, w.target)
+        val = ctx.student_param(w.target)
         wide, src = widen_linear_weight(ctx, val, out_dim, in_dim, out_lay, in_index, in_width)
-        if isinstance(val, nn.Parameter):
-            _set_path(b.root, w.target, nn.Parameter(wide, val.requires_grad))
-            mod, _, attr = w.target.rpartition(".")
-            ctx.add_source(w.target, mod, attr, **src)
-        else:
-            _set_path(b.root, w.target, wide)
-        b.param_state[w.target] = want
+        ctx.install_param(w.target, wide, want, **src)
         return ctx.emit("get_attr", w.target)
     wd = ctx.dt(w)   # a parameter widened for another use comes back at student width
     if ctx.layout(w) is not None:
@@ -154,7 +146,7 @@ def weight_arg(ctx, w: fx.Node, out_dim: int, in_dim: int, out_lay: Layout | Non
     if out_lay is not None:
         wd = ctx.call_function(torch.index_select, wd, out_dim, ctx.index_buffer(out_lay.index))
     if in_index is not None:
-        counts = torch.bincount(in_index).to(ctx.b.svals[w].dtype)
+        counts = torch.bincount(in_index).to(ctx.sval(w).dtype)
         scale = (1.0 / counts).index_select(0, in_index)
         shape = [1] * ctx.sval(w).dim()
         shape[in_dim] = -1
