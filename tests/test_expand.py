@@ -301,3 +301,39 @@ def test_out_of_memory_in_a_rule_is_raised_not_a_fallback(monkeypatch):
     with pytest.raises(RuntimeError, match="allocate memory"):
         gpd_fx.expand(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)),
                       example_inputs=(torch.randn(2, 4),))
+
+
+@pytest.mark.parametrize("branches", [(), None])
+def test_teacher_nodes_carry_their_layouts(branches):
+    """Every teacher node that stands for a student value, every layout conversion and every
+    parameter node has ``node.meta["gpd_layout"]`` after expand (also after the multi-branch
+    rewrite), and the layout is the one of the node's value: its expanded dim is r times wider."""
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    from gpd_fx.passes.layout import Layout, gpd_narrow, gpd_widen
+    from gpd_fx.passes.widen import LAYOUT_KEY, STUDENT_KEY, layouts
+
+    r = 3
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    dt = gpd_fx.expand(ConvNet().double(), ratio=r, example_inputs=(x,), branches=branches)
+    teacher = dt.teacher.eval()
+    ShapeProp(teacher).propagate(x)
+    nodes = {n.name: n for n in teacher.graph.nodes}
+    by_student = {n.meta[STUDENT_KEY]: n for n in teacher.graph.nodes if STUDENT_KEY in n.meta}
+    assert set(layouts(teacher)) == {n.name for n in teacher.graph.nodes if LAYOUT_KEY in n.meta}
+    for n in teacher.graph.nodes:
+        if n.op in ("placeholder", "output", "get_attr") or n.target in (gpd_narrow, gpd_widen):
+            assert LAYOUT_KEY in n.meta, n.format_node()
+        lay = n.meta.get(LAYOUT_KEY)
+        if isinstance(lay, Layout):
+            shape = n.meta["tensor_meta"].shape
+            assert shape[lay.dim] == lay.index.numel() == r * lay.width, (n.format_node(), shape, lay.dim)
+    # the student's layers: convs and the GroupNorm run expanded on the channel dim ...
+    for student in ("stem", "bn", "dw", "grp", "gn", "se1", "se2", "relu"):
+        lay = by_student[student].meta[LAYOUT_KEY]
+        assert isinstance(lay, Layout) and lay.dim == 1, (student, lay)
+    assert by_student["stem"].meta[LAYOUT_KEY].width == 6
+    # ... the logits stay at student width (nothing after them mixes channels), and so do the
+    # input and the output
+    assert by_student["fc"].meta[LAYOUT_KEY] is None
+    assert by_student["x"].meta[LAYOUT_KEY] is None and nodes["output"].meta[LAYOUT_KEY] is None
