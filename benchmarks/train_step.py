@@ -187,6 +187,11 @@ def _gpd_step_loss(dt: nn.Module, cfg: GPDLossConfig) -> Callable[[Tensor, Tenso
 
 def _branch_spec(args: argparse.Namespace):
     spec: dict[str, Any] = {}
+    if args.kinds:
+        from gpd_fx.passes.branches import BRANCH_KINDS_CONV, BRANCH_KINDS_LINEAR
+
+        spec["conv"] = [k for k in args.kinds if k in BRANCH_KINDS_CONV]
+        spec["linear"] = [k for k in args.kinds if k in BRANCH_KINDS_LINEAR]
     if args.mid is not None:
         spec["mid"] = float(args.mid) if args.mid.replace(".", "", 1).isdigit() else args.mid
     if args.branch_mode != "auto":
@@ -453,6 +458,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mid", default=None,
                    help="middle width of the 1x1->kxk branch: student, teacher or a factor of the teacher's "
                         "input width (default: gpd_fx.expand's)")
+    p.add_argument("--kinds", type=_list, default=None,
+                   help="branch kinds of the CBR teacher, conv and linear together (default: every kind that "
+                        "applies, as gpd_fx.expand(branches=None))")
     p.add_argument("--branch-mode", default="auto", choices=["auto", "fold", "run"],
                    help="fold/run policy of the CBR layers (default auto: by the cost of each input shape)")
     p.add_argument("--compile", type=_list, default=["none"],

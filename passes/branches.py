@@ -355,6 +355,8 @@ class BranchConvNd(_Branched):
         branch_mode: ``'auto'`` (fold or run each branch by the cost of the input's shape),
             ``'fold'``, ``'run'``, or ``{kind: 'fold' | 'run'}``.
         name: the layer's name, for error messages.
+        share_weight: use ``weight``'s storage for ``weight_kxk`` instead of a copy (for a
+            caller that drops the layer the weight came from).
 
     Returns:
         A module computing ``F.conv{dim}d(x, effective_weight(), bias, ...)`` (up to rounding
@@ -383,6 +385,7 @@ class BranchConvNd(_Branched):
         mid_channels: int | None = None,
         branch_mode: str | dict[str, str] = "auto",
         name: str = "",
+        share_weight: bool = False,
     ) -> None:
         super().__init__()
         where = f"layer {name!r}" if name else "BranchConvNd"
@@ -419,7 +422,9 @@ class BranchConvNd(_Branched):
         self.mid_channels = mid
         self.branch_mode = _check_mode(branch_mode, self.branches, where)
 
-        self.weight_kxk = nn.Parameter(weight.detach().clone())
+        # share_weight: the caller hands its weight over (it drops the plain layer), so a
+        # teacher-sized copy is saved; otherwise the layer owns a copy.
+        self.weight_kxk = nn.Parameter(weight.detach() if share_weight else weight.detach().clone())
         self.register_parameter("bias", None if bias is None else nn.Parameter(bias.detach().clone()))
         cin_g, ones, ksize = self.in_channels // groups, (1,) * dim, math.prod(self.kernel_size)
         if "1x1" in self.branches:
@@ -431,14 +436,8 @@ class BranchConvNd(_Branched):
             )
         if "1x1_avg" in self.branches:
             self.weight_1x1_avg = nn.Parameter(_uniform((self.out_channels, cin_g, *ones), cin_g, weight, generator))
-        if "identity" in self.branches:
-            # Fixed Dirac kernel; only v_identity learns. Output channel o reads channel o of
-            # its own group, which is index o % (in/groups) inside the grouped weight.
-            dirac = torch.zeros_like(weight)
-            centre = tuple(k // 2 for k in self.kernel_size)
-            o = torch.arange(self.out_channels)
-            dirac[(o, o % cin_g, *centre)] = 1
-            self.register_buffer("dirac", dirac, persistent=False)
+        # identity: a fixed Dirac kernel (only v_identity learns), never materialised in a step:
+        # the fold adds v_identity at its entries (see _ident_teacher, branch_kernel).
         self._init_scales(self.out_channels, weight, "kxk")
 
     @classmethod
@@ -501,11 +500,23 @@ class BranchConvNd(_Branched):
         return roles
 
     def _ident_teacher(self):
+        # output channel o reads channel o of its own group: index o % (in/groups) of the weight
+        # (the parameter from the dict: under torch.fx, attribute access gives a proxy)
+        device = self._parameters["weight_kxk"].device
         cached = self.__dict__.get("_ident_t")
-        if cached is None or cached[0].device != self.dirac.device:
-            o = torch.arange(self.out_channels, device=self.dirac.device)
+        if cached is None or cached[0].device != device:
+            o = torch.arange(self.out_channels, device=device)
             cached = self.__dict__["_ident_t"] = (o, o % (self.in_channels // self.groups))
         return cached
+
+    @property
+    def dirac(self) -> Tensor:
+        """The identity branch's kernel (a Dirac at the centre tap), built on demand."""
+        rows, cols = self._ident_teacher()
+        w = self._parameters["weight_kxk"]
+        dirac = torch.zeros(self._w_shape, dtype=w.dtype, device=w.device)
+        dirac[(rows, cols, *(k // 2 for k in self.kernel_size))] = 1
+        return dirac
 
     def _ident_from_dense(self, dense: Tensor):
         centre = tuple(k // 2 for k in self.kernel_size)
@@ -755,9 +766,6 @@ class BranchLinear(_Branched):
         if "lowrank" in self.branches:
             self.lowrank_a = nn.Parameter(_uniform((self.out_features, self.rank), self.rank, weight, generator))
             self.lowrank_b = nn.Parameter(_uniform((self.rank, self.in_features), self.in_features, weight, generator))
-        if "identity" in self.branches:
-            eye = torch.eye(self.out_features, dtype=weight.dtype, device=weight.device)
-            self.register_buffer("eye", eye, persistent=False)
         self._init_scales(self.out_features, weight, "linear")
 
     @classmethod
@@ -783,11 +791,18 @@ class BranchLinear(_Branched):
         return roles
 
     def _ident_teacher(self):
+        device = self._parameters["weight_linear"].device
         cached = self.__dict__.get("_ident_t")
-        if cached is None or cached[0].device != self.eye.device:
-            o = torch.arange(self.out_features, device=self.eye.device)
+        if cached is None or cached[0].device != device:
+            o = torch.arange(self.out_features, device=device)
             cached = self.__dict__["_ident_t"] = (o, o)
         return cached
+
+    @property
+    def eye(self) -> Tensor:
+        """The identity branch's matrix, built on demand."""
+        w = self._parameters["weight_linear"]
+        return torch.eye(self.out_features, dtype=w.dtype, device=w.device)
 
     def _ident_from_dense(self, dense: Tensor):
         nz = dense != 0

@@ -165,7 +165,7 @@ def add_branches(teacher: fx.GraphModule, sources: list[ParamSource], branches, 
             new = BranchConvNd(m.weight, m.bias, dim=dim, stride=m.stride, padding=m.padding,
                                dilation=m.dilation, groups=m.groups, padding_mode=m.padding_mode,
                                branches=kinds, generator=gen, mid_channels=mid, branch_mode=opts["mode"],
-                               name=node.target)
+                               name=node.target, share_weight=True)
         elif type(m) is nn.Linear and (lin_kinds is None or lin_kinds):
             applicable = BranchLinear.applicable_branches(m.in_features, m.out_features)
             kinds = _pick(lin_kinds, applicable, "linear")
