@@ -13,22 +13,19 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from gpd_fx.errors import ExpandInputError, VerificationError
+from gpd_fx.errors import ExpandInputError
 from gpd_fx.passes import rules as _rules  # noqa: F401  (registers the built-in rules)
 from gpd_fx.passes.registry import has_module_rule, load_lazy_rules, make_registry
 from gpd_fx.passes.trace import MODE_ATTR, shape_guard, trace
-from gpd_fx.passes.widen import Builder, _get_path, _set_path
+from gpd_fx.passes.share import own_tensors, share_with, tie_shared_parameters
+from gpd_fx.passes.widen import Builder
+from gpd_fx.passes.widen_verify import TOL, verify_output
 from gpd_fx.teacher import DynamicTeacher, ExpansionReport
 
 __all__ = ["expand"]
 
-# Self-verification tolerance, relative to the largest student output magnitude. In float64
-# (eps 1.1e-16) the teacher's sums have r times more terms in a different order; even for deep
-# nets with ~1e5-term reductions the rounding stays below ~1e-11, so 1e-9 leaves two orders of
-# headroom while a wrong rule (errors of order 1) cannot pass. In float32 (eps 6e-8) the same
-# reasoning gives ~1e-5..1e-4 (dot products of up to ~2e4 terms, sqrt(n)*eps per layer), so
-# float32 is checked at 1e-3: still orders below the O(1e-1) error of a wrong rule.
-TOL = {torch.float64: 1e-9, torch.float32: 1e-3, torch.bfloat16: 3e-2, torch.float16: 1e-2}
+# TOL (imported above): the self-verification tolerance per probe dtype, one table for the
+# whole project (gpd_fx.passes.widen_verify.TOL, reasoning there).
 
 # Largest accepted ``noise``. The noise std is relative to each weight's std: at 1 the copies of a
 # weight already differ from each other as much as the student's weights do. Above it the
@@ -195,7 +192,7 @@ def _expand(model, ratio, inputs, noise, seed, strict, leaf_modules, concrete_ar
             train_result = _build_train_graph(work, model, leaf_modules, concrete_args, ratio, noise, seed,
                                               strict, tol, extra, probe)
     teacher = result.graph_module
-    _tie_shared_parameters(model, teacher, result.sources)
+    tie_shared_parameters(model, teacher, result.sources)
     n_branch = 0
     if branches != () and branches != []:
         from gpd_fx.passes.cbr import add_branches
@@ -207,16 +204,16 @@ def _expand(model, ratio, inputs, noise, seed, strict, leaf_modules, concrete_ar
     # The lockstep check saw each node as it was built; this runs the finished graph once,
     # which catches anything a later node changed (a module widened again, the branch rewrite).
     with _eval_mode(model):
-        _verify_again(teacher, work, probe, tol)
+        verify_output(teacher, work, probe, tol)
     train_teacher = None
     if train_result is not None:
-        train_teacher = _share_with(train_result.graph_module, teacher, result.sources, train_result.sources)
+        train_teacher = share_with(train_result.graph_module, teacher, result.sources, train_result.sources)
         with _eval_mode(model):
             work.training = True   # the root's own branch only; submodules stay in eval mode
-            _verify_again(train_teacher, work, probe, tol)
+            verify_output(train_teacher, work, probe, tol)
         train_teacher = train_teacher.to(orig_dtype)
     teacher = teacher.to(orig_dtype)
-    _own_tensors(model, teacher, train_teacher)
+    own_tensors(model, teacher, train_teacher)
     mapped = {s.student_name for s in result.sources}
     template = _template_of(model, mapped)
     buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
@@ -252,35 +249,6 @@ def _cbr_cost(teacher, inputs):
     from gpd_fx.passes.cbr import teacher_cost
 
     return functools.partial(teacher_cost, teacher, inputs)   # report.teacher_cost, on first access
-
-
-def _own_tensors(model: nn.Module, *graphs: nn.Module | None) -> None:
-    """Give the teacher its own copy of every parameter and buffer that shares memory with the
-    user's model.
-
-    Rules keep tensors that need no widening as they are (the bias of a classifier whose output
-    stays at student width), so an optimiser step on the teacher, or a BN update in train mode,
-    would write into the user's module. Copying here, after every rule and the multi-branch
-    rewrite ran, covers user rules too. One copy is made per distinct view
-    of the user's memory, so tensors that are one in the teacher (tied weights) stay one.
-    """
-    theirs = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())
-              if t.device.type != "meta" and t.untyped_storage().nbytes()}
-    copies: dict[tuple, Tensor] = {}
-    for g in graphs:
-        if g is None:
-            continue
-        for mod in g.modules():
-            for store in (mod._parameters, mod._buffers):
-                for name, t in store.items():
-                    if t is None or t.device.type == "meta" or t.untyped_storage().data_ptr() not in theirs:
-                        continue
-                    key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(),
-                           t.dtype, isinstance(t, nn.Parameter))
-                    if key not in copies:
-                        own = t.detach().clone()
-                        copies[key] = nn.Parameter(own, t.requires_grad) if isinstance(t, nn.Parameter) else own
-                    store[name] = copies[key]
 
 
 def _none_defaults(model: nn.Module, inputs: tuple, concrete_args: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -360,102 +328,7 @@ def _build_train_graph(work, model, leaf_modules, concrete_args, ratio, noise, s
         work.training = flag
 
 
-def _share_with(train_gm, teacher, sources, train_sources):
-    """Make the train-mode graph use the eval graph's modules and parameters wherever both have
-    the same target, and give the eval graph's root the train-only ones, so that one set of
-    teacher parameters serves both modes and every student-map source resolves from ``teacher``."""
-    def own(target):
-        return not target.startswith(("_gpd_index", MODE_ATTR))
-
-    for node in train_gm.graph.nodes:
-        if node.op not in ("call_module", "get_attr") or not own(node.target):
-            continue
-        parent, _, name = node.target.rpartition(".")
-        try:
-            shared = teacher.get_submodule(node.target) if node.op == "call_module" else \
-                _get_path(teacher, node.target)
-        except AttributeError:
-            shared = None
-        holder = train_gm.get_submodule(parent) if parent else train_gm
-        mine = getattr(holder, name)
-        if shared is not None and _shapes(mine) != _shapes(shared):
-            raise VerificationError(
-                f"the train-mode graph widened {node.target} differently from the eval-mode graph "
-                f"({_shapes(mine)} vs {_shapes(shared)}); expand the model with aux outputs disabled")
-        if shared is not None:
-            if isinstance(shared, nn.Parameter):
-                holder.register_parameter(name, shared)
-            elif isinstance(shared, Tensor):
-                holder.register_buffer(name, shared)
-            else:
-                setattr(holder, name, shared)
-        else:
-            _set_path(teacher, node.target, mine)
-    known = {s.student_name for s in sources}
-    sources.extend(s for s in train_sources if s.student_name not in known)
-    return train_gm
-
-
-def _shapes(obj):
-    from gpd_fx.passes.branches import _Branched
-
-    if isinstance(obj, Tensor):
-        return tuple(obj.shape)
-    if isinstance(obj, _Branched):   # compare by the folded kernel a plain layer would hold
-        return {"weight": tuple(obj.weight.shape), **({"bias": tuple(obj.bias.shape)} if obj.bias is not None else {})}
-    if isinstance(obj, nn.Module):
-        return {k: tuple(v.shape) for k, v in obj.state_dict().items()}
-    return None
-
-
-def _tie_shared_parameters(model: nn.Module, teacher: nn.Module, sources: list) -> None:
-    """One teacher parameter (and one student-map source) per student parameter.
-
-    A parameter held by two modules (tied weights) is widened at each use; when both uses got
-    the same channel maps, the second teacher tensor is replaced by the first, so the tie holds
-    in the teacher too. Otherwise the first use's map defines the student and the other teacher
-    copy trains the teacher only.
-    """
-    canonical: dict[int, str] = {}
-    alias: dict[str, str] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        alias[name] = canonical.setdefault(id(p), name)
-    by_name = {s.student_name: s for s in sources}
-    keep = []
-    for src in sources:
-        first = alias.get(src.student_name, src.student_name)
-        if first == src.student_name or first not in by_name:
-            keep.append(src)
-            continue
-        ref = by_name[first]
-        if _same_map(src, ref):
-            holder = teacher.get_submodule(src.module) if src.module else teacher
-            ref_holder = teacher.get_submodule(ref.module) if ref.module else teacher
-            if getattr(holder, src.attr).shape == getattr(ref_holder, ref.attr).shape:
-                setattr(holder, src.attr, getattr(ref_holder, ref.attr))
-    sources[:] = keep
-
-
-def _same_map(a, b) -> bool:
-    def eq(x, y):
-        if x is None or y is None:
-            return x is y
-        return all(torch.equal(u, v) if isinstance(u, Tensor) else u == v for u, v in zip(x, y))
-    return eq(a.out, b.out) and eq(a.inp, b.inp) and a.scale == b.scale
-
-
 def _components(graph) -> int:
     import networkx as nx
 
     return nx.number_connected_components(graph) if graph is not None and len(graph) else 0
-
-
-def _verify_again(teacher, work, probe, tol) -> None:
-    from gpd_fx.passes.widen import _compare_tree
-
-    with torch.no_grad():
-        t = teacher(*probe)
-        s = work(*probe)
-    class _N:  # a stand-in carrying a name for the message
-        name = "output (after multi-branch rewrite)"
-    _compare_tree(t, s, _N, tol)

@@ -17,7 +17,7 @@ from gpd_fx.errors import FoldError
 
 from .student_map import map_tensor, teacher_tensor
 
-__all__ = ["fold", "fuse_bn"]
+__all__ = ["fold", "fold_parts", "fuse_bn", "fuse_batchnorm"]
 
 
 def fold(dt, fuse_bn: bool = False):
@@ -41,18 +41,41 @@ def fold(dt, fuse_bn: bool = False):
         >>> student = gpd_fx.fold(dt)
         >>> torch.testing.assert_close(student(x), dt.eval().student(x))
     """
-    from gpd_fx.teacher import DynamicTeacher
-
-    if not isinstance(dt, DynamicTeacher):
+    missing = [a for a in _TEACHER_PARTS if not hasattr(dt, a)]
+    if not isinstance(dt, nn.Module) or missing:
         raise FoldError(f"fold takes the DynamicTeacher returned by gpd_fx.expand, got {type(dt).__name__}")
-    _check_finite(dt)
-    template = dt.template
+    student = fold_parts(dt.teacher, dt.template, dt.sources, dt.student_state.as_dict(),
+                         teacher_train=dt.teacher_train)
+    if fuse_bn:
+        return student, fuse_batchnorm(student)
+    return student
+
+
+# What fold reads from a DynamicTeacher (the pass does not import the public wrapper class).
+_TEACHER_PARTS = ("teacher", "template", "sources", "student_state", "teacher_train")
+
+
+def fold_parts(teacher: nn.Module, template: nn.Module, sources, student_buffers: dict[str, torch.Tensor], *,
+               teacher_train: nn.Module | None = None) -> nn.Module:
+    """Fold from the parts of a teacher: evaluate the student map once into a copy of ``template``.
+
+    Args:
+        teacher: the teacher graph the sources point into.
+        template: the user's module (mapped parameters may be meta tensors).
+        sources: the :class:`~gpd_fx.passes.student_map.ParamSource` of every student parameter.
+        student_buffers: the student's own buffers (BN statistics), by qualified name.
+        teacher_train: the train-mode teacher graph, when the model has one (checked for NaN/inf).
+
+    Returns:
+        The student in eval mode. Raises :class:`~gpd_fx.errors.FoldError` as :func:`fold`.
+    """
+    _check_finite(teacher, teacher_train, student_buffers)
     expected = dict(template.named_parameters(remove_duplicate=False))
     state = {}
     with torch.no_grad():
-        for src in dt.sources:
+        for src in sources:
             try:
-                tt = teacher_tensor(dt.teacher, src)
+                tt = teacher_tensor(teacher, src)
                 _check_teacher_shape(tt, src)
                 t = map_tensor(tt, src)
             except Exception as e:
@@ -86,7 +109,7 @@ def fold(dt, fuse_bn: bool = False):
     for k in full:
         if k in state:
             full[k] = state[k]
-    buffers = dt.student_state.as_dict()
+    buffers = student_buffers
     persistent = set(full)
     for name, b in buffers.items():
         if name in persistent:
@@ -105,12 +128,10 @@ def fold(dt, fuse_bn: bool = False):
     for p in student.parameters():
         p.requires_grad_(True)
     student.eval()
-    if fuse_bn:
-        return student, fuse_batchnorm(student)
     return student
 
 
-def _check_finite(dt) -> None:
+def _check_finite(teacher: nn.Module, teacher_train: nn.Module | None, student_buffers: dict) -> None:
     """A NaN/inf teacher parameter or student statistic is a diverged run, not a model.
 
     An error rather than a warning: a single non-finite teacher value makes the teacher's
@@ -119,7 +140,7 @@ def _check_finite(dt) -> None:
     checkpoint, which the message says. The first offender is named (parameter order).
     """
     seen: set[int] = set()
-    graphs = [dt.teacher] + ([dt.teacher_train] if dt.teacher_train is not None else [])
+    graphs = [teacher] + ([teacher_train] if teacher_train is not None else [])
     for g in graphs:
         for name, p in g.named_parameters():
             if id(p) in seen:
@@ -132,7 +153,7 @@ def _check_finite(dt) -> None:
                     "training diverged (or the parameters were overwritten), and the folded student would "
                     "be NaN as well. Fold a checkpoint saved before the divergence, or train again with a "
                     "lower learning rate or gradient clipping.")
-    for name, b in dt.student_state.as_dict().items():
+    for name, b in student_buffers.items():
         if b.is_floating_point() and not bool(torch.isfinite(b).all()):
             raise FoldError(
                 f"student buffer {name!r} (the student's own statistics) has non-finite values: the "

@@ -30,7 +30,7 @@ The walk checks the returned node against the student in ``lay``; a mismatch is 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,9 +43,6 @@ from .registry import CannotExpand
 from .student_map import ParamSource
 from .widen_params import WidenedWeight
 
-if TYPE_CHECKING:   # the walk that creates contexts
-    from .widen import Builder
-
 __all__ = ["RuleContext", "Layout", "WidenedWeight"]
 
 
@@ -57,7 +54,7 @@ class RuleContext:
         r: the expansion ratio (also ``ratio``).
     """
 
-    def __init__(self, builder: "Builder", node: fx.Node):
+    def __init__(self, builder: "widen.Builder", node: fx.Node):
         self._b = builder
         self.node = node
         self.r = builder.ratio

@@ -9,16 +9,11 @@ from __future__ import annotations
 
 import copy
 import inspect
-from typing import TYPE_CHECKING
-
 import torch.fx as fx
 from torch.fx.node import map_aggregate
 
 from .trace import trace_function
 from .widen_values import layouts_of
-
-if TYPE_CHECKING:   # the walk that calls this module
-    from .widen import Builder
 
 __all__ = ["inlinable", "inline_call", "MAX_DEPTH"]
 
@@ -33,7 +28,7 @@ def inlinable(node: fx.Node) -> bool:
             and not getattr(fn, "__module__", "").startswith(("torch.", "builtins", "operator")))
 
 
-def inline_call(walk: "Builder", node: fx.Node) -> bool:
+def inline_call(walk: "widen.Builder", node: fx.Node) -> bool:
     """Visit the body of the function ``node`` calls in place of ``node``.
 
     Returns False (the caller then cuts a boundary) when no input is expanded, the nesting is

@@ -18,7 +18,7 @@ from gpd_fx.errors import VerificationError
 
 from .layout import Layout
 
-__all__ = ["TOL", "close", "compare_tree", "max_abs", "Verifier"]
+__all__ = ["TOL", "close", "compare_tree", "max_abs", "Verifier", "verify_output"]
 
 # Self-verification tolerance, relative to the largest student output magnitude. In float64
 # (eps 1.1e-16) the teacher's sums have r times more terms in a different order; even for deep
@@ -127,3 +127,22 @@ class Verifier:
         except VerificationError as e:
             return False, str(e)
         return True, ""
+
+
+class _Named:
+    def __init__(self, name: str):
+        self.name = name
+
+
+def verify_output(teacher, student, inputs: tuple, tol: float,
+                  what: str = "output (after multi-branch rewrite)") -> float:
+    """Run the finished ``teacher`` and the ``student`` once on ``inputs`` and compare outputs.
+
+    The lockstep check saw each node as it was built; this catches anything a later pass
+    changed (a module widened again, the multi-branch rewrite). Returns the max relative error;
+    raises :class:`~gpd_fx.errors.VerificationError` naming ``what`` when they differ.
+    """
+    with torch.no_grad():
+        t = teacher(*inputs)
+        s = student(*inputs)
+    return compare_tree(t, s, _Named(what), tol)

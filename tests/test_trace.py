@@ -220,3 +220,54 @@ def test_branch_on_item_is_not_decided():
 
     with pytest.raises(TraceError, match="ItemBranch"):
         gpd_fx.expand(ItemBranch(), example_inputs=(torch.randn(2, 4),))
+
+
+def test_passes_import_no_cycle_and_not_the_public_wrapper():
+    """Layering: the modules of ``gpd_fx.passes`` import each other without a cycle (trace.py
+    and widen.py once imported each other), and never the public wrapper (``gpd_fx.teacher``,
+    ``gpd_fx.expand``, the trainer); ``gpd_fx.errors`` is the one ``gpd_fx`` module they share."""
+    import ast
+    import pathlib
+
+    import gpd_fx.passes
+
+    root = pathlib.Path(gpd_fx.passes.__file__).parent
+    modules = {str(p.relative_to(root).with_suffix("")).replace("/", ".").removesuffix(".__init__"): p
+               for p in root.rglob("*.py")}
+    edges: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        package = name.rsplit(".", 1)[0] if "." in name else ""
+        if path.name == "__init__.py":
+            package = name.removesuffix("__init__").rstrip(".")
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                if node.level:
+                    parts = package.split(".") if package else []
+                    base = parts[:len(parts) - (node.level - 1)] if node.level > 1 else parts
+                    target = ".".join(base + ([node.module] if node.module else []))
+                    for alias in node.names:   # `from . import rules` names a module
+                        sub = f"{target}.{alias.name}".strip(".")
+                        deps.add(sub if sub in modules else target)
+                else:
+                    assert not (node.module or "").startswith(("gpd_fx.teacher", "gpd_fx.expand", "gpd_fx.trainer",
+                                                               "gpd_fx.cli")), f"{name} imports {node.module}"
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    assert not alias.name.startswith(("gpd_fx.teacher", "gpd_fx.expand", "gpd_fx.trainer")), name
+        edges[name] = {d for d in deps if d in modules and d != name}
+
+    state: dict[str, int] = {}
+
+    def visit(n, path):
+        state[n] = 1
+        for d in edges[n]:
+            assert state.get(d) != 1, "import cycle: " + " -> ".join(path + [n, d])
+            if d not in state:
+                visit(d, path + [n])
+        state[n] = 2
+
+    for n in edges:
+        if n not in state:
+            visit(n, [])
+    assert "widen" not in edges["trace"] and "gpd_fx.teacher" not in (root / "fold.py").read_text()
