@@ -18,7 +18,7 @@ from gpd_fx.passes import rules as _rules  # noqa: F401  (registers the built-in
 from gpd_fx.passes.registry import has_module_rule, load_lazy_rules, make_registry
 from gpd_fx.passes.trace import MODE_ATTR, shape_guard, trace
 from gpd_fx.passes.share import own_tensors, share_with, tie_shared_parameters
-from gpd_fx.passes.widen import Builder
+from gpd_fx.passes.widen import Builder, rng_untouched
 from gpd_fx.passes.widen_verify import TOL, verify_output
 from gpd_fx.teacher import DynamicTeacher, ExpansionReport
 
@@ -146,7 +146,7 @@ def expand(model: nn.Module, ratio: int = 2, example_inputs: Tensor | Sequence[A
     inputs = _as_inputs(example_inputs)
     # Building runs the model and its random ops (dropout) under fixed seeds, which would set the
     # process-wide generators; the user's random stream continues as if expand had not run.
-    with _rng_untouched():
+    with rng_untouched():
         dt = _expand(model, ratio, inputs, noise, seed, strict, leaf_modules, concrete_args, extra_rules,
                      branches, verify_dtype, progress)
     dt.report.seconds = time.perf_counter() - t0
@@ -159,18 +159,6 @@ def _check_noise(noise) -> None:
         raise ExpandInputError(
             f"noise must be a finite number in [0, {MAX_NOISE:g}] (the std of the symmetry-breaking noise "
             f"relative to each weight's std; 0 turns it off; the default is 0.1), got {noise!r}")
-
-
-@contextlib.contextmanager
-def _rng_untouched():
-    """Restore the CPU generator and every initialised CUDA generator on exit.
-
-    CUDA generators are saved only when CUDA is initialised already: saving them would otherwise
-    start a CUDA context for a CPU-only expand, and a CUDA model initialises it before this point.
-    """
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-    with torch.random.fork_rng(devices=devices):
-        yield
 
 
 def _expand(model, ratio, inputs, noise, seed, strict, leaf_modules, concrete_args, extra_rules, branches,

@@ -568,7 +568,8 @@ def _jit_tracing():
 
     Code that keeps Python-side caches in eager mode takes its graph-capture path then (timm's
     LeViT/EfficientFormer attention biases: ``if torch.jit.is_tracing() or self.training``),
-    which computes the same values without a mode-dependent cache.
+    which computes the same values without a mode-dependent cache. The patch is process-wide but
+    lives only inside :func:`trace` (restored on exit, also when tracing fails).
     """
     saved = torch.jit.is_tracing
     torch.jit.is_tracing = lambda: True

@@ -35,6 +35,7 @@ and the student node it stands for in ``node.meta["gpd_student"]``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
 from typing import Any
@@ -63,7 +64,7 @@ from .widen_values import LAYOUT_KEY, STUDENT_KEY, Entry, ValueRelease, annotate
 from .widen_verify import TOL, Verifier, compare_tree, max_abs
 
 __all__ = ["WidenResult", "Builder", "RuleContext", "Boundary", "Layout", "LAYOUT_KEY", "STUDENT_KEY",
-           "layouts"]
+           "layouts", "rng_untouched"]
 
 
 
@@ -79,6 +80,20 @@ class WidenResult:
     permutations: int
     runtime_widenings: int
     coupling: Any = None
+
+
+@contextlib.contextmanager
+def rng_untouched():
+    """Restore the CPU generator and every initialised CUDA generator on exit.
+
+    The walk seeds the process-wide generators before every node (dropout in the student and
+    the teacher must draw the same mask); nobody outside the walk sees that. CUDA generators are
+    saved only when CUDA is initialised already: saving them would otherwise start a CUDA
+    context for a CPU-only expand, and a CUDA model initialises it before this point.
+    """
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        yield
 
 
 def layouts(gm: fx.GraphModule) -> dict[str, Any]:
@@ -168,6 +183,11 @@ class Builder:
 
     # --- the walk --------------------------------------------------------------------------
     def run(self, example_inputs: tuple, progress: bool = False) -> WidenResult:
+        """Build the teacher on ``example_inputs`` (the probe); the global RNG is left as found."""
+        with rng_untouched():
+            return self._run(example_inputs, progress)
+
+    def _run(self, example_inputs: tuple, progress: bool) -> WidenResult:
         self._compute_kept_demand()
         inputs = list(example_inputs)
         nodes = list(self.sgm.graph.nodes)

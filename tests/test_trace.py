@@ -271,3 +271,30 @@ def test_passes_import_no_cycle_and_not_the_public_wrapper():
         if n not in state:
             visit(n, [])
     assert "widen" not in edges["trace"] and "gpd_fx.teacher" not in (root / "fold.py").read_text()
+
+
+def test_trace_and_build_leave_global_state_as_found():
+    """No process-wide patch outlives tracing (``torch.jit.is_tracing``, ``Function.apply``),
+    also when tracing fails, and the build's per-node reseeding of the global RNG is scoped."""
+    from gpd_fx.errors import TraceError
+    from gpd_fx.passes.widen import Builder
+
+    is_tracing, apply = torch.jit.is_tracing, torch.autograd.Function.__dict__["apply"]
+
+    class DataBranch(nn.Module):
+        def forward(self, x):
+            return x if x.sum() > 0 else -x   # data-dependent: fx cannot trace it
+
+    m = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5), nn.ReLU()).double()
+    gm = trace(m)
+    with pytest.raises(TraceError):
+        trace(DataBranch())
+    assert torch.jit.is_tracing is is_tracing and not torch.jit.is_tracing()
+    assert torch.autograd.Function.__dict__["apply"] is apply
+    x = torch.randn(3, 4, dtype=torch.float64)
+    before = torch.random.get_rng_state()
+    b = Builder(gm, 2, noise=0.1, seed=0, strict=True, tol=1e-9)
+    b.run((x,))
+    after = torch.random.get_rng_state()
+    assert torch.equal(before, after)
+    assert "inline_depth" not in vars(Builder) and b.inline_depth == 0
