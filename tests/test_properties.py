@@ -8,14 +8,17 @@ layers (``branches=None``, CBR) and without (``branches=()``, IR only).
 from __future__ import annotations
 
 import copy
+import operator
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import gpd_fx
+from gpd_fx.passes.branches import BranchConvNd
 from strategies import Case, cnn_cases, cnn_program, conv_spec, vit_cases, vit_program
 
 # Tolerance, relative to max(1, max |reference|). Everything runs in float64 (eps 1.1e-16).
@@ -90,6 +93,7 @@ def check_init_exact(case: Case, ratio: int, branches, noise: float, expect_no_b
     assert dt.training == model.training
     if expect_no_boundaries:
         assert dt.report.boundaries == [], str(dt.report)
+        assert_widened(dt, x)
     assert 0.0 <= dt.report.expanded_flop_fraction <= 1.0
     # expand never modifies the model
     assert_state_close(model.state_dict(), init_state, "model state after expand")
@@ -123,6 +127,84 @@ def check_init_exact(case: Case, ratio: int, branches, noise: float, expect_no_b
         assert_close_rel(dt(x), y, "teacher (eval after a train-mode batch)")
         assert_close_rel(dt.student(x), y, "dt.student (eval after a train-mode batch)")
     assert_state_close(gpd_fx.fold(dt).state_dict(), model.state_dict(), "fold(dt) after a train-mode batch")
+
+
+def _derives_from_parameter(n) -> bool:
+    """``n`` is a parameter read (``get_attr``) through layout conversions only: the narrowing of
+    a parameter widened for another consumer, not of an activation."""
+    from gpd_fx.passes.layout import gpd_narrow, gpd_widen
+
+    while n.op == "call_function" and n.target in (gpd_narrow, gpd_widen, operator.mul):
+        n = n.args[0]
+    return n.op == "get_attr"
+
+
+def _weight_layer(n, modules) -> bool:
+    """A node that mixes channels with a learned weight: a module with a >= 2-dim ``weight``
+    (conv, linear, their multi-branch versions) or ``F.linear``/``F.conv*``."""
+    if n.op == "call_module":
+        w = getattr(modules[n.target], "weight", None)
+        return isinstance(w, torch.Tensor) and w.dim() >= 2
+    return n.op == "call_function" and n.target in (F.linear, F.conv1d, F.conv2d, F.conv3d)
+
+
+def _conv_like(n, modules) -> bool:
+    """Channels on dim 1 (a convolution), not on the last dim (a linear layer)."""
+    if n.op == "call_module":
+        m = modules[n.target]
+        return isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+                              nn.ConvTranspose3d, BranchConvNd))
+    return n.target in (F.conv1d, F.conv2d, F.conv3d)
+
+
+def assert_widened(dt, x: torch.Tensor) -> None:
+    """The teacher is actually wider, not only exact (a rule that narrowed its inputs and ran
+    the op at student width would be exact too). For a model whose every op has a rule:
+
+    * every weight layer's output is expanded (``node.meta["gpd_layout"]`` is a Layout), except
+      by design (``DESIGN.md §1``) a width-1 output (a spatial-attention map, broadcast by its
+      consumers) and an output that reaches the model output through channel-wise
+      (transparent) ops only (the logits);
+    * nothing is narrowed back to student width before the output: ``gpd_narrow`` of an
+      activation feeds only the output node.
+    """
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    from gpd_fx.passes.layout import Layout, gpd_narrow
+    from gpd_fx.passes.registry import lookup
+    from gpd_fx.passes.widen import LAYOUT_KEY
+
+    rep = dt.report
+    assert rep.boundaries == [] and rep.fallbacks == {}, str(rep)
+    teacher = dt.teacher
+    was_training = teacher.training
+    ShapeProp(teacher.eval()).propagate(x)
+    teacher.train(was_training)
+    modules = dict(teacher.named_modules())
+    kept_tail: dict = {}
+
+    def to_output_channelwise(n) -> bool:
+        """All uses of ``n`` reach the output through transparent ops (see registry.RuleEntry)."""
+        if n not in kept_tail:
+            kept_tail[n] = False
+            ok = True
+            for u in n.users:
+                if u.op == "output":
+                    continue
+                entry = lookup(u, modules) if u.op != "call_module" or u.target in modules else None
+                ok = ok and entry is not None and entry.transparent and to_output_channelwise(u)
+            kept_tail[n] = ok
+        return kept_tail[n]
+
+    for n in teacher.graph.nodes:
+        if n.op == "call_function" and n.target is gpd_narrow and not _derives_from_parameter(n.args[0]):
+            assert all(u.op == "output" for u in n.users), \
+                f"{n.format_node()} narrows an activation for {[u.format_node() for u in n.users]}"
+        if _weight_layer(n, modules) and not to_output_channelwise(n):
+            shape = n.meta["tensor_meta"].shape
+            width = shape[1] if _conv_like(n, modules) else shape[-1]   # student width when kept
+            assert width == 1 or isinstance(n.meta.get(LAYOUT_KEY), Layout), \
+                f"weight layer {n.format_node()} runs at student width {width} (layout {n.meta.get(LAYOUT_KEY)})"
 
 
 def gpd_loss(t: torch.Tensor, s: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -236,3 +318,103 @@ def test_vit_expand_and_fold_exact_at_init(case, ratio, branches, noise):
 def test_vit_fold_after_training(case, ratio, branches):
     """Random ViT-style models: after 3 GPD steps fold(dt)(x) == dt.student(x), weights moved."""
     check_fold_after_training(case, ratio, branches)
+
+
+# --------------------------------------------------------------------------------------------
+# the widening check itself (issue 12): it must catch a rule that silently stopped widening
+# --------------------------------------------------------------------------------------------
+
+class _WideningNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.relu = nn.ReLU()
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc1 = nn.Linear(8, 16)
+        self.ln = nn.LayerNorm(16)
+        self.fc2 = nn.Linear(16, 3)
+
+    def forward(self, x):
+        y = self.relu(self.bn(self.conv1(x)))
+        y = y + self.conv2(y)
+        z = F.gelu(self.ln(self.fc1(y.mean((2, 3)))))
+        return self.fc2(z)
+
+
+def _unwidened(ctx, node):
+    """Exact but not wider: inputs narrowed to student width, the op run as the student's."""
+    return ctx.emit_same(ctx.narrow(node.args), ctx.narrow(node.kwargs)), None
+
+
+@pytest.mark.parametrize("key", [nn.Conv2d, nn.BatchNorm2d, nn.ReLU, operator.add, "mean", nn.Linear,
+                                 nn.LayerNorm, F.gelu], ids=str)
+def test_widening_check_catches_a_rule_that_stops_widening(monkeypatch, key):
+    """With the built-in registry the net passes :func:`assert_widened`; with the rule of ``key``
+    replaced by one that narrows its inputs and runs the op at student width (still exact, so
+    no boundary and no fallback), it fails."""
+    from gpd_fx.passes.registry import RULES, RuleEntry
+
+    torch.manual_seed(0)
+    model, x = _WideningNet().double(), torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    dt = gpd_fx.expand(model, ratio=2, example_inputs=(x,), branches=())
+    assert_widened(dt, x)
+
+    table = RULES.modules if isinstance(key, type) else RULES.methods if isinstance(key, str) else RULES.functions
+    monkeypatch.setitem(table, key, RuleEntry(_unwidened, table[key].transparent))
+    broken = gpd_fx.expand(model, ratio=2, example_inputs=(x,), branches=())
+    assert broken.report.boundaries == [] and broken.report.fallbacks == {}   # silent: exact, verified
+    with torch.no_grad():
+        assert_close_rel(broken.eval()(x), model.eval()(x), "teacher with the unwidened rule")
+    with pytest.raises(AssertionError, match="runs at student width|narrows an activation"):
+        assert_widened(broken, x)
+
+
+def _rules_that_widen(case: Case) -> dict:
+    """``{(table name, key): student node}`` for every registered rule whose teacher node is
+    expanded when ``case`` is expanded (each rule once, at its first node)."""
+    from gpd_fx.passes.registry import RULES, has_module_rule, lookup
+    from gpd_fx.passes.trace import trace
+    from gpd_fx.passes.layout import Layout
+    from gpd_fx.passes.widen import LAYOUT_KEY, STUDENT_KEY
+
+    model = copy.deepcopy(case.model).eval()
+    dt = gpd_fx.expand(model, ratio=2, example_inputs=(case.x,), branches=())
+    expanded = {n.meta[STUDENT_KEY] for n in dt.teacher.graph.nodes
+                if STUDENT_KEY in n.meta and isinstance(n.meta.get(LAYOUT_KEY), Layout)}
+    gm = trace(model, example_inputs=(case.x,), has_rule=has_module_rule)
+    modules = dict(gm.named_modules())
+    found = {}
+    for node in gm.graph.nodes:
+        entry = lookup(node, modules) if node.name in expanded else None
+        if entry is None:
+            continue
+        for name, table in (("modules", RULES.modules), ("functions", RULES.functions), ("methods", RULES.methods)):
+            key = type(modules[node.target]) if node.op == "call_module" else node.target
+            if table.get(key) is entry:
+                found.setdefault((name, key), node.name)
+    return found
+
+
+def test_every_widening_rule_of_the_regression_nets_is_caught_when_it_stops_widening(monkeypatch):
+    """For the kept regression nets: every registered rule that produced an expanded teacher
+    node, replaced by an exact rule that runs at student width, makes the net fail the widening
+    check (or be reported as a boundary/fallback); none goes unnoticed."""
+    from gpd_fx.passes.registry import RULES, RuleEntry
+
+    tables = {"modules": RULES.modules, "functions": RULES.functions, "methods": RULES.methods}
+    checked = set()
+    for case in CNN_REGRESSIONS + VIT_REGRESSIONS:
+        for (tname, key), where in _rules_that_widen(case).items():
+            if (tname, key) in checked:
+                continue
+            checked.add((tname, key))
+            with monkeypatch.context() as mp:
+                mp.setitem(tables[tname], key, RuleEntry(_unwidened, tables[tname][key].transparent))
+                model = copy.deepcopy(case.model)
+                dt = gpd_fx.expand(model, ratio=2, example_inputs=(case.x,), branches=())
+                if dt.report.boundaries or dt.report.fallbacks:
+                    continue   # noticed: reported
+                with pytest.raises(AssertionError):
+                    assert_widened(dt, case.x)
+    assert len(checked) >= 15, sorted(map(str, checked))   # the nets exercise many rules
