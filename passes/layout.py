@@ -2,7 +2,7 @@
 
 An expanded tensor has one dimension ``dim`` that is ``ratio`` times wider in the teacher than
 in the student. Its :class:`Layout` records, for every teacher channel along that dim, the
-student channel it holds (``index``, design.md §1 "the map M as data"). The canonical layout is
+student channel it holds (``index``, ``DESIGN.md §1``: the channel map as data). The canonical layout is
 *interleaved*: teacher channel ``i`` holds student channel ``i // ratio``.
 
 The functions at the bottom (``gpd_widen``, ``gpd_narrow``) are what the teacher graph calls to

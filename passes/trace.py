@@ -1,7 +1,8 @@
 """FX capture of the student: ``torch.fx`` plus timm's no-trace registry and a live training flag.
 
 ``torch.fx`` evaluates Python at trace time, so ``F.dropout(x, p, self.training)`` would bake the
-flag into the graph and the teacher would stop following ``.train()``/``.eval()`` (design.md §4).
+flag into the graph and the teacher would stop following ``.train()``/``.eval()``
+(``DESIGN.md §1``).
 During tracing every traced module's ``training`` attribute is replaced by a :class:`_LiveFlag`:
 passed as an argument, it becomes a graph node that reads the mode at run time; used in Python
 control flow (``if self.training``), it marks its module, which is then kept as a leaf.

@@ -1,4 +1,4 @@
-"""The weight rule (design.md §1), written once for every op that mixes channels linearly.
+"""The weight rule (``DESIGN.md §1``), written once for every op that mixes channels linearly.
 
 ``W'[o, i] = W[Mo(o), Mi(i)] / m(Mi(i)) + E[o, i]`` where ``E`` is zero-sum over the copies of
 each student input channel, so the teacher output equals the student output exactly while the

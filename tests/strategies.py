@@ -154,7 +154,7 @@ class LayerNorm2dManual(nn.Module):
 
 class FunctionalBatchNorm(nn.BatchNorm2d):
     """BatchNorm written with ``F.batch_norm(..., self.training, ...)``: torch.fx would bake the
-    flag into the graph at trace time unless the pass keeps it live (design.md section 4)."""
+    flag into the graph at trace time unless the pass keeps it live (DESIGN.md §1)."""
 
     def forward(self, x):
         return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
