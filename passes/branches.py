@@ -31,6 +31,7 @@ parameters without adding a new direction of the kernel.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -98,6 +99,80 @@ def _resolve(requested: Sequence[str] | None, reasons: dict[str, str | None], or
         )
     # The original branch first: at init the sum is then 1*W + 0 + ... + 0, which is W exactly.
     return (original,) + tuple(k for k in kinds if k != original)
+
+
+# ------------------------------------------------------------------------------ convolution
+
+
+# Output maps up to this many pixels run a 1x1 convolution as a matmul (oneDNN's 1x1
+# convolution on 1x1 and 2x2 maps measured 2-25x slower than F.linear; at 8x8 they are even).
+_MATMUL_MAX_PIXELS = 4
+
+
+@functools.lru_cache(maxsize=4096)
+def _live_taps(sizes: tuple[int, ...], kernel: tuple[int, ...], stride: tuple[int, ...],
+               pads: tuple[tuple[int, int], ...], dilation: tuple[int, ...]):
+    """The box of kernel taps that ever read the input (not only zero padding), and the padding
+    that keeps the output grid when the kernel is cut to that box; ``None`` when every tap is
+    live or the cut would change the grid. On small feature maps (a 3x3 conv on 1x1 or 2x2
+    maps, the last stage of a CNN at 32x32) most taps read only padding."""
+    cut, new_pads, changed = [], [], False
+    for n, k, s, (pl, pr), d in zip(sizes, kernel, stride, pads, dilation):
+        out = (n + pl + pr - d * (k - 1) - 1) // s + 1
+        if out < 1:
+            return None
+        live = [t for t in range(k) if any(0 <= j * s - pl + t * d < n for j in range(out))]
+        if not live:
+            return None
+        t0, t1 = live[0], live[-1]
+        left, right = pl - t0 * d, pr - (k - 1 - t1) * d
+        if left < 0 or right < 0 or (n + left + right - d * (t1 - t0) - 1) // s + 1 != out:
+            return None
+        cut.append((t0, t1 + 1))
+        new_pads.append((left, right))
+        changed = changed or t0 > 0 or t1 < k - 1
+    return (tuple(cut), tuple(new_pads)) if changed else None
+
+
+def conv_nd(x: Tensor, w: Tensor, bias: Tensor | None, stride: tuple[int, ...], pads: tuple[tuple[int, int], ...],
+            dilation: tuple[int, ...], groups: int) -> Tensor:
+    """``F.conv{1,2,3}d`` with explicit (left, right) zero padding per dim, computed cheaply.
+
+    Exact rewrites of the same sum: taps that only ever read padding are cut from the kernel
+    (their products are zero), and a 1x1 kernel without padding runs as one batched matmul
+    (oneDNN's 1x1 convolution on tiny maps is up to 25x slower than the matmul on this CPU).
+    Under ``torch.fx`` tracing it is the plain conv.
+    """
+    dim = len(stride)
+    conv = (F.conv1d, F.conv2d, F.conv3d)[dim - 1]
+    if isinstance(x, torch.fx.Proxy) or isinstance(w, torch.fx.Proxy):
+        if all(l == r for l, r in pads):
+            return conv(x, w, bias, stride, [l for l, _ in pads], dilation, groups)
+        return conv(F.pad(x, [p for lr in reversed(pads) for p in lr]), w, bias, stride, 0, dilation, groups)
+    plan = _live_taps(tuple(x.shape[2:]), tuple(w.shape[2:]), tuple(stride), tuple(pads), tuple(dilation))
+    if plan is not None and all(b - a == 1 for a, b in plan[0]) and all(lr == (0, 0) for lr in plan[1]):
+        # only the cut to a single tap pays: a non-contiguous k'>1 kernel sends oneDNN down a slow path
+        w = w[(slice(None), slice(None), *(slice(a, b) for a, b in plan[0]))]
+        pads = plan[1]
+    cin_g = w.shape[1]
+    if (all(k == 1 for k in w.shape[2:]) and all(lr == (0, 0) for lr in pads)
+            and math.prod(-(-n // st) for n, st in zip(x.shape[2:], stride)) <= _MATMUL_MAX_PIXELS):
+        if any(st != 1 for st in stride):
+            x = x[(slice(None), slice(None), *(slice(None, None, st) for st in stride))]
+        n, c, spatial = x.shape[0], x.shape[1], tuple(x.shape[2:])
+        hw, out = math.prod(spatial), w.shape[0]
+        if groups == 1:
+            # (n, hw, c) @ (c, out): one GEMM over all pixels; F.linear's backward is two GEMMs
+            y = F.linear(x.reshape(n, c, hw).transpose(1, 2), w.reshape(out, c))
+            y = y.transpose(1, 2).reshape(n, out, *spatial)
+        else:
+            xs = x.reshape(n, groups, cin_g, hw).permute(1, 2, 0, 3).reshape(groups, cin_g, n * hw)
+            y = torch.bmm(w.reshape(groups, out // groups, cin_g), xs)
+            y = y.reshape(groups, out // groups, n, hw).permute(2, 0, 1, 3).reshape(n, out, *spatial)
+        return y if bias is None else y + bias.view(-1, *(1,) * dim)
+    if all(l == r for l, r in pads):
+        return conv(x, w, bias, stride, [l for l, _ in pads], dilation, groups)
+    return conv(F.pad(x, [p for lr in reversed(pads) for p in lr]), w, bias, stride, 0, dilation, groups)
 
 
 # ---------------------------------------------------------------------------------- planning
@@ -603,12 +678,16 @@ class BranchConvNd(_Branched):
               groups: int | None = None) -> Tensor:
         """Conv with the layer's geometry (``full``) or a plain stride-1 1x1 (``full=False``);
         ``padded``: ``x`` already carries the layer's non-zero padding."""
-        conv = (F.conv1d, F.conv2d, F.conv3d)[self.dim - 1]
         g = self.groups if groups is None else groups
         if not full:
-            return conv(x, w, bias, 1, 0, 1, g)
-        pad = 0 if padded else self.padding
-        return conv(x, w, bias, self.stride, pad, self.dilation, g)
+            return conv_nd(x, w, bias, (1,) * self.dim, ((0, 0),) * self.dim, (1,) * self.dim, g)
+        pads = ((0, 0),) * self.dim if padded else self._pads_lr()
+        return conv_nd(x, w, bias, self.stride, pads, self.dilation, g)
+
+    def _pads_lr(self) -> tuple[tuple[int, int], ...]:
+        # (left, right) zero padding per spatial dim, first dim first (self._pad is in F.pad order)
+        p = self._pad
+        return tuple((p[2 * (self.dim - 1 - i)], p[2 * (self.dim - 1 - i) + 1]) for i in range(self.dim))
 
     def _padded(self, x: Tensor) -> Tensor:
         mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
@@ -655,7 +734,10 @@ class BranchConvNd(_Branched):
         kernel = out * cin_g * ksize
         y = n * spatial_out * out
         xin = n * spatial_in * cin
-        conv = _FB * n * spatial_out * out * cin_g * ksize
+        # a conv whose only live tap is one (3x3 on a 1x1 map) runs as a matmul in conv_nd
+        live = _live_taps(tuple(x.shape[2:]), self.kernel_size, self.stride, self._pads_lr(), self.dilation)
+        ksize_live = 1 if live is not None and all(b - a == 1 for a, b in live[0]) else ksize
+        conv = _FB * n * spatial_out * out * cin_g * ksize_live
         # applying a folded kernel: the conv, plus the kernel's gradient written and read
         base = conv + _MEM * 3 * kernel
         fold = {"kxk": _MEM * 6 * kernel,
@@ -668,10 +750,10 @@ class BranchConvNd(_Branched):
         out_add = _MEM * 5 * y
         run = {"kxk": conv + _MEM * 3 * kernel + out_add,
                "1x1": _FB * n * spatial_out * out * cin_g + _MEM * (3 * out * cin_g + 3 * xin) + out_add,
-               "1x1_avg": _FB * n * spatial_in * out * cin_g + _FB * 4 * n * spatial_out * out * ksize
+               "1x1_avg": _FB * n * spatial_in * out * cin_g + _FB * 4 * n * spatial_out * out * ksize_live
                + _MEM * (3 * out * cin_g + 4 * n * spatial_in * out) + out_add,
                "identity": _MEM * 3 * xin + out_add,
-               "1x1_kxk": _FB * n * spatial_in * mid * cin_g + _FB * n * spatial_out * out * (mid // g) * ksize
+               "1x1_kxk": _FB * n * spatial_in * mid * cin_g + _FB * n * spatial_out * out * (mid // g) * ksize_live
                + _MEM * (3 * mid * cin_g + 3 * out * (mid // g) * ksize + 4 * n * spatial_in * mid) + out_add}
         return {k: fold[k] for k in self.branches}, {k: run[k] for k in self.branches}, base
 

@@ -519,3 +519,29 @@ def test_report_teacher_cost_matches_ir_teacher():
     assert set(cost["layers"]) == {"c1", "c2", "c3", "fc", "head"}   # head: input widened, lowrank applies
     assert all(p["fold"] == [] and p["run"] for p in cost["layers"].values())
     assert "CBR teacher vs IR teacher" in str(dt.report)
+
+
+@pytest.mark.parametrize("dim,size,k,stride,pad,dil,groups", [
+    (2, 1, 3, 1, 1, 1, 1), (2, 2, 3, 2, 1, 1, 1), (2, 2, 3, 1, 1, 1, 4), (2, 5, 5, 1, 2, 2, 1),
+    (1, 2, 3, 1, (1, 2), 1, 1), (3, 1, 3, 1, 1, 1, 2), (2, 5, 3, 2, 1, 1, 1), (2, 4, 1, 2, 0, 1, 1),
+    (2, 4, 1, 1, 0, 1, 2), (2, 1, 3, 1, 4, 1, 1),
+])
+def test_conv_nd_equals_conv(dim, size, k, stride, pad, dil, groups):
+    """conv_nd (dead taps cut, 1x1 as matmul, explicit padding) equals F.conv in value and
+    gradients, including maps smaller than the kernel (float64)."""
+    from gpd_fx.passes.branches import conv_nd
+
+    torch.manual_seed(0)
+    pads = (pad if isinstance(pad, tuple) else (pad, pad),) * dim
+    x = torch.randn(2, 8, *(size,) * dim, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(8, 8 // groups, *(k,) * dim, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    conv = (F.conv1d, F.conv2d, F.conv3d)[dim - 1]
+    ref = conv(F.pad(x, [p for lr in reversed(pads) for p in lr]), w, b, stride, 0, dil, groups)
+    got = conv_nd(x, w, b, (stride,) * dim, pads, (dil,) * dim, groups)
+    assert_close(got, ref, atol=1e-12, rtol=0)   # float64, <= 200-term sums
+    gy = torch.randn_like(ref)
+    g_ref = torch.autograd.grad((ref * gy).sum(), (x, w, b))
+    g_got = torch.autograd.grad((got * gy).sum(), (x, w, b))
+    for a, c in zip(g_got, g_ref):
+        assert_close(a, c, atol=1e-12, rtol=0)
