@@ -1,11 +1,29 @@
-"""Channel-branch reparameterization: OREPA-style multi-branch layers folded online (design §2).
+"""Channel-branch reparameterization: multi-branch conv and linear layers, each branch folded
+into one online kernel or run on the activations, whichever this step's shapes make cheaper.
 
-Every branch is linear in the input, so the sum of branches is one kernel. Instead of running
-the branches separately (DBB) the kernel ``K = sum_b v_b[:, None, ...] * K_b`` is rebuilt in
-every forward and applied with a single conv / linear call. The scale vectors ``v_b`` (one
-entry per output channel) start at 1 for the original branch and 0 for every other, so the
-layer is *exactly* the given one at init, while each extra branch owns randomly initialised
-parameters so that ``d loss / d v_b`` is non-zero from the first step.
+Every branch is linear in the input, so the sum of branches is one kernel
+``K = sum_b v_b[:, None, ...] * K_b``. Each branch is computed in one of two ways, chosen per
+layer and per input shape (``branch_mode='auto'``, cached per shape; ``'fold'``, ``'run'`` or a
+per-kind dict force it):
+
+- *folded* (OREPA-style): added into ``K`` in every forward, and ``K`` applied by one conv /
+  linear. Per-step cost independent of the batch: about ``out*in*k^2`` element operations per
+  branch, plus ``out*mid*in*k^2`` multiply-adds for the composed 1x1->kxk kernel. The 1x1 and
+  identity branches are added to the centre tap in place and the average branch is broadcast
+  over the window: no padded or expanded branch kernel is built.
+- *run* (DBB-style): the branch as its own small conv(s) on the activations, scaled per output
+  channel and added (cost proportional to batch x spatial size). Wins on small feature maps,
+  where a kernel-sized pass costs more than the convolution.
+
+Both give the same values and gradients up to rounding. The scale vectors ``v_b`` (one entry per
+output channel) start at 1 for the original branch and 0 for every other, so the layer equals
+the given one at init, while each extra branch owns randomly initialised parameters so that
+``d loss / d v_b`` is non-zero from the first step.
+
+The student map of a layer (select output copy 0, sum input copies) commutes with per-output
+scales and factorises over a composition, so :meth:`_Branched.mapped_weight` maps each branch
+factor first and folds at student width; inside a joint teacher/student forward the teacher
+reads aliases of the branch tensors from one fused map (``share_map``).
 
 Which conv branches apply (see :meth:`BranchConvNd.applicable_branches`):
 
@@ -27,7 +45,6 @@ For 1x1 convs only ``kxk`` and ``identity`` apply: a 1x1 or 1x1-average branch w
 original kernel again, and 1x1->1x1 only re-factors the same linear map, so they add
 parameters without adding a new direction of the kernel.
 """
-
 from __future__ import annotations
 
 import contextlib

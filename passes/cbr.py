@@ -1,5 +1,5 @@
 """Channel-Branch Reparameterization: rewrite the teacher's widened conv/linear layers into
-multi-branch layers whose kernel is folded online (design.md §2, branch direction).
+multi-branch layers (each branch folded into an online kernel or run on the activations).
 
 The student map is untouched: a source that reads ``weight`` of a multi-branch layer gets the map
 of its ``effective_weight()`` (computed per branch at student size, see

@@ -1,7 +1,7 @@
 """The student map: student parameters as a linear, differentiable function of the teacher's.
 
 Each student parameter has one :class:`ParamSource` recorded by the rule that widened it. The
-map is the inverse of the weight rule (design.md §2): take output copy 0 (the first teacher
+map is the inverse of the weight rule: take output copy 0 (the first teacher
 channel holding each student channel) and sum over the input copies. At initialisation this
 returns the student's weights exactly because the zero-sum noise cancels in the sum.
 """
@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ParamSource", "map_tensor", "teacher_tensor", "evaluate_map", "share_map", "out_part", "inp_part"]
+__all__ = ["ParamSource", "map_tensor", "mapped_tensor", "teacher_tensor", "evaluate_map", "share_map", "out_part",
+           "inp_part"]
 
 
 @dataclass
@@ -209,7 +210,7 @@ def evaluate_map(teacher: nn.Module, sources: list[ParamSource]) -> dict[str, Te
 
 def _partial(src: ParamSource, keep_out: bool, keep_inp: bool) -> ParamSource:
     """``src`` with only its output selection and/or input sum (no scale): maps of branch factors."""
-    key = ("_partial", keep_out, keep_inp)
+    key = f"_partial_{int(keep_out)}{int(keep_inp)}"
     cached = src.__dict__.get(key)
     if cached is None:
         cached = ParamSource(src.student_name, src.module, src.attr,
