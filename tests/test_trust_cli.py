@@ -339,3 +339,18 @@ def test_branches_means_the_same_in_train_help_trainconfig_and_zoo(capsys, monke
     for where, text in texts.items():
         text = " ".join(text.replace("``", "").replace('"', "").split())
         assert "none = IR only" in text and "all = every kind that applies" in text, where
+
+
+def test_torchrun_without_out_is_refused(tmp_path, monkeypatch, capsys):
+    """Under torchrun each rank would pick its own time-stamped directory: --out is required."""
+    import gpd_fx.trainer as trainer
+
+    def no_run(cfg):
+        raise AssertionError(f"training started with out_dir={cfg.out_dir!r}")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(trainer, "run", no_run)
+    msg = _error(capsys, ["train", *FAST])
+    assert "torchrun" in msg and "--out DIR" in msg
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
