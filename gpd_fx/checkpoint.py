@@ -294,8 +294,9 @@ def prepare_run_dir(out: str | os.PathLike, *, resume: str | os.PathLike | None 
       process) are removed.
     * A directory that holds a run (any of :data:`RUN_FILES`) is never overwritten silently:
       it is refused unless ``resume`` is that run's own ``checkpoint.pt`` or ``overwrite`` is
-      set, in which case the old run's files are deleted first (other files are kept), so that
-      nothing of the old run is mistaken for the new one.
+      set, in which case the old run's files (:data:`RUN_FILES` and its cached static teacher)
+      are deleted first (other files are kept), so that nothing of the old run is mistaken for
+      or reused by the new one.
 
     Args:
         out: the output directory.
@@ -339,7 +340,7 @@ def prepare_run_dir(out: str | os.PathLike, *, resume: str | os.PathLike | None 
             raise RunExistsError(f"output directory {str(out)!r} already holds a run ({', '.join(found)}); "
                                  f"{what}, replace it with --overwrite (overwrite=True), or choose another --out")
         if main:
-            for name in found:
+            for name in (*RUN_FILES, *_OTHER_FILES):
                 (out / name).unlink(missing_ok=True)
     return out
 

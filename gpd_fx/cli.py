@@ -156,8 +156,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                         "that the saved teacher fixes (--ratio, --branches, --image-size, --in-chans, --noise, "
                         "--expand-seed, --optimizer, --param-groups, --student-checkpoint, the model) must match the checkpoint")
     g.add_argument("--overwrite", action="store_true",
-                   help="replace a run already in --out (its checkpoint, metrics, plot and student files are "
-                        "deleted first; other files are kept) (default: refuse)")
+                   help="replace a run already in --out (its checkpoint, metrics, plot, student and cached "
+                        "static-teacher files are deleted first; other files are kept) (default: refuse)")
     g.add_argument("--compile", choices=COMPILE_MODES, help="compile the training step: none (eager), inductor "
                                                             "(torch.compile), gpd (our AOTAutograd backend: no "
                                                             f"Triton, CUDA graphs on CUDA) (default: {d.compile})")

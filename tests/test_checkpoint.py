@@ -133,8 +133,10 @@ def test_prepare_run_dir_refuses_overwrites_and_cleans(tmp_path):
     prepare_run_dir(run, resume=run / "checkpoint.pt")  # continuing this very run
     with pytest.raises(RunExistsError):  # another run's checkpoint would overwrite this one
         prepare_run_dir(run, resume=tmp_path / "other" / "checkpoint.pt")
+    (run / "static_teacher.pt").write_bytes(b"cached teacher of the old run")
     prepare_run_dir(run, overwrite=True)
     assert not (run / "checkpoint.pt").exists() and (run / "notes.txt").read_text() == "mine"
+    assert not (run / "static_teacher.pt").exists()  # a fresh run must not reuse the old run's teacher
     (tmp_path / "file").write_text("x")
     for bad in (tmp_path / "file", tmp_path / "file" / "sub"):
         with pytest.raises(OutputDirError, match="--out"):
