@@ -264,64 +264,71 @@ class Builder:
         self.convert.rollback(cp[2])
 
     def _visit(self, node: fx.Node) -> None:
+        """Build the teacher version of ``node``: its rule, a reused widened module, an inlined
+        function, or else a boundary."""
         entry = lookup(node, self.smods, self.extra)
-        reason = None
         if node.op == "call_module" and node.target in self.module_io:
             if self._reuse_module(node):
                 return
             reason = "a second call of a widened module with an incompatible layout"
         elif entry is None and _is_tuple_type(node):
-            entry = RuleEntry(_pack_tuple, True)
+            reason = self._apply_rule(node, RuleEntry(_pack_tuple, True))
         elif entry is None and inlinable(node) and inline_call(self, node):
             return
         elif entry is None:
             reason = "no rule for this op"
-        if reason is None:
-            cp = self._checkpoint()
-            self.teacher.record()
-            counted = False
-            try:
-                torch.default_generator.manual_seed(len(self.svals) - 1)
-                dt, lay = entry.fn(RuleContext(self, node), node)
-                if any_layout(lay) or self.inputs_expanded(node):
-                    self.flops.expand(node)
-                    counted = True
-                ok, msg = self._check(node, dt, lay)
-                if ok:
-                    self.set_entry(node, dt, lay)
-                    if node.op == "call_module" and node.target in self.teacher.added_modules \
-                            and node.target not in cp[1] and _widened(self.smods[node.target],
-                                                                      self.teacher.added_modules[node.target]):
-                        self.module_io[node.target] = ([self.env[a].layout if isinstance(a, fx.Node) else None
-                                                        for a in node.args], lay)
-                    self.teacher.stop()
-                    return
-                reason = f"rule result does not match the student ({msg})"
-                if self.strict:
-                    raise VerificationError(
-                        f"While expanding {node.format_node()} ({describe(node)}): the teacher value "
-                        f"differs from the student value: {msg}. This is a bug in the rule for this op; "
-                        "run with strict=False to cut a boundary here instead.")
-                self.fallbacks.append(Boundary(node.name, describe(node), reason))
-            except CannotExpand as e:
-                reason = str(e) or "rule declined"
-            except (VerificationError, UnsupportedOpError):
+        else:
+            reason = self._apply_rule(node, entry)
+        if reason is not None:
+            self._boundary(node, reason)
+
+    def _apply_rule(self, node: fx.Node, entry: RuleEntry) -> str | None:
+        """Run the rule and verify its result: ``None`` when it holds, else why not (with the
+        attempt undone: its nodes, sources, parameter states, modules and counters)."""
+        cp = self._checkpoint()
+        self.teacher.record()
+        counted = False
+        try:
+            torch.default_generator.manual_seed(len(self.svals) - 1)
+            dt, lay = entry.fn(RuleContext(self, node), node)
+            if any_layout(lay) or self.inputs_expanded(node):
+                self.flops.expand(node)
+                counted = True
+            ok, msg = self._check(node, dt, lay)
+            if ok:
+                self.set_entry(node, dt, lay)
+                if node.op == "call_module" and node.target in self.teacher.added_modules \
+                        and node.target not in cp[1] and _widened(self.smods[node.target],
+                                                                  self.teacher.added_modules[node.target]):
+                    self.module_io[node.target] = ([self.env[a].layout if isinstance(a, fx.Node) else None
+                                                    for a in node.args], lay)
+                self.teacher.stop()
+                return None
+            reason = f"rule result does not match the student ({msg})"
+            if self.strict:
+                raise VerificationError(
+                    f"While expanding {node.format_node()} ({describe(node)}): the teacher value "
+                    f"differs from the student value: {msg}. This is a bug in the rule for this op; "
+                    "run with strict=False to cut a boundary here instead.")
+            self.fallbacks.append(Boundary(node.name, describe(node), reason))
+        except CannotExpand as e:
+            reason = str(e) or "rule declined"
+        except (VerificationError, UnsupportedOpError):
+            raise
+        except Exception as e:  # a rule crashed: a bug, reported as a fallback, never silent
+            if _out_of_memory(e):   # not the rule's fault, and a boundary would hide it
                 raise
-            except Exception as e:  # a rule crashed: a bug, reported as a fallback, never silent
-                if _out_of_memory(e):   # not the rule's fault, and a boundary would hide it
-                    raise
-                reason = f"the rule raised {type(e).__name__}: {e}"
-                if self.strict:
-                    raise GPDError(f"While expanding {node.format_node()} ({describe(node)}): {reason}") from e
-                self.fallbacks.append(Boundary(node.name, describe(node), reason))
-            finally:
-                emitted = self.teacher.stop()
-            if counted:
-                self.flops.unexpand(node)
-            # roll back what the failed attempt did
-            self.teacher.erase_unused(emitted)
-            self._rollback(cp)
-        self._boundary(node, reason)
+            reason = f"the rule raised {type(e).__name__}: {e}"
+            if self.strict:
+                raise GPDError(f"While expanding {node.format_node()} ({describe(node)}): {reason}") from e
+            self.fallbacks.append(Boundary(node.name, describe(node), reason))
+        finally:
+            emitted = self.teacher.stop()
+        if counted:
+            self.flops.unexpand(node)
+        self.teacher.erase_unused(emitted)
+        self._rollback(cp)
+        return reason
 
     def _reuse_module(self, node: fx.Node) -> bool:
         """Another call of a module that an earlier call widened: feed it the layouts it was
