@@ -8,24 +8,36 @@ output :class:`~gpd_fx.passes.layout.Layout` (``None``: student width). ``ctx.cu
 boundary (``DESIGN.md §1``). Rules never touch the builder itself.
 
 Worked example, a channel-wise scale ``y = x * s`` with ``s`` a ``(C,)`` parameter and the
-channels of ``x`` on its last dim::
+channels of ``x`` on its last dim (``tests/test_rules.py`` runs this code)::
+
+    class ChannelScale(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.scale = nn.Parameter(torch.randn(c))
+
+        def forward(self, x):
+            return x * self.scale
 
     @gpd_fx.register_rule(ChannelScale)
     def channel_scale(ctx, node):
         x = node.args[0]
-        lay = ctx.layout(x)                      # Layout of x's channels, or None (kept)
+        lay = ctx.layout(x)                      # Layout of x's expanded dim, or None (kept)
         if lay is None:                          # input at student width: run the op as is
             return ctx.emit_same(), None
         if lay.dim != ctx.sval(x).dim() - 1:
-            ctx.cut("channels are not on the last dim")
-        m = ctx.module()
-        wide = widen_per_channel(m.scale.detach(), 0, lay.index)       # gpd_fx.passes.weights
-        ctx.add_module(node.target, clone_module(m, {"scale": wide}))  # rules/_common.py
+            ctx.cut("channels are not on the last dim")   # a boundary, with this reason
+        student = ctx.module()
+        wide = ChannelScale(lay.index.numel()).to(student.scale.dtype)
+        with torch.no_grad():                    # teacher channel i holds student channel index[i]
+            wide.scale.copy_(student.scale[lay.index])
+        ctx.add_module(node.target, wide)
+        # fold reads the student's scale back from the first copy of each channel
         ctx.add_source(f"{node.target}.scale", node.target, "scale", out=(0, lay.first_copy()))
         return ctx.emit("call_module", node.target, (ctx.dt(x),)), lay
 
-The walk checks the returned node against the student in ``lay``; a mismatch is a fallback
-(``strict=True``: an error naming the node).
+fx traces into a module's ``forward`` unless it is a leaf, so this rule applies to
+``expand(model, ..., leaf_modules=[ChannelScale])``. The walk checks the returned node against
+the student in ``lay``; a mismatch is a fallback (``strict=True``: an error naming the node).
 """
 
 from __future__ import annotations

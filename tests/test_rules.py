@@ -376,3 +376,35 @@ def test_builtin_rule_key_registered_twice_is_an_error():
         for table in (RULES.methods, RULES.functions, RULES._builtin_keys):
             for k in (key, fn_key, "_gpd_test_other"):
                 table.pop(k, None)
+
+
+def test_rule_context_worked_example_runs():
+    """The worked example in ``RuleContext``'s module docstring, executed as written: exact
+    teacher (strict), the scale widened and expanded, fold gives the model's parameters back."""
+    import textwrap
+
+    from gpd_fx.passes import widen_context
+    from gpd_fx.passes.layout import Layout
+    from gpd_fx.passes.registry import RULES
+    from gpd_fx.passes.widen import LAYOUT_KEY
+
+    doc = widen_context.__doc__
+    code = textwrap.dedent(doc[doc.index("::\n") + 3:doc.index("fx traces into")])
+    scope = {"nn": nn, "torch": torch, "gpd_fx": gpd_fx}
+    exec(code, scope)  # noqa: S102 - the documentation's own example
+    ChannelScale = scope["ChannelScale"]
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 6), ChannelScale(6), nn.ReLU(), nn.Linear(6, 3)).double()
+        x = torch.randn(5, 4, dtype=torch.float64)
+        dt = gpd_fx.expand(model, ratio=3, example_inputs=(x,), strict=True, branches=(),
+                           leaf_modules=[ChannelScale])
+        with torch.no_grad():
+            assert (dt(x) - model(x)).abs().max() < TOL
+        assert dt.teacher.get_submodule("1").scale.shape == (18,)
+        node = next(n for n in dt.teacher.graph.nodes if n.op == "call_module" and n.target == "1")
+        assert isinstance(node.meta[LAYOUT_KEY], Layout)
+        folded = gpd_fx.fold(dt)
+        assert torch.equal(folded.state_dict()["1.scale"], model.state_dict()["1.scale"])
+    finally:
+        RULES.modules.pop(ChannelScale, None)
