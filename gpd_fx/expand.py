@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from gpd_fx.errors import ExpandInputError
 from gpd_fx.passes import rules as _rules  # noqa: F401  (registers the built-in rules)
-from gpd_fx.passes.registry import has_module_rule, load_lazy_rules, make_registry
+from gpd_fx.passes.registry import has_module_rule, has_user_module_rule, load_lazy_rules, make_registry
 from gpd_fx.passes.trace import MODE_ATTR, shape_guard, trace
 from gpd_fx.passes.share import own_tensors, share_with, tie_shared_parameters
 from gpd_fx.passes.widen import Builder, rng_untouched
@@ -290,8 +290,11 @@ def _template_of(model: nn.Module, mapped: set[str]) -> nn.Module:
 def _trace_student(work, model, leaf_modules, concrete_args, extra, probe):
     """Trace the working copy; timm's no-trace modules without a rule of their own (here or in
     the user's registry ``extra``) are opened, their shape-dependent Python decided on the
-    probe inputs (and guarded at run time)."""
-    return trace(work, leaf_modules=_map_leaf_instances(model, work, leaf_modules), concrete_args=concrete_args,
+    probe inputs (and guarded at run time). Submodules whose type has a user rule stay single
+    nodes, so that the rule (not fx tracing into their forward) expands them."""
+    leaves = list(_map_leaf_instances(model, work, leaf_modules) or [])
+    leaves += [m for name, m in work.named_modules() if name and has_user_module_rule(m, extra)]
+    return trace(work, leaf_modules=leaves or leaf_modules, concrete_args=concrete_args,
                  example_inputs=probe, has_rule=lambda m: has_module_rule(m, extra))
 
 

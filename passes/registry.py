@@ -25,7 +25,7 @@ from torch import nn
 
 from gpd_fx.errors import GPDError
 
-__all__ = ["register", "lookup", "has_module_rule", "CannotExpand", "RuleEntry", "RULES", "builtin_rules",
+__all__ = ["register", "lookup", "has_module_rule", "has_user_module_rule", "CannotExpand", "RuleEntry", "RULES", "builtin_rules",
            "DuplicateRuleError"]
 
 
@@ -143,6 +143,15 @@ def lookup(node: fx.Node, modules: dict[str, nn.Module], extra=None) -> RuleEntr
 def has_module_rule(module: nn.Module, extra: "_Registry | None" = None) -> bool:
     """True when a rule (a user rule in ``extra`` or a registered one) expands ``module`` whole."""
     return any(reg is not None and reg.module_rule(type(module)) is not None for reg in (extra, RULES))
+
+
+def has_user_module_rule(module: nn.Module, extra: "_Registry | None" = None) -> bool:
+    """True when a user rule (in ``extra``, or registered outside gpd_fx's built-in rules)
+    expands ``module`` whole: the tracer must then keep it as one node."""
+    if extra is not None and extra.module_rule(type(module)) is not None:
+        return True
+    entry = RULES.module_rule(type(module))
+    return entry is not None and not any(entry is e for e in RULES._builtin_keys.values())
 
 
 _LAZY: list[tuple[str, Callable[[], None]]] = []

@@ -337,3 +337,35 @@ def test_teacher_nodes_carry_their_layouts(branches):
     # input and the output
     assert by_student["fc"].meta[LAYOUT_KEY] is None
     assert by_student["x"].meta[LAYOUT_KEY] is None and nodes["output"].meta[LAYOUT_KEY] is None
+
+
+@pytest.mark.parametrize("how", ["register_rule", "extra_rules"])
+def test_user_rule_for_a_module_type_is_applied(how):
+    """A rule the user registers for their own module type expands that module whole (the
+    README's Extending example): fx would otherwise trace into its forward, and the rule would
+    never run. Built-in module rules are unaffected (torch.nn layers are leaves anyway)."""
+    from gpd_fx.passes.registry import RULES
+
+    calls = []
+
+    class MyLayer(nn.Module):
+        def forward(self, x):
+            return x * torch.sigmoid(x)
+
+    def my_rule(ctx, node):
+        calls.append(node.target)
+        return ctx.emit_same(), ctx.layout(node.args[0])
+
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), MyLayer(), nn.Conv2d(8, 4, 1)).double()
+    x = torch.randn(1, 3, 8, 8, dtype=torch.float64)
+    try:
+        if how == "register_rule":
+            gpd_fx.register_rule(MyLayer)(my_rule)
+            dt = gpd_fx.expand(net, ratio=2, example_inputs=(x,), strict=True)
+        else:
+            dt = gpd_fx.expand(net, ratio=2, example_inputs=(x,), strict=True, extra_rules={MyLayer: my_rule})
+    finally:
+        RULES.modules.pop(MyLayer, None)
+    assert calls == ["1"]
+    with torch.no_grad():
+        assert rel_err(dt(x), net(x)) < TOL
