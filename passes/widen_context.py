@@ -35,9 +35,10 @@ channels of ``x`` on its last dim (``tests/test_rules.py`` runs this code)::
         ctx.add_source(f"{node.target}.scale", node.target, "scale", out=(0, lay.first_copy()))
         return ctx.emit("call_module", node.target, (ctx.dt(x),)), lay
 
-fx traces into a module's ``forward`` unless it is a leaf, so this rule applies to
-``expand(model, ..., leaf_modules=[ChannelScale])``. The walk checks the returned node against
-the student in ``lay``; a mismatch is a fallback (``strict=True``: an error naming the node).
+fx traces into a module's ``forward`` unless it is a leaf; a module whose type has a user
+rule is kept as one node, so the rule sees the whole ``ChannelScale`` call. The walk checks the
+returned node against the student in ``lay``; a mismatch is a fallback (``strict=True``: an
+error naming the node).
 """
 
 from __future__ import annotations

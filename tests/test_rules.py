@@ -397,8 +397,7 @@ def test_rule_context_worked_example_runs():
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(4, 6), ChannelScale(6), nn.ReLU(), nn.Linear(6, 3)).double()
         x = torch.randn(5, 4, dtype=torch.float64)
-        dt = gpd_fx.expand(model, ratio=3, example_inputs=(x,), strict=True, branches=(),
-                           leaf_modules=[ChannelScale])
+        dt = gpd_fx.expand(model, ratio=3, example_inputs=(x,), strict=True, branches=())
         with torch.no_grad():
             assert (dt(x) - model(x)).abs().max() < TOL
         assert dt.teacher.get_submodule("1").scale.shape == (18,)
