@@ -152,9 +152,11 @@ def _load(path: str | os.PathLike, what: str) -> dict[str, Any]:
                                   "where only tensors and plain containers belong, and loading it could run "
                                   "code, so it was not loaded; gpd_fx never writes such files: use one written "
                                   "by gpd-fx or a plain state dict") from None
-        reason = text.strip().splitlines()[0] if text.strip() else type(err).__name__
-        if "weights_only" in reason:  # torch's generic preamble, not the cause
-            reason = type(err).__name__
+        # torch's weights_only message opens with advice to load unsafely and ends with a link;
+        # the cause is the first line that is neither
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip() and "weights_only" not in ln
+                 and not ln.strip().startswith("Check the documentation")]
+        reason = lines[0] if lines else type(err).__name__
         raise CheckpointError(f"{what} {str(path)!r} is corrupt or unsafe to load ({reason})") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{what} {str(path)!r} holds a {type(obj).__name__}, expected a dict")
