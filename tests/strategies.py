@@ -43,6 +43,9 @@ Nothing here uses dropout or other randomness in ``forward``, so train mode is d
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from hypothesis import strategies as st
@@ -712,199 +715,334 @@ BLOCKS = ("cna", "grouped", "depthwise", "residual", "concat", "split", "se", "s
           "shared", "resample", "inject")
 
 
+# --- block kinds: a draw and a build function per kind, paired in BLOCK_KINDS -----------------
+
+def _draw_cna_block(draw, c: int, s: int, in_ch: int) -> tuple[dict, int, int]:
+    kind = "cna"
+    spec = _draw_cna(draw, c, s)
+    return dict(kind=kind, conv=spec), *_cna_out(spec, s)
+
+
+def _draw_grouped_block(draw, c: int, s: int, in_ch: int) -> tuple[dict, int, int]:
+    kind = "grouped"
+    gs = [g for g in _divisors(c) if g > 1]
+    if not gs:
+        return _draw_block(draw, c, s, in_ch)
+    g = draw(st.sampled_from(gs))
+    cout = g * draw(st.integers(1, max(1, 12 // g)))
+    spec = _draw_cna(draw, c, s, cout=cout, groups=g)
+    return dict(kind=kind, conv=spec), *_cna_out(spec, s)
+
+
+def _draw_depthwise_block(draw, c: int, s: int, in_ch: int) -> tuple[dict, int, int]:
+    kind = "depthwise"
+    spec = _draw_cna(draw, c, s, cout=c * draw(st.sampled_from((1, 1, 2))), groups=c)
+    return dict(kind=kind, conv=spec), *_cna_out(spec, s)
+
+
+def _draw_residual_block(draw, c: int, s: int, in_ch: int) -> tuple[dict, int, int]:
+    kind = "residual"
+    stride = draw(st.sampled_from((1, 2))) if s >= 4 else 1
+    cout = draw(st.sampled_from((c, c, *WIDTHS)))
+    two = draw(st.booleans())
+    first = _draw_cna(draw, c, s, stride=stride, cout=None if two else cout, centred=True)
+    body = [first]
+    if two:
+        body.append(_draw_cna(draw, first["cout"], _cna_out(first, s)[1], cout=cout, stride=1, centred=True))
+    # odd kernels with padding d*(k//2) give the same grid as a 1x1 stride-s shortcut
+    s1 = _cna_out(first, s)[1]
+    shortcut = None
+    if stride != 1 or cout != c or draw(st.integers(0, 3)) == 0:
+        shortcut = dict(cin=c, cout=cout, k=1, stride=stride, dilation=1, groups=1, bias=False,
+                        norm=draw(st.sampled_from(("bn", "none"))), act="identity", gn_groups=1,
+                        raw=False, padding_mode="zeros")
+    return dict(kind=kind, body=body, shortcut=shortcut,
+                combine=draw(st.sampled_from(("add", "gamma", "torch_add"))),
+                post_act=draw(st.sampled_from(("relu", "identity", "silu")))), cout, s1
+
+
+def _draw_concat_block(draw, c: int, s: int, in_ch: int) -> tuple[dict, int, int]:
+    kind = "concat"
+    n = draw(st.integers(2, 3))
+    branches, width = [], 0
+    for _ in range(n):
+        b = draw(st.sampled_from(("identity", "conv", "conv", "pool", "depthwise")))
+        if b == "conv":
+            spec = _draw_cna(draw, c, s, stride=1)
+            branches.append(dict(kind="cna", conv=spec))
+            width += spec["cout"]
+        elif b == "depthwise":
+            spec = _draw_cna(draw, c, s, stride=1, cout=c, groups=c)
+            branches.append(dict(kind="cna", conv=spec))
+            width += c
+        else:
+            branches.append(dict(kind=b))
+            width += c
+    return dict(kind=kind, branches=branches, fn=draw(st.sampled_from(("cat", "cat_neg")))), width, s
+
+
+def _draw_split_block(draw, c: int, s: int, in_ch: int) -> tuple[dict, int, int]:
+    kind = "split"
+    if c < 2:
+        return _draw_block(draw, c, s, in_ch)
+    how = draw(st.sampled_from(("split_sizes", "split_int", "chunk")))
+    if how == "split_sizes":
+        c1 = draw(st.integers(1, c - 1))
+        arg, sizes = (c1, c - c1), [c1, c - c1]
+    elif how == "split_int":
+        arg = draw(st.integers(1, c - 1))
+        sizes = [arg] * (c // arg) + ([c % arg] if c % arg else [])
+    else:
+        arg = draw(st.integers(2, min(3, c)))
+        sizes = [t.shape[1] for t in torch.zeros(1, c).chunk(arg, dim=1)]
+    pieces, width = [], 0
+    for w in sizes:
+        if draw(st.booleans()):
+            spec = _draw_cna(draw, w, s, stride=1)
+            pieces.append(dict(kind="cna", conv=spec))
+            width += spec["cout"]
+        else:
+            pieces.append(dict(kind="identity"))
+            width += w
+    return dict(kind=kind, how=how, arg=arg, pieces=pieces, reverse=draw(st.booleans())), width, s
+
+
+def _draw_se_block(draw, c: int, s: int, in_ch: int) -> tuple[dict, int, int]:
+    kind = "se"
+    return dict(kind=kind, cr=draw(st.integers(1, max(1, c // 2))),
+                variant=draw(st.sampled_from(("conv", "linear"))),
+                pool=draw(st.sampled_from(("adaptive", "mean", "index"))),
+                act=draw(st.sampled_from(("relu", "silu", "gelu"))),
+                gate=draw(st.sampled_from(("sigmoid", "hardsigmoid")))), c, s
+
+
+def _draw_shuffle_block(draw, c: int, s: int, in_ch: int) -> tuple[dict, int, int]:
+    kind = "shuffle"
+    gs = [g for g in _divisors(c) if 1 < g < c]
+    if not gs:
+        return _draw_block(draw, c, s, in_ch)
+    return dict(kind=kind, groups=draw(st.sampled_from(gs)), static=draw(st.booleans())), c, s
+
+
+def _draw_pool_block(draw, c: int, s: int, in_ch: int) -> tuple[dict, int, int]:
+    kind = "pool"
+    pools = [p for p in POOLS if s >= 4 or p in ("avg3s1", "f_avg3s1")]
+    p = draw(st.sampled_from(pools))
+    s2 = {"max2": s // 2, "avg2": s // 2, "f_max": s // 2, "max3s2": (s - 1) // 2 + 1,
+          "adaptive_max": max(1, s // 2)}.get(p, s)
+    return dict(kind=kind, pool=p), c, s2
+
+
+def _draw_scale_block(draw, c: int, s: int, in_ch: int) -> tuple[dict, int, int]:
+    kind = "scale"
+    return dict(kind=kind, shape4=draw(st.booleans()), bias=draw(st.booleans())), c, s
+
+
+def _draw_convT_block(draw, c: int, s: int, in_ch: int) -> tuple[dict, int, int]:
+    kind = "convT"
+    cout = draw(st.sampled_from(WIDTHS))
+    g = draw(st.sampled_from([d for d in _divisors(c) if cout % d == 0]))
+    up = draw(st.sampled_from((False, "k2s2", "k3s2p1op1"))) if s <= 8 else False
+    return dict(kind=kind, cout=cout, up=up, groups=g, bias=draw(st.booleans()),
+                norm=draw(st.sampled_from(("bn", "none"))), act=draw(st.sampled_from(ACTS))), \
+        cout, (2 * s if up else s)
+
+
+def _draw_perm_mix_block(draw, c: int, s: int, in_ch: int) -> tuple[dict, int, int]:
+    kind = "perm_mix"
+    gs = [g for g in _divisors(c) if 1 < g < c]
+    if not gs:
+        return _draw_block(draw, c, s, in_ch)
+    op = draw(st.sampled_from(PERM_OPS))
+    arg = 0
+    if op == "gn":
+        arg = draw(st.sampled_from(_divisors(c)))
+    elif op == "split":
+        arg = draw(st.integers(1, c - 1))
+    return dict(kind=kind, groups=draw(st.sampled_from(gs)), op=op, arg=arg), (2 * c if op == "cat" else c), s
+
+
+def _draw_spatial_att_block(draw, c: int, s: int, in_ch: int) -> tuple[dict, int, int]:
+    kind = "spatial_att"
+    return dict(kind=kind, k=draw(st.sampled_from((3, 5, 7))),
+                how=draw(st.sampled_from(("mean_amax", "mean_max", "sum_amin")))), c, s
+
+
+def _draw_convnext_block(draw, c: int, s: int, in_ch: int) -> tuple[dict, int, int]:
+    kind = "convnext"
+    return dict(kind=kind, k=draw(st.sampled_from((3, 7))), hidden=draw(st.sampled_from((c, 2 * c, 7))),
+                raw=draw(st.booleans())), c, s
+
+
+def _draw_token_mix_block(draw, c: int, s: int, in_ch: int) -> tuple[dict, int, int]:
+    kind = "token_mix"
+    return dict(kind=kind, how=draw(st.sampled_from(("shape", "unpack")))), c, s
+
+
+def _draw_conv1d_block(draw, c: int, s: int, in_ch: int) -> tuple[dict, int, int]:
+    kind = "conv1d"
+    cout = draw(st.sampled_from(WIDTHS))
+    return dict(kind=kind, cout=cout, k=draw(st.sampled_from((1, 3)))), cout, s
+
+
+def _draw_arith_block(draw, c: int, s: int, in_ch: int) -> tuple[dict, int, int]:
+    kind = "arith"
+    return dict(kind=kind, how=draw(st.sampled_from(ARITH))), c, s
+
+
+def _draw_shared_block(draw, c: int, s: int, in_ch: int) -> tuple[dict, int, int]:
+    kind = "shared"
+    gs = [g for g in _divisors(c) if 1 < g < c]
+    mode = draw(st.sampled_from(("twice", "tied", "shuffled") if gs else ("twice", "tied")))
+    return dict(kind=kind, k=draw(st.sampled_from((1, 3))), mode=mode,
+                groups=draw(st.sampled_from(gs)) if mode == "shuffled" else 1), c, s
+
+
+def _draw_inject_block(draw, c: int, s: int, in_ch: int) -> tuple[dict, int, int]:
+    kind = "inject"
+    how = draw(st.sampled_from(("cat", "add_mean", "add_proj")))
+    return dict(kind=kind, how=how), (c + in_ch if how == "cat" else c), s
+
+
+def _draw_resample_block(draw, c: int, s: int, in_ch: int) -> tuple[dict, int, int]:
+    kind = "resample"
+    hows = ("pad",) + (("pad_reflect",) if s >= 2 else ()) + (("nearest", "bilinear") if s <= 8 else ())
+    how = draw(st.sampled_from(hows))
+    return dict(kind=kind, how=how), c, {"pad": s + 2, "pad_reflect": s + 1}.get(how, 2 * s)
+
+
+def _build_conv(spec: dict, c: int, s: int, in_ch: int) -> nn.Module:
+    return ConvNormAct(**spec["conv"])
+
+
+def _build_identity(spec: dict, c: int, s: int, in_ch: int) -> nn.Module:
+    return nn.Identity()
+
+
+def _build_residual(spec: dict, c: int, s: int, in_ch: int) -> nn.Module:
+    body = nn.Sequential(*[ConvNormAct(**b) for b in spec["body"]])
+    short = ConvNormAct(**spec["shortcut"]) if spec["shortcut"] else None
+    return Residual(body, short, spec["combine"], spec["body"][-1]["cout"], spec["post_act"])
+
+
+def _build_concat(spec: dict, c: int, s: int, in_ch: int) -> nn.Module:
+    return Concat([_build_block(b, c, s) for b in spec["branches"]], spec["fn"])
+
+
+def _build_split(spec: dict, c: int, s: int, in_ch: int) -> nn.Module:
+    return SplitCat(spec["how"], spec["arg"], [_build_block(p, c, s) for p in spec["pieces"]],
+                    spec["reverse"])
+
+
+def _build_se(spec: dict, c: int, s: int, in_ch: int) -> nn.Module:
+    return SqueezeExcite(c, spec["cr"], spec["variant"], spec["pool"], spec["act"], spec["gate"])
+
+
+def _build_shuffle(spec: dict, c: int, s: int, in_ch: int) -> nn.Module:
+    return ChannelShuffle(spec["groups"], spec.get("static_shape"))
+
+
+def _build_pool(spec: dict, c: int, s: int, in_ch: int) -> nn.Module:
+    if "pool" not in spec:  # a concat branch
+        return nn.MaxPool2d(3, 1, 1)
+    return make_pool(spec["pool"], s)
+
+
+def _build_scale(spec: dict, c: int, s: int, in_ch: int) -> nn.Module:
+    return Scale(c, spec["shape4"], spec["bias"])
+
+
+def _build_convT(spec: dict, c: int, s: int, in_ch: int) -> nn.Module:
+    g, b = spec["groups"], spec["bias"]
+    if spec["up"] == "k2s2":
+        conv = nn.ConvTranspose2d(c, spec["cout"], 2, 2, groups=g, bias=b)
+    elif spec["up"]:  # k3, stride 2, padding 1, output_padding 1: exactly 2x
+        conv = nn.ConvTranspose2d(c, spec["cout"], 3, 2, 1, output_padding=1, groups=g, bias=b)
+    else:
+        conv = nn.ConvTranspose2d(c, spec["cout"], 3, 1, 1, groups=g, bias=b)
+    return nn.Sequential(conv, make_norm(spec["norm"], spec["cout"], 1), make_act(spec["act"], spec["cout"]))
+
+
+def _build_perm_mix(spec: dict, c: int, s: int, in_ch: int) -> nn.Module:
+    return PermMix(c, spec["groups"], spec["op"], spec["arg"])
+
+
+def _build_spatial_att(spec: dict, c: int, s: int, in_ch: int) -> nn.Module:
+    return SpatialAttention(spec["k"], spec["how"])
+
+
+def _build_convnext(spec: dict, c: int, s: int, in_ch: int) -> nn.Module:
+    return ConvNeXtBlock(c, spec["k"], spec["hidden"], spec["raw"])
+
+
+def _build_token_mix(spec: dict, c: int, s: int, in_ch: int) -> nn.Module:
+    return TokenMix(s, spec["how"])
+
+
+def _build_conv1d(spec: dict, c: int, s: int, in_ch: int) -> nn.Module:
+    return Conv1dBlock(c, spec["cout"], spec["k"])
+
+
+def _build_arith(spec: dict, c: int, s: int, in_ch: int) -> nn.Module:
+    return Arith(spec["how"])
+
+
+def _build_shared(spec: dict, c: int, s: int, in_ch: int) -> nn.Module:
+    return SharedConv(c, spec["k"], spec["mode"], spec["groups"])
+
+
+def _build_resample(spec: dict, c: int, s: int, in_ch: int) -> nn.Module:
+    return Resample(spec["how"])
+
+
+def _build_inject(spec: dict, c: int, s: int, in_ch: int) -> nn.Module:
+    return InputInject(in_ch, c, spec["how"])
+
+
+@dataclass(frozen=True)
+class BlockKind:
+    """One kind of CNN block: how to draw its spec (``draw(draw, c, s, in_ch) -> (spec, c_out,
+    s_out)``; ``None`` for kinds that only occur inside another block) and how to build it from
+    the spec (``build(spec, c, s, in_ch) -> nn.Module``). One table entry per kind replaces the
+    two ``if kind == ...`` chains that had to be kept in sync."""
+    draw: Callable | None
+    build: Callable
+
+
+BLOCK_KINDS: dict[str, BlockKind] = {
+    "cna": BlockKind(_draw_cna_block, _build_conv),
+    "grouped": BlockKind(_draw_grouped_block, _build_conv),
+    "depthwise": BlockKind(_draw_depthwise_block, _build_conv),
+    "residual": BlockKind(_draw_residual_block, _build_residual),
+    "concat": BlockKind(_draw_concat_block, _build_concat),
+    "split": BlockKind(_draw_split_block, _build_split),
+    "se": BlockKind(_draw_se_block, _build_se),
+    "shuffle": BlockKind(_draw_shuffle_block, _build_shuffle),
+    "pool": BlockKind(_draw_pool_block, _build_pool),
+    "scale": BlockKind(_draw_scale_block, _build_scale),
+    "convT": BlockKind(_draw_convT_block, _build_convT),
+    "perm_mix": BlockKind(_draw_perm_mix_block, _build_perm_mix),
+    "spatial_att": BlockKind(_draw_spatial_att_block, _build_spatial_att),
+    "convnext": BlockKind(_draw_convnext_block, _build_convnext),
+    "token_mix": BlockKind(_draw_token_mix_block, _build_token_mix),
+    "conv1d": BlockKind(_draw_conv1d_block, _build_conv1d),
+    "arith": BlockKind(_draw_arith_block, _build_arith),
+    "shared": BlockKind(_draw_shared_block, _build_shared),
+    "inject": BlockKind(_draw_inject_block, _build_inject),
+    "resample": BlockKind(_draw_resample_block, _build_resample),
+    "identity": BlockKind(None, _build_identity),   # a concat/split branch
+}
+assert all(BLOCK_KINDS[k].draw is not None for k in BLOCKS), "every drawn kind has a draw function"
+
+
 def _draw_block(draw, c: int, s: int, in_ch: int = 3) -> tuple[dict, int, int]:
     """One block spec for a (c, s, s) input, and its output channels and size."""
     kind = draw(st.sampled_from(BLOCKS))
-    if kind == "cna":
-        spec = _draw_cna(draw, c, s)
-        return dict(kind=kind, conv=spec), *_cna_out(spec, s)
-    if kind == "grouped":
-        gs = [g for g in _divisors(c) if g > 1]
-        if not gs:
-            return _draw_block(draw, c, s, in_ch)
-        g = draw(st.sampled_from(gs))
-        cout = g * draw(st.integers(1, max(1, 12 // g)))
-        spec = _draw_cna(draw, c, s, cout=cout, groups=g)
-        return dict(kind=kind, conv=spec), *_cna_out(spec, s)
-    if kind == "depthwise":
-        spec = _draw_cna(draw, c, s, cout=c * draw(st.sampled_from((1, 1, 2))), groups=c)
-        return dict(kind=kind, conv=spec), *_cna_out(spec, s)
-    if kind == "residual":
-        stride = draw(st.sampled_from((1, 2))) if s >= 4 else 1
-        cout = draw(st.sampled_from((c, c, *WIDTHS)))
-        two = draw(st.booleans())
-        first = _draw_cna(draw, c, s, stride=stride, cout=None if two else cout, centred=True)
-        body = [first]
-        if two:
-            body.append(_draw_cna(draw, first["cout"], _cna_out(first, s)[1], cout=cout, stride=1, centred=True))
-        # odd kernels with padding d*(k//2) give the same grid as a 1x1 stride-s shortcut
-        s1 = _cna_out(first, s)[1]
-        shortcut = None
-        if stride != 1 or cout != c or draw(st.integers(0, 3)) == 0:
-            shortcut = dict(cin=c, cout=cout, k=1, stride=stride, dilation=1, groups=1, bias=False,
-                            norm=draw(st.sampled_from(("bn", "none"))), act="identity", gn_groups=1,
-                            raw=False, padding_mode="zeros")
-        return dict(kind=kind, body=body, shortcut=shortcut,
-                    combine=draw(st.sampled_from(("add", "gamma", "torch_add"))),
-                    post_act=draw(st.sampled_from(("relu", "identity", "silu")))), cout, s1
-    if kind == "concat":
-        n = draw(st.integers(2, 3))
-        branches, width = [], 0
-        for _ in range(n):
-            b = draw(st.sampled_from(("identity", "conv", "conv", "pool", "depthwise")))
-            if b == "conv":
-                spec = _draw_cna(draw, c, s, stride=1)
-                branches.append(dict(kind="cna", conv=spec))
-                width += spec["cout"]
-            elif b == "depthwise":
-                spec = _draw_cna(draw, c, s, stride=1, cout=c, groups=c)
-                branches.append(dict(kind="cna", conv=spec))
-                width += c
-            else:
-                branches.append(dict(kind=b))
-                width += c
-        return dict(kind=kind, branches=branches, fn=draw(st.sampled_from(("cat", "cat_neg")))), width, s
-    if kind == "split":
-        if c < 2:
-            return _draw_block(draw, c, s, in_ch)
-        how = draw(st.sampled_from(("split_sizes", "split_int", "chunk")))
-        if how == "split_sizes":
-            c1 = draw(st.integers(1, c - 1))
-            arg, sizes = (c1, c - c1), [c1, c - c1]
-        elif how == "split_int":
-            arg = draw(st.integers(1, c - 1))
-            sizes = [arg] * (c // arg) + ([c % arg] if c % arg else [])
-        else:
-            arg = draw(st.integers(2, min(3, c)))
-            sizes = [t.shape[1] for t in torch.zeros(1, c).chunk(arg, dim=1)]
-        pieces, width = [], 0
-        for w in sizes:
-            if draw(st.booleans()):
-                spec = _draw_cna(draw, w, s, stride=1)
-                pieces.append(dict(kind="cna", conv=spec))
-                width += spec["cout"]
-            else:
-                pieces.append(dict(kind="identity"))
-                width += w
-        return dict(kind=kind, how=how, arg=arg, pieces=pieces, reverse=draw(st.booleans())), width, s
-    if kind == "se":
-        return dict(kind=kind, cr=draw(st.integers(1, max(1, c // 2))),
-                    variant=draw(st.sampled_from(("conv", "linear"))),
-                    pool=draw(st.sampled_from(("adaptive", "mean", "index"))),
-                    act=draw(st.sampled_from(("relu", "silu", "gelu"))),
-                    gate=draw(st.sampled_from(("sigmoid", "hardsigmoid")))), c, s
-    if kind == "shuffle":
-        gs = [g for g in _divisors(c) if 1 < g < c]
-        if not gs:
-            return _draw_block(draw, c, s, in_ch)
-        return dict(kind=kind, groups=draw(st.sampled_from(gs)), static=draw(st.booleans())), c, s
-    if kind == "pool":
-        pools = [p for p in POOLS if s >= 4 or p in ("avg3s1", "f_avg3s1")]
-        p = draw(st.sampled_from(pools))
-        s2 = {"max2": s // 2, "avg2": s // 2, "f_max": s // 2, "max3s2": (s - 1) // 2 + 1,
-              "adaptive_max": max(1, s // 2)}.get(p, s)
-        return dict(kind=kind, pool=p), c, s2
-    if kind == "scale":
-        return dict(kind=kind, shape4=draw(st.booleans()), bias=draw(st.booleans())), c, s
-    if kind == "convT":
-        cout = draw(st.sampled_from(WIDTHS))
-        g = draw(st.sampled_from([d for d in _divisors(c) if cout % d == 0]))
-        up = draw(st.sampled_from((False, "k2s2", "k3s2p1op1"))) if s <= 8 else False
-        return dict(kind=kind, cout=cout, up=up, groups=g, bias=draw(st.booleans()),
-                    norm=draw(st.sampled_from(("bn", "none"))), act=draw(st.sampled_from(ACTS))), \
-            cout, (2 * s if up else s)
-    if kind == "perm_mix":
-        gs = [g for g in _divisors(c) if 1 < g < c]
-        if not gs:
-            return _draw_block(draw, c, s, in_ch)
-        op = draw(st.sampled_from(PERM_OPS))
-        arg = 0
-        if op == "gn":
-            arg = draw(st.sampled_from(_divisors(c)))
-        elif op == "split":
-            arg = draw(st.integers(1, c - 1))
-        return dict(kind=kind, groups=draw(st.sampled_from(gs)), op=op, arg=arg), (2 * c if op == "cat" else c), s
-    if kind == "spatial_att":
-        return dict(kind=kind, k=draw(st.sampled_from((3, 5, 7))),
-                    how=draw(st.sampled_from(("mean_amax", "mean_max", "sum_amin")))), c, s
-    if kind == "convnext":
-        return dict(kind=kind, k=draw(st.sampled_from((3, 7))), hidden=draw(st.sampled_from((c, 2 * c, 7))),
-                    raw=draw(st.booleans())), c, s
-    if kind == "token_mix":
-        return dict(kind=kind, how=draw(st.sampled_from(("shape", "unpack")))), c, s
-    if kind == "conv1d":
-        cout = draw(st.sampled_from(WIDTHS))
-        return dict(kind=kind, cout=cout, k=draw(st.sampled_from((1, 3)))), cout, s
-    if kind == "arith":
-        return dict(kind=kind, how=draw(st.sampled_from(ARITH))), c, s
-    if kind == "shared":
-        gs = [g for g in _divisors(c) if 1 < g < c]
-        mode = draw(st.sampled_from(("twice", "tied", "shuffled") if gs else ("twice", "tied")))
-        return dict(kind=kind, k=draw(st.sampled_from((1, 3))), mode=mode,
-                    groups=draw(st.sampled_from(gs)) if mode == "shuffled" else 1), c, s
-    if kind == "inject":
-        how = draw(st.sampled_from(("cat", "add_mean", "add_proj")))
-        return dict(kind=kind, how=how), (c + in_ch if how == "cat" else c), s
-    if kind == "resample":
-        hows = ("pad",) + (("pad_reflect",) if s >= 2 else ()) + (("nearest", "bilinear") if s <= 8 else ())
-        how = draw(st.sampled_from(hows))
-        return dict(kind=kind, how=how), c, {"pad": s + 2, "pad_reflect": s + 1}.get(how, 2 * s)
-    raise AssertionError(kind)
+    return BLOCK_KINDS[kind].draw(draw, c, s, in_ch)
 
 
 def _build_block(spec: dict, c: int, s: int, in_ch: int = 3) -> nn.Module:
-    kind = spec["kind"]
-    if kind in ("cna", "grouped", "depthwise"):
-        return ConvNormAct(**spec["conv"])
-    if kind == "identity":
-        return nn.Identity()
-    if kind == "pool" and "pool" not in spec:  # a concat branch
-        return nn.MaxPool2d(3, 1, 1)
-    if kind == "residual":
-        body = nn.Sequential(*[ConvNormAct(**b) for b in spec["body"]])
-        short = ConvNormAct(**spec["shortcut"]) if spec["shortcut"] else None
-        return Residual(body, short, spec["combine"], spec["body"][-1]["cout"], spec["post_act"])
-    if kind == "concat":
-        return Concat([_build_block(b, c, s) for b in spec["branches"]], spec["fn"])
-    if kind == "split":
-        return SplitCat(spec["how"], spec["arg"], [_build_block(p, c, s) for p in spec["pieces"]],
-                        spec["reverse"])
-    if kind == "se":
-        return SqueezeExcite(c, spec["cr"], spec["variant"], spec["pool"], spec["act"], spec["gate"])
-    if kind == "shuffle":
-        return ChannelShuffle(spec["groups"], spec.get("static_shape"))
-    if kind == "pool":
-        return make_pool(spec["pool"], s)
-    if kind == "scale":
-        return Scale(c, spec["shape4"], spec["bias"])
-    if kind == "convT":
-        g, b = spec["groups"], spec["bias"]
-        if spec["up"] == "k2s2":
-            conv = nn.ConvTranspose2d(c, spec["cout"], 2, 2, groups=g, bias=b)
-        elif spec["up"]:  # k3, stride 2, padding 1, output_padding 1: exactly 2x
-            conv = nn.ConvTranspose2d(c, spec["cout"], 3, 2, 1, output_padding=1, groups=g, bias=b)
-        else:
-            conv = nn.ConvTranspose2d(c, spec["cout"], 3, 1, 1, groups=g, bias=b)
-        return nn.Sequential(conv, make_norm(spec["norm"], spec["cout"], 1), make_act(spec["act"], spec["cout"]))
-    if kind == "perm_mix":
-        return PermMix(c, spec["groups"], spec["op"], spec["arg"])
-    if kind == "spatial_att":
-        return SpatialAttention(spec["k"], spec["how"])
-    if kind == "convnext":
-        return ConvNeXtBlock(c, spec["k"], spec["hidden"], spec["raw"])
-    if kind == "token_mix":
-        return TokenMix(s, spec["how"])
-    if kind == "conv1d":
-        return Conv1dBlock(c, spec["cout"], spec["k"])
-    if kind == "arith":
-        return Arith(spec["how"])
-    if kind == "shared":
-        return SharedConv(c, spec["k"], spec["mode"], spec["groups"])
-    if kind == "resample":
-        return Resample(spec["how"])
-    if kind == "inject":
-        return InputInject(in_ch, c, spec["how"])
-    raise AssertionError(kind)
+    return BLOCK_KINDS[spec["kind"]].build(spec, c, s, in_ch)
 
 
 def _randomize(model: nn.Module) -> None:
