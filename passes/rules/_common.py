@@ -8,7 +8,7 @@ from typing import Any
 import torch.fx as fx
 from torch import Tensor, nn
 
-from ..layout import Layout, interleaved
+from ..layout import Layout
 from ..registry import CannotExpand
 
 
@@ -26,11 +26,6 @@ def tensor_inputs(ctx, node: fx.Node) -> list[fx.Node]:
 
 def norm_dim(d: int, ndim: int) -> int:
     return d + ndim if d < 0 else d
-
-
-def out_layout(ctx, dim: int, width: int | None = None) -> Layout:
-    """A fresh interleaved layout for a newly expanded output channel dim."""
-    return interleaved(width if width is not None else ctx.out.shape[dim], ctx.r, dim)
 
 
 def clone_module(m: nn.Module, params: dict[str, Tensor | None], buffers: dict[str, Tensor | None] | None = None,
