@@ -61,15 +61,17 @@ from .widen_flops import FlopAccount
 from .widen_inline import inlinable, inline_call
 from .widen_params import ParamStore, WidenedWeight
 from .widen_values import LAYOUT_KEY, STUDENT_KEY, Entry, ValueRelease, annotate, any_layout
-from .widen_verify import TOL, Verifier, compare_tree, max_abs
+from .widen_verify import Verifier, compare_tree, max_abs
 
 __all__ = ["WidenResult", "Builder", "RuleContext", "Boundary", "Layout", "LAYOUT_KEY", "STUDENT_KEY",
            "layouts", "rng_untouched"]
 
 
-
 @dataclass
 class WidenResult:
+    """What the build returns: the teacher, the student-map sources, where it is not expanded
+    (boundaries; fallbacks are rules whose result was rejected), FLOP accounting, the largest
+    relative error of the outputs, conversion counts, and the coupling graph."""
     graph_module: fx.GraphModule
     sources: list[ParamSource]
     boundaries: list[Boundary]

@@ -18,7 +18,7 @@ from torch.fx.node import map_aggregate
 from .layout import Layout, gpd_narrow, gpd_repeat, gpd_widen, interleaved, permutation_between
 from .registry import CannotExpand
 from .widen_emit import TeacherGraph
-from .widen_params import KEPT, ParamStore, WidenedWeight
+from .widen_params import ParamStore, WidenedWeight
 from .widen_values import Entry, annotate
 from .weights import widen_per_channel
 
