@@ -260,9 +260,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-seed", type=int, default=0, help="seed of the data set and its split")
     p.add_argument("--width", type=int, default=None, help="student width (default: 4 for shifted, 16 for synth)")
     p.add_argument("--seeds", type=_list_int, default=[0, 1, 2, 3, 4], help="comma list of seeds")
-    p.add_argument("--epochs", type=int, default=20, help="epochs of every method and of the static teacher")
+    p.add_argument("--epochs", type=int, default=15, help="epochs of every method and of the static teacher")
     p.add_argument("--image-size", type=int, default=16, help="digits are resized to this side")
-    p.add_argument("--lr", type=float, default=0.05, help="peak learning rate (SGD, Nesterov)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (SGD, Nesterov); default 0.2 for shifted (the best of 0.05, 0.1, "
+                        "0.2, 0.4 for plain training, seeds 0-1: 76.3, 80.7, 82.0, 78.9%%), 0.05 otherwise")
     p.add_argument("--ratios", type=_list_int, default=[2, 3, 4], help="GPD expansion ratios")
     p.add_argument("--branches", type=_list_str, default=["ir", "cbr"],
                    help="teacher kinds: ir (branches=none), cbr (branches=all)")
@@ -276,6 +278,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, default=Path("accuracy.json"), help="output JSON")
     p.add_argument("--verbose", action="store_true", help="show the trainer's per-epoch lines")
     args = p.parse_args(argv)
+    if args.lr is None:
+        args.lr = 0.2 if args.data == "shifted" else 0.05
     if args.width is None:
         args.width = 4 if args.data == "shifted" else 16
     if not args.seeds or args.epochs < 1 or any(r < 1 for r in args.ratios):
