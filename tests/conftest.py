@@ -9,6 +9,8 @@ examples each run. ``HYPOTHESIS_PROFILE=<name>`` picks one explicitly. Tests tha
 
 import os
 
+import pytest
+import torch
 from hypothesis import HealthCheck, settings
 
 settings.register_profile(
@@ -21,3 +23,16 @@ settings.register_profile("thorough", deadline=None, max_examples=300,
 
 _default = "ci" if os.environ.get("CI", "").strip().lower() in ("1", "true", "yes") else "dev"
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", _default))
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test on one intra-op thread, restoring the setting afterwards.
+
+    Tiny convs gain nothing from threads, and on a shared 2-core runner spinning OpenMP threads
+    slow them ~5x. Test modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+    """
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -17,13 +17,7 @@ from gpd_fx.checkpoint import load_checkpoint, load_student
 FAST = ["--image-size", "8", "--batch-size", "32", "--max-steps-per-epoch", "2", "--no-progress", "--device", "cpu"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny convs gain nothing from threads, and on a shared 2-core runner spinning threads slow them ~5x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:

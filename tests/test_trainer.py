@@ -18,13 +18,7 @@ from gpd_fx.trainer import (TrainConfig, TrainConfigError, TrainingDivergedError
                             train)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny convs gain nothing from threads, and on a shared 2-core runner spinning threads slow them ~5x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -25,13 +25,7 @@ FAST = ["--image-size", "8", "--batch-size", "32", "--max-steps-per-epoch", "2",
         "--no-export-onnx"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny convs gain nothing from threads, and on a shared 2-core runner spinning threads slow them ~5x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _error(capsys, argv) -> str:
