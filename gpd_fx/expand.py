@@ -75,10 +75,40 @@ def _probe_model(model: nn.Module, inputs: tuple, verify_dtype) -> tuple[nn.Modu
             work(*inputs)
         except Exception as e:
             shapes = [tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__ for x in inputs]
+            hint = _input_rank_hint(model, inputs, e)
             raise ExpandInputError(
                 f"the model fails on the example inputs {shapes}: {type(e).__name__}: {e}. "
-                "Pass inputs that the model accepts, e.g. example_inputs=(torch.randn(1, 3, 224, 224),)") from e
+                f"Pass inputs that the model accepts, e.g. {hint}") from e
     return work, inputs
+
+
+# The input layout a first layer of each rank implies, with an example of it: (rank, layout, sizes)
+_CONV_INPUT = {1: (3, "(N, C, L)", (64,)), 2: (4, "(N, C, H, W)", (64, 64)), 3: (5, "(N, C, T, H, W)", (8, 32, 32))}
+
+
+def _input_rank_hint(model: nn.Module, inputs: tuple, error: BaseException) -> str:
+    """An example input for the failure message of a model that fails on ``inputs``.
+
+    The model's first convolution (in registration order: the stem of a CNN, the patch
+    embedding of a transformer) fixes the rank its input needs: Conv3d takes a 5-D
+    (N, C, T, H, W) clip. When the first example input has another rank this raises an
+    :class:`ExpandInputError` that says so; otherwise it returns an example of that rank and
+    the layer's input channels (an image example for a video model would mislead).
+    """
+    first = next(((n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
+    if first is None or len(first[1].kernel_size) not in _CONV_INPUT:
+        return "example_inputs=(torch.randn(1, 3, 224, 224),)"
+    name, conv = first
+    rank, layout, sizes = _CONV_INPUT[len(conv.kernel_size)]
+    example = f"example_inputs=(torch.randn(2, {conv.in_channels}, {', '.join(map(str, sizes))}),)"
+    x = inputs[0]
+    if isinstance(x, Tensor) and x.dim() != rank:
+        raise ExpandInputError(
+            f"the model's first layer {name!r} ({type(conv).__name__}) takes a {rank}-D {layout} input, "
+            f"got a {x.dim()}-D input of shape {tuple(x.shape)} (the model fails on it: "
+            f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). "
+            f"Pass a {rank}-D example, e.g. {example}") from error
+    return f"{example} (the first layer {name!r} is a {type(conv).__name__}: {rank}-D {layout})"
 
 
 def expand(model: nn.Module, ratio: int = 2, example_inputs: Tensor | Sequence[Any] | None = None, *,
