@@ -3,6 +3,8 @@
     python benchmarks/zoo.py                                  # torchvision, ratios 2 and 3
     python benchmarks/zoo.py --source timm --ratio 2          # one model per timm family
     python benchmarks/zoo.py --models resnet18,swin_t --ratio 2 --json /tmp/zoo.json
+    python benchmarks/zoo.py --tasks segmentation,video,optical_flow --ratio 2 --max-gib 6
+    python benchmarks/zoo.py --tasks all        # + detection rows, skipped (need scope= / export)
 
 Results go to ``--json`` (default: ``zoo_<source>.json`` in the current directory, never into
 the source tree); the timm parameter-count cache goes to ``$XDG_CACHE_HOME/gpd_fx`` (default
@@ -25,7 +27,14 @@ Measurement, independent of expand's own self-verification:
   in train mode. (Stochastic depth masks are per sample, not per channel, and do agree.)
 * float64 where the float64 teacher fits the memory budget (tolerance 1e-9), else float32
   (tolerance 1e-3); the row says which. The reasoning for both numbers is at ``TOL``.
-* heads have 10 classes (``num_classes=10``) to keep them small; weights are random.
+* heads have 10 classes (``num_classes=10``) to keep them small; weights are random, backbones
+  too (``weights=None, weights_backbone=None``: nothing is downloaded).
+* tasks (``--tasks``): torchvision's classification, segmentation (FCN/DeepLabV3 with their aux
+  head, output ``{"out", "aux"}``), video (``(N, 3, T, H, W)`` clips) and optical flow (RAFT on
+  two frames) models, each at the smallest input it takes (``_segmentation_specs``,
+  ``_video_specs``); detection models are skipped rows (they need partial expansion or the
+  export front end). A model that fails in float64 although it runs in float32 (RAFT builds its
+  coordinate grids in float32) is measured in float32, and the row says why.
 * parameters that the zoo initialises to a constant (torchvision's ViT head is all zeros, BN
   affine 1/0, layer scale 1e-6) get seeded noise and BN running statistics are randomised
   (``randomize_constants``), so no check passes vacuously: with a zero head every output is 0.
@@ -35,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import copy
 import datetime
 import json
 import math
@@ -103,19 +113,70 @@ class Spec:
     family: str = ""                # timm family (prefix before the first "_")
     note: str = ""
     in_chans: int = 3
+    task: str = "classification"    # torchvision module: classification | segmentation | video | ...
+    frames: int | None = None       # video: T of the (N, C, T, H, W) clip
+    n_inputs: int = 1               # optical flow: two frames, each (N, C, H, W)
+    skip: str = ""                  # why this model is not run (a skipped row, never built)
 
     def build(self) -> nn.Module:
         if self.source == "torchvision":
             import torchvision
-            return torchvision.models.get_model(self.name, weights=None, num_classes=10, **self.kwargs)
+            kw = dict(self.kwargs)
+            if self.task != "optical_flow":   # RAFT predicts flow, it has no classes
+                kw.setdefault("num_classes", 10)
+            if self.task in ("segmentation", "detection"):
+                kw.setdefault("weights_backbone", None)   # no download of ImageNet backbones
+            return torchvision.models.get_model(self.name, weights=None, **kw)
         import timm
         return timm.create_model(self.name, pretrained=False, num_classes=10, **self.kwargs)
 
+    def input_shapes(self, size: int) -> list[tuple[int, ...]]:
+        """Shape of each example input at side ``size``, batch included."""
+        if self.frames is not None:
+            return [(BATCH, self.in_chans, self.frames, size, size)] * self.n_inputs
+        return [(BATCH, self.in_chans, size, size)] * self.n_inputs
 
-TV_TRANSFORMERS = re.compile(r"^(vit_|swin_|maxvit)")
+    def input_label(self, size: int) -> str:
+        shapes = ["x".join(map(str, s)) for s in self.input_shapes(size)]
+        return shapes[0] if len(shapes) == 1 else f"{len(shapes)}*{shapes[0]}"
+
+    def make_inputs(self, size: int, dtype: torch.dtype) -> tuple[Tensor, ...]:
+        """Seeded random inputs (the same on every run)."""
+        g = torch.Generator().manual_seed(0)
+        return tuple(torch.randn(s, dtype=dtype, generator=g) for s in self.input_shapes(size))
 
 
-def torchvision_specs(image_size: int | None = None) -> list[Spec]:
+TASKS = ("classification", "segmentation", "video", "optical_flow", "detection")
+# Detectors take lists of images and branch on them in Python (transform, anchors, NMS): plain FX
+# cannot trace them whole; they need partial expansion of the backbone or the export front end.
+DETECTION_SKIP = "needs scope= / export front end"
+
+
+def torchvision_specs(image_size: int | None = None, tasks: tuple[str, ...] = ("classification",)) -> list[Spec]:
+    """torchvision's models of the given tasks (``torchvision.models.list_models(module=...)``),
+    each with the smallest input that works in both modes."""
+    import torchvision
+
+    specs: list[Spec] = []
+    if "classification" in tasks:
+        specs += _classification_specs(image_size)
+    if "segmentation" in tasks:
+        specs += _segmentation_specs(image_size)
+    if "video" in tasks:
+        specs += _video_specs(image_size)
+    if "optical_flow" in tasks:
+        for name in torchvision.models.list_models(module=torchvision.models.optical_flow):
+            # RAFT needs sides divisible by 8; its correlation pyramid pools the 1/8 map 3 times
+            # (4 levels), so 128 (16x16 at 1/8, 2x2 at the coarsest level) keeps every level >= 2
+            specs.append(Spec("torchvision", name, {}, image_size or 128, task="optical_flow", n_inputs=2,
+                              note="two frames (image1, image2)"))
+    if "detection" in tasks:
+        for name in torchvision.models.list_models(module=torchvision.models.detection):
+            specs.append(Spec("torchvision", name, {}, image_size or 64, task="detection", skip=DETECTION_SKIP))
+    return specs
+
+
+def _classification_specs(image_size: int | None) -> list[Spec]:
     """The 80 torchvision classification models with the smallest input that works in both modes."""
     import torchvision
 
@@ -142,6 +203,51 @@ def torchvision_specs(image_size: int | None = None) -> list[Spec]:
         elif name == "googlenet":
             note = "aux heads on (train mode)"
         specs.append(Spec("torchvision", name, kw, size, note=note))
+    return specs
+
+
+def _segmentation_specs(image_size: int | None) -> list[Spec]:
+    """FCN / DeepLabV3 with their auxiliary FCN head on (output ``{"out", "aux"}``), LRASPP."""
+    import torchvision
+
+    specs = []
+    for name in torchvision.models.list_models(module=torchvision.models.segmentation):
+        kw: dict = {}
+        note = ""
+        if not name.startswith("lraspp"):
+            kw["aux_loss"] = True
+            note = "aux head on"
+        # 64x64: the ResNet backbones are dilated (1/8 map: 8x8), MobileNetV3's 1/16 map is 4x4,
+        # enough for DeepLabV3's ASPP (dilations 12-36 then touch only the zero padding: still
+        # a real conv) and train-mode BN at batch 2
+        specs.append(Spec("torchvision", name, kw, image_size or 64, task="segmentation", note=note))
+    return specs
+
+
+def _video_specs(image_size: int | None) -> list[Spec]:
+    """Video classifiers on (N, 3, T, H, W) clips: the smallest T, H, W each architecture takes."""
+    import torchvision
+
+    specs = []
+    for name in torchvision.models.list_models(module=torchvision.models.video):
+        kw: dict = {}
+        note = ""
+        if name.startswith("mvit"):
+            # the builders fix spatial_size=(224, 224) and temporal_size=16 (the positional
+            # embedding is sized for them), so MViT takes exactly 16x224x224 clips
+            size, frames = 224, 16
+            note = "fixed 16x224x224 input"
+        elif name == "s3d":
+            # a fixed AvgPool3d((2, 7, 7)) head after a 1/8 x 1/32 x 1/32 trunk: 16x224x224 at least
+            size, frames = image_size or 224, 16
+            note = "fixed (2, 7, 7) pooling head"
+        elif name.startswith("swin3d"):
+            # patch (2, 4, 4) and 8x7x7 windows; maps smaller than a window are padded
+            size, frames = image_size or 64, 4
+        else:
+            # R3D / MC3 / R(2+1)D: stride-2 stem in H, W and three stride-2 stages
+            size, frames = image_size or 32, 4
+        specs.append(Spec("torchvision", name, kw, size, task="video", frames=frames, note=note))
     return specs
 
 
@@ -209,6 +315,7 @@ class Row:
     source: str
     ratio: int
     family: str = ""
+    task: str = "classification"
     status: str = "ok"            # ok | skipped | error | timeout | crashed
     reason: str = ""
     kind: str = ""                # cnn | transformer (attention inside)
@@ -394,8 +501,11 @@ def estimate_gib(model_meta: nn.Module, ratio: int, itemsize: int, branches: boo
     return bytes_ / GIB + BASE_GIB
 
 
-def activation_numel(model_meta: nn.Module, x_shape: tuple) -> int:
-    """Sum of every leaf module's output elements for one forward on the meta device (0 if it fails)."""
+def activation_numel(model_meta: nn.Module, x_shape: tuple | list[tuple]) -> int:
+    """Sum of every leaf module's output elements for one forward on the meta device (0 if it fails).
+
+    ``x_shape``: the input's shape, or a list of shapes for a model with several inputs."""
+    shapes = x_shape if isinstance(x_shape, list) else [x_shape]
     total = [0]
 
     def hook(_m, _i, out):
@@ -404,7 +514,7 @@ def activation_numel(model_meta: nn.Module, x_shape: tuple) -> int:
     hs = [m.register_forward_hook(hook) for m in model_meta.modules() if not list(m.children())]
     try:
         with torch.no_grad():
-            model_meta.eval()(torch.empty(x_shape, device="meta"))
+            model_meta.eval()(*(torch.empty(s, device="meta") for s in shapes))
     except Exception:
         total[0] = 0
     finally:
@@ -438,16 +548,22 @@ def _where(e: BaseException) -> str:
 
 def _repro(spec: Spec, ratio: int, size: int, dtype: torch.dtype) -> str:
     if spec.source == "torchvision":
-        build = (f"torchvision.models.get_model({spec.name!r}, weights=None, num_classes=10"
-                 + "".join(f", {k}={v!r}" for k, v in spec.kwargs.items()) + ")")
+        kw = dict(spec.kwargs)
+        if spec.task != "optical_flow":
+            kw.setdefault("num_classes", 10)
+        if spec.task in ("segmentation", "detection"):
+            kw.setdefault("weights_backbone", None)
+        build = (f"torchvision.models.get_model({spec.name!r}, weights=None"
+                 + "".join(f", {k}={v!r}" for k, v in kw.items()) + ")")
         imp = "import torch, torchvision, gpd_fx"
     else:
         build = (f"timm.create_model({spec.name!r}, pretrained=False, num_classes=10"
                  + "".join(f", {k}={v!r}" for k, v in spec.kwargs.items()) + ")")
         imp = "import torch, timm, gpd_fx"
     d = "double" if dtype == torch.float64 else "float"
-    return (f"{imp}; m = {build}.{d}(); x = torch.randn({BATCH}, {spec.in_chans}, {size}, {size}).{d}(); "
-            f"dt = gpd_fx.expand(m, ratio={ratio}, example_inputs=(x,)); print(dt.report)")
+    xs = ", ".join(f"torch.randn{s}.{d}()" for s in spec.input_shapes(size))
+    return (f"{imp}; m = {build}.{d}(); xs = ({xs},); "
+            f"dt = gpd_fx.expand(m, ratio={ratio}, example_inputs=xs); print(dt.report)")
 
 
 def _timm_pick_size(spec: Spec, target: int | None) -> tuple[dict, int, str, int]:
@@ -518,7 +634,7 @@ def timm_fx_check(model: nn.Module, x: Tensor) -> tuple[bool, str]:
         model.train(was)
 
 
-def _check_fold(dt, model: nn.Module, x: Tensor, tol: float, row: Row) -> None:
+def _check_fold(dt, model: nn.Module, xs: tuple[Tensor, ...], tol: float, row: Row) -> None:
     import gpd_fx
 
     try:
@@ -526,9 +642,9 @@ def _check_fold(dt, model: nn.Module, x: Tensor, tol: float, row: Row) -> None:
         folded.eval()
         dt.eval()
         with torch.no_grad():
-            e1, why = rel_error(folded(x), dt.student(x))
-            e2, _ = rel_error(folded(x), model.eval()(x))
-        row.fold_exact = e1 <= tol and e2 <= tol
+            e1, why = rel_error(folded(*xs), dt.student(*xs))
+            e2, _ = rel_error(folded(*xs), model.eval()(*xs))
+        row.fold_exact = e1 <= tol and e2 <= tol and type(folded) is type(model)
         if not row.fold_exact:
             row.fold_note = f"fold vs dt.student {e1:.2e}, vs model {e2:.2e} {why}".strip()
     except Exception as e:
@@ -536,7 +652,7 @@ def _check_fold(dt, model: nn.Module, x: Tensor, tol: float, row: Row) -> None:
         row.fold_note = f"fold: {_first_line(e)}"
         return
     try:
-        torch.export.export(folded, (x,))
+        torch.export.export(folded, xs)
         row.export_ok = True
     except Exception as e:
         row.export_ok = False
@@ -545,11 +661,11 @@ def _check_fold(dt, model: nn.Module, x: Tensor, tol: float, row: Row) -> None:
         from gpd_fx.export import export_onnx, onnx_available
     except ImportError:
         return
-    if not onnx_available():
+    if not onnx_available() or len(xs) > 1:   # export_onnx verifies one input batch
         return
     try:
         with tempfile.TemporaryDirectory() as d:
-            export_onnx(folded.float(), x.float(), Path(d) / "m.onnx")
+            export_onnx(folded.float(), xs[0].float(), Path(d) / "m.onnx")
         row.onnx_agrees = True
     except Exception as e:
         row.onnx_agrees = False
@@ -580,7 +696,10 @@ def measure(spec: Spec, ratio: int, *, dtype: str = "auto", max_gib: float = 20.
     """
     import gpd_fx
 
-    row = Row(spec.name, spec.source, ratio, family=spec.family, note=spec.note)
+    row = Row(spec.name, spec.source, ratio, family=spec.family, task=spec.task, note=spec.note)
+    if spec.skip:
+        row.status, row.reason = "skipped", spec.skip
+        return row
     t_start = time.perf_counter()
     stage = "build"
     try:
@@ -591,7 +710,7 @@ def measure(spec: Spec, ratio: int, *, dtype: str = "auto", max_gib: float = 20.
             spec = Spec(spec.source, spec.name, {**spec.kwargs, **kw}, size, spec.family, spec.note, chans)
             row.note = "; ".join(x for x in (spec.note, how) if x)
         size = spec.image_size or DEFAULT_IMAGE
-        row.input = f"{BATCH}x{spec.in_chans}x{size}x{size}"
+        row.input = spec.input_label(size)
         # ---- memory gate on the meta device
         stage = "memory estimate"
         use_branches = branches != "none"
@@ -606,7 +725,7 @@ def measure(spec: Spec, ratio: int, *, dtype: str = "auto", max_gib: float = 20.
             stage = "build"
             model = model if model is not None else spec.build()
             meta = model
-        acts = activation_numel(meta, (BATCH, spec.in_chans, size, size)) if meta is not model else 0
+        acts = activation_numel(meta, spec.input_shapes(size)) if meta is not model else 0
         est64 = estimate_gib(meta, ratio, 8, use_branches, acts)
         est32 = estimate_gib(meta, ratio, 4, use_branches, acts)
         row.student_params = sum(p.numel() for p in meta.parameters() if p.requires_grad)
@@ -633,15 +752,26 @@ def measure(spec: Spec, ratio: int, *, dtype: str = "auto", max_gib: float = 20.
         if model is None:
             model = spec.build()
         model = model.to(tdtype)
+        if tdtype == torch.float64:
+            stage = "float64 forward"
+            why64 = _float64_failure(model, spec.make_inputs(size, tdtype))
+            if why64:
+                # e.g. RAFT builds its coordinate grids in float32 whatever the model's dtype
+                tdtype = torch.float32
+                model = model.to(tdtype)
+                row.dtype, row.tol, row.est_gib = "float32", TOL[tdtype], round(est32, 2)
+                row.repro = _repro(spec, ratio, size, tdtype)
+                row.note = "; ".join(x for x in (row.note, f"float32: the model fails in float64 ({why64})") if x)
         randomize_constants(model, seed=0)
         zero_dropout(model)
-        x = torch.randn(BATCH, spec.in_chans, size, size, dtype=tdtype, generator=torch.Generator().manual_seed(0))
+        xs = spec.make_inputs(size, tdtype)
+        x = xs[0]
         if spec.source == "timm" and timm_fx:
             stage = "timm fx check"
             row.timm_fx, row.timm_fx_reason = timm_fx_check(model, x)
         # ---- expand
         stage = "expand"
-        kwargs: dict[str, Any] = dict(ratio=ratio, example_inputs=(x,), noise=0.1, seed=0, strict=False)
+        kwargs: dict[str, Any] = dict(ratio=ratio, example_inputs=xs, noise=0.1, seed=0, strict=False)
         if branches != "default":
             kwargs["branches"] = () if branches == "none" else None
         model.eval()
@@ -668,9 +798,9 @@ def measure(spec: Spec, ratio: int, *, dtype: str = "auto", max_gib: float = 20.
         model.eval()
         dt.eval()
         with torch.no_grad():
-            y = model(x)
-            row.err_eval, why = rel_error(dt(x), y)
-            row.err_student, _ = rel_error(dt.student(x), y)
+            y = model(*xs)
+            row.err_eval, why = rel_error(dt(*xs), y)
+            row.err_student, _ = rel_error(dt.student(*xs), y)
         row.exact_eval = row.err_eval <= row.tol
         if why:
             row.train_note = f"eval: {why}"
@@ -678,15 +808,15 @@ def measure(spec: Spec, ratio: int, *, dtype: str = "auto", max_gib: float = 20.
             # before the train-mode forward, which moves the model's BN running statistics away
             # from the student buffers kept in dt
             stage = "fold"
-            _check_fold(dt, model, x, row.tol, row)
+            _check_fold(dt, model, xs, row.tol, row)
         stage = "train check"
         model.train()
         dt.train()
         with torch.no_grad():
             torch.manual_seed(0)
-            y = model(x)
+            y = model(*xs)
             torch.manual_seed(0)
-            row.err_train, why = rel_error(dt(x), y)
+            row.err_train, why = rel_error(dt(*xs), y)
         row.exact_train = row.err_train <= row.tol
         if why:
             row.train_note = (row.train_note + "; " if row.train_note else "") + f"train: {why}"
@@ -705,6 +835,23 @@ def measure(spec: Spec, ratio: int, *, dtype: str = "auto", max_gib: float = 20.
         row.peak_rss_gib = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB, 2)
         row.check_s = row.check_s if row.check_s is not None else round(time.perf_counter() - t_start, 1)
     return row
+
+
+def _float64_failure(model: nn.Module, xs: tuple[Tensor, ...]) -> str:
+    """Why ``model`` (converted to float64) fails on float64 inputs when it runs in float32, or ''."""
+    try:
+        with torch.no_grad():
+            model.eval()(*xs)
+        return ""
+    except Exception as e:
+        why = _first_line(e)
+    try:
+        with torch.no_grad():
+            copy_ = copy.deepcopy(model).float()
+            copy_.eval()(*(x.float() for x in xs))
+    except Exception:
+        return ""   # fails in float32 too: not a dtype problem, expand will report it
+    return why[:120]
 
 
 def time_resnet50(runs: int = 3) -> dict:
@@ -783,11 +930,12 @@ def _yn(b) -> str:
 
 def format_row(r: Row, fold: bool) -> str:
     if r.status in ("skipped", "timeout", "crashed") or (r.status == "error" and r.expand_s is None):
-        cols = [f"{r.name:<34}", f"r{r.ratio}", f"{r.input or '-':<12}", f"{r.status.upper()}: {r.reason}"]
+        cols = [f"{r.name:<34}", f"{r.task[:12]:<12}", f"r{r.ratio}", f"{r.input or '-':<16}",
+                f"{r.status.upper()}: {r.reason}"]
         return " ".join(cols)
     err = max(x for x in (r.err_eval or 0.0, r.err_train or 0.0))
     cols = [
-        f"{r.name:<34}", f"r{r.ratio}", f"{r.input:<12}", f"{r.dtype[:7]:<7}",
+        f"{r.name:<34}", f"{r.task[:12]:<12}", f"r{r.ratio}", f"{r.input:<16}", f"{r.dtype[:7]:<7}",
         f"{_yn(r.traced):<4}", f"{_yn(r.exact_eval):>3}/{_yn(r.exact_train):<3}",
         f"{err:9.2e}", f"{r.share:6.3f}" if r.share is not None else "     -",
         f"{r.n_boundaries if r.n_boundaries is not None else '-':>4}",
@@ -810,7 +958,7 @@ def format_row(r: Row, fold: bool) -> str:
 
 
 def header(fold: bool, source: str) -> str:
-    cols = [f"{'model':<34}", "r ", f"{'input':<12}", f"{'dtype':<7}", "trcd", "exact e/t",
+    cols = [f"{'model':<34}", f"{'task':<12}", "r ", f"{'input':<16}", f"{'dtype':<7}", "trcd", "exact e/t",
             "max.rel.err", "share", "#bnd", "expand s", " student", "  teacher"]
     if fold:
         cols += ["fold", "expt", "onnx"]
@@ -1015,6 +1163,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", choices=["torchvision", "timm"], default="torchvision",
                    help="model zoo: every torchvision classifier, or one model per timm family "
                         "(default: %(default)s)")
+    p.add_argument("--tasks", default="classification",
+                   help="torchvision: comma-separated tasks out of " + ", ".join(TASKS) + ", or 'all'; "
+                        f"detection rows are reported as skipped ({DETECTION_SKIP}) (default: %(default)s)")
     p.add_argument("--ratio", type=_positive_int, nargs="+", default=[2, 3],
                    help="expansion ratios r >= 1 (default: 2 3)")
     p.add_argument("--models", default="", help="comma-separated model names (timm: names or families) "
@@ -1063,6 +1214,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _parse_tasks(text: str) -> tuple[str, ...]:
+    if text.strip() == "all":
+        return TASKS
+    tasks = tuple(t.strip() for t in text.split(",") if t.strip())
+    bad = [t for t in tasks if t not in TASKS]
+    if bad or not tasks:
+        raise SystemExit(f"--tasks: unknown task(s) {bad or [text]}; choose from {', '.join(TASKS)} or 'all'")
+    return tasks
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker is not None:
@@ -1071,8 +1232,12 @@ def main(argv=None) -> int:
     _set_threads(args.threads)
     from tqdm import tqdm
 
-    specs = (torchvision_specs(args.image_size) if args.source == "torchvision"
-             else timm_specs(args.image_size))
+    tasks = _parse_tasks(args.tasks)
+    if args.source == "torchvision":
+        # named models are looked up in every task, so `--models r3d_18` needs no --tasks
+        specs = torchvision_specs(args.image_size, TASKS if args.models else tasks)
+    else:
+        specs = timm_specs(args.image_size)
     if args.models:
         want = [m.strip() for m in args.models.split(",") if m.strip()]
         by_name = {s.name: s for s in specs}
@@ -1127,8 +1292,17 @@ def main(argv=None) -> int:
         _atomic_write(out_path, payload)
     bar.close()
     summary = summarize(rows, args.source)
-    for line in summary_lines(summary, args.source):
-        print(line)
+    row_tasks = sorted({r.task for r in rows}, key=TASKS.index) if args.source == "torchvision" else []
+    if row_tasks and row_tasks != ["classification"]:
+        payload["summary_by_task"] = {}
+        for task in row_tasks:
+            s_task = summarize([r for r in rows if r.task == task], args.source)
+            payload["summary_by_task"][task] = s_task
+            for line in summary_lines(s_task, args.source):
+                print(line.replace("SUMMARY ", f"SUMMARY {task} ", 1))
+    else:
+        for line in summary_lines(summary, args.source):
+            print(line)
     if args.timing and args.source == "torchvision":
         timing = _timing(args)
         payload["timing"] = timing
