@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from gpd_fx.passes.branches import _Branched, shared_folds
-from gpd_fx.passes.student_map import ParamSource, evaluate_map, mapped_tensor, share_map
+from gpd_fx.passes.student_map import ParamSource, _stride_of, evaluate_map, mapped_tensor, share_map
 
 __all__ = ["DynamicTeacher", "ExpansionReport"]
 
@@ -156,6 +156,15 @@ class DynamicTeacher(nn.Module):
         # so no parameter exists twice. Not registered as a submodule for the same reason.
         self.__dict__["_template"] = template
         self.sources = sources
+        # Decide each map's strided form, and the per-branch maps of multi-branch layers, now and
+        # eagerly: computed first inside a compiled step they would break its graph.
+        for s in sources:
+            _stride_of(s)
+        with torch.no_grad():
+            for s in sources:
+                mod = teacher.get_submodule(s.module) if s.module else teacher
+                if isinstance(mod, _Branched) and s.attr == "weight":
+                    mod.mapped_weight(s)
         self.report = report
         self.expand_config = dict(expand_config)
         self.ratio = report.ratio

@@ -151,6 +151,11 @@ def _live_taps(sizes: tuple[int, ...], kernel: tuple[int, ...], stride: tuple[in
     return (tuple(cut), tuple(new_pads)) if changed else None
 
 
+def _taps(*key):
+    # Dynamo traces the plain function (pure integer arithmetic) instead of warning about the cache
+    return _live_taps.__wrapped__(*key) if torch.compiler.is_compiling() else _live_taps(*key)
+
+
 def conv_nd(x: Tensor, w: Tensor, bias: Tensor | None, stride: tuple[int, ...], pads: tuple[tuple[int, int], ...],
             dilation: tuple[int, ...], groups: int) -> Tensor:
     """``F.conv{1,2,3}d`` with explicit (left, right) zero padding per dim, computed cheaply.
@@ -166,14 +171,16 @@ def conv_nd(x: Tensor, w: Tensor, bias: Tensor | None, stride: tuple[int, ...], 
         if all(l == r for l, r in pads):
             return conv(x, w, bias, stride, [l for l, _ in pads], dilation, groups)
         return conv(F.pad(x, [p for lr in reversed(pads) for p in lr]), w, bias, stride, 0, dilation, groups)
-    plan = _live_taps(tuple(x.shape[2:]), tuple(w.shape[2:]), tuple(stride), tuple(pads), tuple(dilation))
+    plan = _taps(tuple(x.shape[2:]), tuple(w.shape[2:]), tuple(stride), tuple(pads), tuple(dilation))
     if plan is not None and all(b - a == 1 for a, b in plan[0]) and all(lr == (0, 0) for lr in plan[1]):
         # only the cut to a single tap pays: a non-contiguous k'>1 kernel sends oneDNN down a slow path
         w = w[(slice(None), slice(None), *(slice(a, b) for a, b in plan[0]))]
         pads = plan[1]
     cin_g = w.shape[1]
-    if (all(k == 1 for k in w.shape[2:]) and all(lr == (0, 0) for lr in pads)
-            and math.prod(-(-n // st) for n, st in zip(x.shape[2:], stride)) <= _MATMUL_MAX_PIXELS):
+    pixels = 1
+    for n, st in zip(x.shape[2:], stride):
+        pixels *= -(-n // st)
+    if all(k == 1 for k in w.shape[2:]) and all(lr == (0, 0) for lr in pads) and pixels <= _MATMUL_MAX_PIXELS:
         if any(st != 1 for st in stride):
             x = x[(slice(None), slice(None), *(slice(None, None, st) for st in stride))]
         n, c, spatial = x.shape[0], x.shape[1], tuple(x.shape[2:])
@@ -335,13 +342,13 @@ class _Branched(nn.Module):
             return None
         if src is None:
             return self._ident_teacher()
-        cache = self.__dict__.setdefault("_ident_cache", {})
-        key = id(src)
-        if key not in cache:
+        # cached on the source (one source per layer weight), so that copies keep it
+        cached = src.__dict__.get("_ident_cache")
+        if cached is None:
             with torch.no_grad():
                 dense = map_tensor(self.branch_kernel("identity"), src)
-            cache[key] = self._ident_from_dense(dense)
-        return cache[key]
+            cached = src.__dict__["_ident_cache"] = self._ident_from_dense(dense)
+        return cached
 
     def _mappable(self, src) -> bool:
         # the branch factors are mapped separately: output map on dim 0, input map on dim 1
@@ -752,7 +759,7 @@ class BranchConvNd(_Branched):
         y = n * spatial_out * out
         xin = n * spatial_in * cin
         # a conv whose only live tap is one (3x3 on a 1x1 map) runs as a matmul in conv_nd
-        live = _live_taps(tuple(x.shape[2:]), self.kernel_size, self.stride, self._pads_lr(), self.dilation)
+        live = _taps(tuple(x.shape[2:]), self.kernel_size, self.stride, self._pads_lr(), self.dilation)
         ksize_live = 1 if live is not None and all(b - a == 1 for a, b in live[0]) else ksize
         conv = _FB * n * spatial_out * out * cin_g * ksize_live
         # applying a folded kernel: the conv, plus the kernel's gradient written and read

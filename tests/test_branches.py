@@ -545,3 +545,24 @@ def test_conv_nd_equals_conv(dim, size, k, stride, pad, dil, groups):
     g_got = torch.autograd.grad((got * gy).sum(), (x, w, b))
     for a, c in zip(g_got, g_ref):
         assert_close(a, c, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["auto", "run"])
+def test_joint_step_compiles_without_graph_breaks(mode):
+    """A GPD step over a multi-branch teacher is one Dynamo graph, also on a fresh copy whose
+    per-source caches were never used eagerly (they are filled when the teacher is built)."""
+    import copy
+
+    import torch._dynamo
+
+    import gpd_fx
+    from gpd_fx.losses import GPDLossConfig, gpd_loss
+
+    torch.manual_seed(0)
+    dt = gpd_fx.expand(_Net(), ratio=2, example_inputs=(torch.randn(2, 3, 8, 8),), branches={"mode": mode})
+    dt = copy.deepcopy(dt).train()
+    x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 5, (4,))
+    cfg = GPDLossConfig()
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(lambda a, b: gpd_loss(*dt.joint(a), b, cfg)[0])(x, y)
+    assert explained.graph_break_count == 0, [b.reason.splitlines()[0] for b in explained.break_reasons]
