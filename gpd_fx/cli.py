@@ -87,7 +87,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                                                f"weight's std (default: {d.noise})")
     g.add_argument("--branches", help="multi-branch (CBR) kinds of the teacher's conv/linear layers: none = IR "
                                       "only (expand's branches=()), all = every kind that applies (expand's "
-                                      "branches=None, its own default), or a comma list of kinds such as "
+                                      "branches=None), or a comma list of kinds such as "
                                       f"kxk,1x1,identity (default: {d.branches})")
     g.add_argument("--expand-seed", type=int, help=f"seed of the expansion noise and branches (default: {d.expand_seed})")
 

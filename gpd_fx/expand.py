@@ -116,7 +116,7 @@ def expand(model: nn.Module, ratio: int = 2, example_inputs: Tensor | Sequence[A
            leaf_modules: Iterable[type | nn.Module] | None = None,
            concrete_args: dict[str, Any] | None = None,
            extra_rules: dict[Any, Callable] | None = None,
-           branches: Sequence[str] | dict[str, Sequence[str]] | None = None,
+           branches: Sequence[str] | dict[str, Sequence[str]] | None = (),
            verify_dtype: torch.dtype | None = None, progress: bool = False) -> DynamicTeacher:
     """Build the dynamic teacher of ``model``: ``ratio`` times wider, same function at init.
 
@@ -135,8 +135,13 @@ def expand(model: nn.Module, ratio: int = 2, example_inputs: Tensor | Sequence[A
         leaf_modules: module classes or instances not to trace into.
         concrete_args: fixed Python-level arguments for tracing ``forward``.
         extra_rules: ``{module type | function | method name: rule}`` user rules, tried first.
-        branches: multi-branch kinds for the teacher's conv/linear layers (CBR): ``()`` for IR only,
-            ``None`` for every kind that applies, a list of kinds, or ``{"conv": [...], "linear": [...]}``.
+        branches: multi-branch kinds for the teacher's conv/linear layers (CBR): ``()`` (the default)
+            for IR only, ``None`` for every kind that applies, a list of kinds, or
+            ``{"conv": [...], "linear": [...]}``. IR is the default because the multi-branch teacher
+            did not give a better student on any benchmark run (benchmarks/README.md, accuracy:
+            shifted digits r2/r3/r4 83.8/83.9/82.9% with branches vs 84.6/84.2/84.4% without,
+            5 seeds) while its step costs 1.15-2.3x the IR teacher's; the same default as
+            ``TrainConfig.branches`` and ``gpd-fx train --branches``.
         verify_dtype: dtype of the self-verification (e.g. ``torch.float64`` for a check at
             1e-9 on a converted copy). ``None`` builds and checks in the model's own dtype, which
             is what keeps a 200M-parameter teacher within seconds and memory.

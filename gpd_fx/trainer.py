@@ -144,7 +144,7 @@ class TrainConfig:
         noise: symmetry-breaking noise of :func:`gpd_fx.expand`, relative to each weight's std.
         branches: multi-branch (CBR) kinds of the teacher's conv/linear layers: ``"none"`` = IR
             only (``expand(branches=())``), ``"all"`` = every kind that applies
-            (``expand(branches=None)``, expand's own default), or a comma list of kinds from
+            (``expand(branches=None)``), or a comma list of kinds from
             ``gpd_fx.passes.branches.BRANCH_KINDS_CONV`` / ``BRANCH_KINDS_LINEAR`` such as
             ``"kxk,1x1,identity"``.
         expand_seed: seed of the expansion noise and branches.

@@ -72,7 +72,7 @@ def test_student_gradients_reach_every_teacher_parameter():
     # 64x64 keeps a 2x2 map in the last stage: at 1x1 with batch 2, train-mode BN sees two values
     # per channel and some BN biases get an exactly zero gradient
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
-    dt = gpd_fx.expand(m, 2, (x,))
+    dt = gpd_fx.expand(m, 2, (x,), branches=None)
     dt.train()
     dt.student(x).square().mean().backward()
     scales = [n for n, _ in dt.named_parameters() if n.rsplit(".", 1)[-1].startswith("v_")]
@@ -90,7 +90,7 @@ def test_fold_after_training_equals_student_and_changed():
     """After GPD steps, fold(dt)(x) == dt.student(x) (with and without BN fusion) != initial."""
     m = small_resnet().eval()
     x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
-    dt = gpd_fx.expand(m, 2, (x,))
+    dt = gpd_fx.expand(m, 2, (x,), branches=None)
     gpd_steps(dt, x)
     s, fused = gpd_fx.fold(dt, fuse_bn=True)
     with torch.no_grad():
@@ -105,7 +105,7 @@ def test_student_bn_statistics_are_its_own():
     """dt.student in train mode updates the student's running stats, not the teacher's."""
     m = small_resnet()
     x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
-    dt = gpd_fx.expand(m, 2, (x,))
+    dt = gpd_fx.expand(m, 2, (x,), branches=None)
     dt.train()
     teacher_before = dt.teacher.get_submodule("conv1.1").running_mean.clone()
     student_before = dt.student_state.as_dict()["conv1.1.running_mean"].clone()
@@ -118,7 +118,7 @@ def test_student_bn_statistics_are_its_own():
 def test_no_parameter_stored_twice():
     """The DT's trainable parameters are the teacher's only; the template holds no data."""
     m = small_resnet()
-    dt = gpd_fx.expand(m, 2, (torch.randn(1, 3, 32, 32, dtype=torch.float64),))
+    dt = gpd_fx.expand(m, 2, (torch.randn(1, 3, 32, 32, dtype=torch.float64),), branches=None)
     assert all(p.device.type == "meta" for p in dt.template.parameters())
     teacher_ids = {id(p) for p in dt.teacher.parameters()}
     assert {id(p) for p in dt.parameters()} == teacher_ids
@@ -132,7 +132,7 @@ def test_export_and_onnx_agree():
     torch.manual_seed(0)
     m = torchvision.models.mobilenet_v3_small(num_classes=5).eval()
     x = torch.randn(2, 3, 64, 64)
-    dt = gpd_fx.expand(m, 2, (x,))
+    dt = gpd_fx.expand(m, 2, (x,), branches=None)
     gpd_steps(dt, x, steps=2, lr=0.01)
     s = gpd_fx.fold(dt)
     ep = torch.export.export(s, (x,))
@@ -161,7 +161,7 @@ def test_state_dict_round_trip_rebuild():
     """A DT rebuilt with the same expand arguments loads the saved state and folds identically."""
     m = small_resnet()
     x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
-    dt = gpd_fx.expand(m, 2, (x,))
+    dt = gpd_fx.expand(m, 2, (x,), branches=None)
     gpd_steps(dt, x, steps=1)
     state = copy.deepcopy(dt.state_dict())
     dt2 = gpd_fx.expand(m, 2, (x,), **{k: v for k, v in dt.expand_config.items() if k != "ratio"})

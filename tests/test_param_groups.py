@@ -228,7 +228,7 @@ def test_cbr_original_kernel_follows_rule_and_branches_are_grouped():
     torch.manual_seed(0)
     model = BNNet().double()
     x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
-    dt = gpd_fx.expand(model, ratio=2, example_inputs=(x,), seed=1)  # default branches
+    dt = gpd_fx.expand(model, ratio=2, example_inputs=(x,), seed=1, branches=None)  # every branch kind
     factors = {name: f for name, f in width_factors(dt).values()}
     roles = {f.role for f in factors.values()}
     assert {"mapped", "branch", "branch-scale"} <= roles
