@@ -1182,7 +1182,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--branches", choices=["default", "none", "all"], default="default",
                    help="multi-branch (CBR) kinds of the teacher's conv/linear layers: none = IR only "
                         "(expand's branches=()), all = every kind that applies (expand's branches=None), "
-                        "default = expand's own default, i.e. all (default: %(default)s)")
+                        "default = expand's own default, i.e. none (default: %(default)s)")
     p.add_argument("--max-gib", type=_positive_float, default=max_gib,
                    help="memory budget per model in GiB; a model estimated above it is a skipped row "
                         "(default: 80%% of this machine's memory, %(default)s)")
