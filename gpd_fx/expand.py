@@ -137,7 +137,9 @@ def expand(model: nn.Module, ratio: int = 2, example_inputs: Tensor | Sequence[A
         extra_rules: ``{module type | function | method name: rule}`` user rules, tried first.
         branches: multi-branch kinds for the teacher's conv/linear layers (CBR): ``()`` (the default)
             for IR only, ``None`` for every kind that applies, a list of kinds, or
-            ``{"conv": [...], "linear": [...]}``. IR is the default because the multi-branch teacher
+            ``{"conv": [...], "linear": [...]}`` (the dict may also hold ``"mid"``, the 1x1->kxk middle
+            width, and ``"mode"``, the fold/run policy: see ``gpd_fx.passes.cbr.resolve_options``).
+            IR is the default because the multi-branch teacher
             did not give a better student on any benchmark run (benchmarks/README.md, accuracy:
             shifted digits r2/r3/r4 83.8/83.9/82.9% with branches vs 84.6/84.2/84.4% without,
             5 seeds) while its step costs 1.15-2.3x the IR teacher's; the same default as
