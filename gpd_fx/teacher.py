@@ -160,11 +160,10 @@ class DynamicTeacher(nn.Module):
         # eagerly: computed first inside a compiled step they would break its graph.
         for s in sources:
             _stride_of(s)
-        with torch.no_grad():
-            for s in sources:
-                mod = teacher.get_submodule(s.module) if s.module else teacher
-                if isinstance(mod, _Branched) and s.attr == "weight":
-                    mod.mapped_weight(s)
+        for s in sources:
+            mod = teacher.get_submodule(s.module) if s.module else teacher
+            if isinstance(mod, _Branched) and s.attr == "weight":
+                mod.prepare_map(s)
         self.report = report
         self.expand_config = dict(expand_config)
         self.ratio = report.ratio

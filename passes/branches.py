@@ -59,7 +59,7 @@ from torch import Tensor, nn
 
 from gpd_fx.errors import GPDError
 
-from .student_map import inp_part, map_tensor, out_part, share_map
+from .student_map import _stride_of, inp_part, map_tensor, out_part, share_map
 
 __all__ = [
     "BRANCH_KINDS_CONV",
@@ -374,6 +374,13 @@ class _Branched(nn.Module):
         parts = [self._part(src, part) for _, part in roles.values()]
         mapped = dict(zip(roles, (map_tensor(t, p) for t, p in zip(own.values(), parts))))
         return self._student_kernel(src, mapped)
+
+    def prepare_map(self, src) -> None:
+        """Fill the per-source caches :meth:`mapped_weight` reads (strided forms of the partial
+        maps, the mapped identity), eagerly and without folding anything."""
+        for part in ("full", "out", "inp"):
+            _stride_of(self._part(src, part))
+        self._ident(src)
 
     def _part(self, src, part: str):
         return src if part == "full" else out_part(src) if part == "out" else inp_part(src)
