@@ -223,12 +223,21 @@ class DynamicTeacher(nn.Module):
         return t, out
 
     def _split_sources(self) -> tuple[list[ParamSource], list[ParamSource]]:
-        """(sources reading a trainable teacher Parameter, each Parameter once; all others)."""
+        """(sources whose teacher Parameter goes through the fused map, each Parameter once; all
+        others, mapped by plain autograd).
+
+        The fused backward adds the student's gradient in place into the teacher's gradient of
+        the alias, which is only safe where that gradient is a fresh tensor no other pending
+        backward node reads. That holds for the parameters of the standard layers below, whose
+        backward kernels return new gradient tensors; a parameter added in the graph directly
+        (``x + pos_embed`` hands the same gradient to both operands) is left to autograd.
+        """
         plain, rest, seen = [], [], set()
         for s in self.sources:
             mod = _holder(self.teacher, s.module)
             p = mod._parameters.get(s.attr) if not isinstance(mod, _Branched) or s.attr != "weight" else None
-            if isinstance(p, nn.Parameter) and p.requires_grad and id(p) not in seen:
+            fresh = isinstance(mod, _Branched) or type(mod) in _FRESH_GRAD_MODULES
+            if fresh and isinstance(p, nn.Parameter) and p.requires_grad and id(p) not in seen:
                 seen.add(id(p))
                 plain.append(s)
             else:
@@ -251,6 +260,14 @@ class DynamicTeacher(nn.Module):
 
     def extra_repr(self) -> str:
         return f"ratio={self.ratio}, {len(self.sources)} mapped student parameters"
+
+
+# Layers whose weight and bias gradients are new tensors (convolution, matmul, norm and
+# embedding backward kernels); exact types, since a subclass may use its parameters otherwise.
+_FRESH_GRAD_MODULES = frozenset({
+    nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear,
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm, nn.Embedding,
+})
 
 
 def _holder(root: nn.Module, name: str) -> nn.Module:

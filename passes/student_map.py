@@ -297,8 +297,11 @@ def share_map(tensors: list[Tensor], sources: list[ParamSource]) -> tuple[list[T
     """Aliases of ``tensors`` for the teacher forward and their student maps, sharing one backward.
 
     Differentiable in both outputs; the teacher forward must read the aliases, not the
-    originals, for the gradient to be fused (see :class:`_SharedMap`). Under ``torch.compile``
-    the plain map is used (the compiler fuses the gradient sum itself).
+    originals, for the gradient to be fused (see :class:`_SharedMap`). The alias's gradient is
+    updated in place, so each alias must feed ops whose backward returns a gradient tensor of
+    its own (conv, matmul, norm, embedding, elementwise products), not one shared with another
+    operand (``alias + x`` of equal shapes). Under ``torch.compile`` the plain map is used (the
+    compiler fuses the gradient sum itself).
 
     Returns:
         ``(aliases, mapped)``, both in the order of ``tensors``.

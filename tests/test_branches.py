@@ -566,3 +566,33 @@ def test_joint_step_compiles_without_graph_breaks(mode):
     torch._dynamo.reset()
     explained = torch._dynamo.explain(lambda a, b: gpd_loss(*dt.joint(a), b, cfg)[0])(x, y)
     assert explained.graph_break_count == 0, [b.reason.splitlines()[0] for b in explained.break_reasons]
+
+
+def test_joint_gradient_of_a_parameter_added_in_the_graph():
+    """A parameter added to an activation of the same shape (its gradient is the activation's
+    gradient itself) gets the same gradients in dt.joint as in separate calls: the fused map must
+    not update that shared gradient in place."""
+    import copy
+
+    import gpd_fx
+
+    class PosNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(4, 6)
+            self.pos = nn.Parameter(torch.randn(1, 3, 6))
+            self.head = nn.Linear(6, 2)
+
+        def forward(self, x):          # x: (1, 3, 4): batch 1, so x + pos needs no broadcast
+            return self.head(torch.relu(self.proj(x) + self.pos)).sum(1)
+
+    torch.manual_seed(0)
+    net = PosNet().double()
+    dt = gpd_fx.expand(net, ratio=2, example_inputs=(torch.randn(1, 3, 4, dtype=torch.float64),))
+    ref = copy.deepcopy(dt)
+    x = torch.randn(1, 3, 4, dtype=torch.float64)
+    t, s = dt.joint(x)
+    (t.sum() + 3 * s.sum()).backward()
+    (ref(x).sum() + 3 * ref.student(x).sum()).backward()
+    for (n, p), q in zip(dt.named_parameters(), ref.parameters()):
+        assert_close(p.grad, q.grad, atol=1e-12, rtol=0, msg=n)   # float64, same sums
