@@ -171,6 +171,20 @@ def conv_nd(x: Tensor, w: Tensor, bias: Tensor | None, stride: tuple[int, ...], 
         if all(l == r for l, r in pads):
             return conv(x, w, bias, stride, [l for l, _ in pads], dilation, groups)
         return conv(F.pad(x, [p for lr in reversed(pads) for p in lr]), w, bias, stride, 0, dilation, groups)
+    out_pixels = 1
+    for n, k, st, (pl, pr), d in zip(x.shape[2:], w.shape[2:], stride, pads, dilation):
+        out_pixels *= (n + pl + pr - d * (k - 1) - 1) // st + 1
+    if (dim == 2 and groups == 1 and out_pixels <= _MATMUL_MAX_PIXELS and any(k > 1 for k in w.shape[2:])
+            and all(pl == pr for pl, pr in pads)):
+        # im2col + one GEMM with the whole (contiguous) kernel: taps that read padding multiply
+        # zeros, and the kernel's gradient is one GEMM output, with no slicing of the kernel
+        n, out = x.shape[0], w.shape[0]
+        cols = F.unfold(x, tuple(w.shape[2:]), dilation=tuple(dilation), padding=tuple(pl for pl, _ in pads),
+                        stride=tuple(stride))                                     # (n, c*K, L)
+        length = cols.shape[2]
+        y = F.linear(cols.transpose(1, 2).reshape(n * length, -1), w.reshape(out, -1), bias)
+        oh = (x.shape[2] + 2 * pads[0][0] - dilation[0] * (w.shape[2] - 1) - 1) // stride[0] + 1
+        return y.reshape(n, length, out).transpose(1, 2).reshape(n, out, oh, length // oh)
     plan = _taps(tuple(x.shape[2:]), tuple(w.shape[2:]), tuple(stride), tuple(pads), tuple(dilation))
     if plan is not None and all(b - a == 1 for a, b in plan[0]) and all(lr == (0, 0) for lr in plan[1]):
         # only the cut to a single tap pays: a non-contiguous k'>1 kernel sends oneDNN down a slow path
