@@ -77,7 +77,9 @@ def resolve_branches(branches) -> tuple[tuple[str, ...] | None, tuple[str, ...] 
     """Normalise ``expand(branches=...)`` to (conv kinds, linear kinds); ``None`` = all that apply.
 
     Accepts ``None`` (everything that applies), a list of kind names from either catalogue (each
-    layer gets those of its own catalogue that apply to it), or ``{"conv": [...], "linear": [...]}``.
+    layer gets those of its own catalogue that apply to it), or ``{"conv": [...], "linear": [...]}``
+    (a missing key means none of that catalogue; a dict with only the options ``mid`` / ``mode``
+    means every kind that applies).
     """
     if branches is None:
         return None, None
@@ -85,9 +87,8 @@ def resolve_branches(branches) -> tuple[tuple[str, ...] | None, tuple[str, ...] 
         unknown_keys = set(branches) - set(_OPTION_KEYS)
         if unknown_keys:
             raise BranchConfigError(f"branches dict keys must be among {_OPTION_KEYS}, got {sorted(unknown_keys)}")
-        if "conv" not in branches and "linear" not in branches:
-            conv = lin = None     # only options given: every kind that applies
-            return conv, lin
+        if "conv" not in branches and "linear" not in branches and ("mid" in branches or "mode" in branches):
+            return None, None     # only options given: every kind that applies
         conv = branches.get("conv", ())
         lin = branches.get("linear", ())
         for k in conv:
