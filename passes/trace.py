@@ -369,6 +369,20 @@ _SEQUENCE_FUNCTIONS = (torch.cat, torch.concat, torch.concatenate, torch.stack, 
                        torch.vstack, torch.dstack)
 
 
+def _plain_lists(value):
+    """``value`` with fx's immutable argument lists as plain lists, as the traced code gets them
+    at run time (the generated code builds a fresh list per call): a wrapped function that
+    updates a list argument in place (torchvision's Swin3D ``_get_window_and_shift_size``) can
+    then be evaluated on the example values."""
+    if isinstance(value, list):
+        return [_plain_lists(v) for v in value]
+    if type(value) is tuple:
+        return tuple(_plain_lists(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _plain_lists(v) for k, v in value.items()}
+    return value
+
+
 class _ValueTracer(_FlagTracer):
     """Traces while running every op on the example inputs, so Python may branch on shapes.
 
@@ -419,7 +433,7 @@ class _ValueTracer(_FlagTracer):
             return v
 
         out = fx.node.map_aggregate(arg, lambda a: one(a) if isinstance(a, fx.Node) else a)
-        return _UNKNOWN if unknown else out
+        return _UNKNOWN if unknown else _plain_lists(out)
 
     def _evaluate(self, node: fx.Node):
         if node.op == "placeholder":

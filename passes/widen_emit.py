@@ -14,12 +14,14 @@ from torch import Tensor, nn
 from torch.fx.node import map_aggregate
 
 from .module_paths import get_path, set_path
+from .trace import _plain_lists
 
 __all__ = ["TeacherGraph", "execute"]
 
 
 def execute(op: str, target: Any, args, kwargs, modules: Callable[[str], Any]):
     """Run one ``call_function`` / ``call_method`` / ``call_module`` node on concrete values."""
+    args, kwargs = _plain_lists(args), _plain_lists(kwargs)   # fx's lists are immutable; run time's are not
     if op == "call_function":
         return target(*args, **kwargs)
     if op == "call_method":
