@@ -1,0 +1,46 @@
+"""The optimiser (width-aware parameter groups for a dynamic teacher) and the per-step learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from gpd_fx.param_groups import param_groups
+from gpd_fx.teacher import DynamicTeacher
+from gpd_fx.training.config import TrainConfig
+
+
+def _build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The run's optimiser: weight decay on tensors of rank >= 2 only; for a dynamic teacher
+    with ``cfg.param_groups == "gpd"`` the width-aware groups of :func:`gpd_fx.param_groups`."""
+    if isinstance(model, DynamicTeacher) and cfg.param_groups == "gpd":
+        update = "sgd" if cfg.optimizer == "sgd" else "adam"
+        groups = param_groups(model, cfg.lr, cfg.weight_decay, update=update, decay_vectors=False)
+    else:
+        params = [p for p in model.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay, "lr": cfg.lr},
+                  {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "lr": cfg.lr}]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def _lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """Multiplier of the peak learning rate at optimisation step ``step`` (0-based)."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "none":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return 0.1 ** (int(progress >= 0.5) + int(progress >= 0.75))  # "step"
+
+
+def _build_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    total = cfg.epochs * steps_per_epoch
+    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+    # a closure over ints only: LambdaLR stores nothing of it in its state dict
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, total, warmup, cfg.schedule))
