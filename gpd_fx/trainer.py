@@ -58,6 +58,10 @@ from gpd_fx.training.results import StepInfo, TrainResult
 from gpd_fx.training.rng import _rng_state, _seed_everything, _set_rng_state
 from gpd_fx.training.samplers import _check_dataset, _EpochSampler, _example_batch, _ShardSampler
 from gpd_fx.training.signals import _deferred_sigint
+from gpd_fx.training.baseline import fit_plain
+from gpd_fx.training.evaluate import evaluate
+from gpd_fx.training.expansion import _expand, _fold, _maybe_export, _num_classes
+from gpd_fx.training.metrics import _Accum, _write_metrics
 
 __all__ = [
     "StepInfo",
@@ -73,82 +77,7 @@ __all__ = [
     "train",
 ]
 
-# ---------------------------------------------------------------------------- evaluate
-
-
-@torch.no_grad()
-def evaluate(models: Mapping[str, Callable[[Tensor], Tensor]], loader: DataLoader, device: torch.device | str,
-             *, progress: bool = False, desc: str = "eval") -> dict[str, float]:
-    """Accuracy and mean cross-entropy of several models on one loader, in one pass.
-
-    Under ``torch.distributed`` every rank evaluates its shard and the sums are all-reduced,
-    so each rank returns the metrics of the whole set. Modules are evaluated in eval mode
-    and put back into the mode they were in.
-
-    Args:
-        models: ``{name: callable}``, e.g. ``{"teacher": dt, "student": dt.student}``.
-        loader: yields ``(images, labels)``.
-        device: where to run.
-        progress: show a progress bar.
-        desc: the bar's label.
-
-    Returns:
-        ``{f"{name}_acc": fraction, f"{name}_loss": mean CE}`` for every name, and ``"n"``.
-
-    Example:
-        >>> evaluate({"student": model}, val_loader, "cpu")["student_acc"]  # doctest: +SKIP
-        0.97
-    """
-    owners = {name: getattr(fn, "__self__", fn) for name, fn in models.items()}
-    modes = {name: m.training for name, m in owners.items() if isinstance(m, nn.Module)}
-    for name in modes:
-        owners[name].eval()
-    device = torch.device(device)
-    sums = torch.zeros(2 * len(models) + 1, dtype=torch.float64, device=device)
-    try:
-        for x, y in _progress_bar(progress, iterable=loader, desc=desc, leave=False):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            for i, fn in enumerate(models.values()):
-                logits = fn(x).float()
-                sums[2 * i] += (logits.argmax(1) == y).sum()
-                sums[2 * i + 1] += nn.functional.cross_entropy(logits, y, reduction="sum")
-            sums[-1] += y.numel()
-    finally:
-        for name, mode in modes.items():
-            owners[name].train(mode)
-    if tdist.is_available() and tdist.is_initialized():
-        tdist.all_reduce(sums)
-    n = max(1.0, float(sums[-1]))
-    out: dict[str, float] = {"n": float(sums[-1])}
-    for i, name in enumerate(models):
-        out[f"{name}_acc"] = float(sums[2 * i]) / n
-        out[f"{name}_loss"] = float(sums[2 * i + 1]) / n
-    return out
-
-
 # --------------------------------------------------------------------------- outputs
-
-
-def _write_metrics(history: list[dict[str, Any]], out: Path) -> tuple[Path, Path]:
-    """Rewrite ``metrics.jsonl`` and ``metrics.csv`` from the history (atomic, resume-safe).
-
-    Rewriting rather than appending keeps the files equal to the checkpoint's history after
-    a resume, with no duplicated or lost epochs.
-    """
-    jsonl = atomic_write(out / "metrics.jsonl",
-                         lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in history)))
-    keys: list[str] = []
-    for row in history:
-        keys += [k for k in row if k not in keys]
-
-    def write_csv(tmp: Path) -> None:
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(history)
-        tmp.write_text(buf.getvalue())
-
-    return jsonl, atomic_write(out / "metrics.csv", write_csv)
 
 
 class _Joint(nn.Module):
@@ -164,64 +93,6 @@ class _Joint(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return self.dt.joint(x)   # folds each multi-branch kernel once for both forwards
-
-
-class _Accum:
-    """Running sums of one epoch's training metrics, kept on the device (no per-step sync)."""
-
-    KEYS = ("loss", "ce_teacher", "ce_student", "kd_teacher_static", "kd_student_static", "kd_student_dt")
-
-    def __init__(self, device: torch.device, saved: Mapping[str, float] | None = None) -> None:
-        self.sums = torch.zeros(len(self.KEYS) + 3, dtype=torch.float64, device=device)
-        if saved:
-            self.sums.copy_(torch.tensor([saved[k] for k in self.names()], dtype=torch.float64))
-
-    def names(self) -> list[str]:
-        return [*self.KEYS, "teacher_correct", "student_correct", "n"]
-
-    def add(self, loss: Tensor, parts: Mapping[str, Tensor], t: Tensor, s: Tensor, y: Tensor) -> None:
-        vals = [loss.detach(), *(parts[k] for k in self.KEYS[1:])]
-        n = y.numel()
-        row = torch.stack([v.double() * n for v in vals]
-                          + [(t.argmax(1) == y).sum().double(), (s.argmax(1) == y).sum().double(),
-                             torch.tensor(float(n), dtype=torch.float64, device=y.device)])
-        self.sums += row
-
-    def state(self) -> dict[str, float]:
-        return dict(zip(self.names(), self.sums.tolist()))
-
-    def summary(self) -> dict[str, float]:
-        st = self.state()
-        if tdist.is_available() and tdist.is_initialized():
-            total = self.sums.clone()
-            tdist.all_reduce(total)
-            st = dict(zip(self.names(), total.tolist()))
-        n = max(1.0, st["n"])
-        out = {f"train_{k}": st[k] / n for k in self.KEYS}
-        out["train_teacher_acc"] = st["teacher_correct"] / n
-        out["train_student_acc"] = st["student_correct"] / n
-        return out
-
-
-# ------------------------------------------------------------------------------ train
-
-
-def _expand(model: nn.Module, cfg: TrainConfig, example: Tensor) -> nn.Module:
-    import gpd_fx  # at call time: gpd_fx/__init__ may import this module
-
-    return gpd_fx.expand(model, ratio=cfg.ratio, example_inputs=(example,), noise=cfg.noise,
-                         seed=cfg.expand_seed, branches=cfg.expand_branches())
-
-
-def _fold(dt: nn.Module, fuse_bn: bool) -> tuple[nn.Module, nn.Module]:
-    """``(student, deployable)``: the user's class, and the BN-fused graph (or the same student)."""
-    import gpd_fx
-
-    if fuse_bn:
-        student, fused = gpd_fx.fold(dt, fuse_bn=True)
-        return student.eval(), fused.eval()
-    student = gpd_fx.fold(dt)
-    return student.eval(), student
 
 
 def train(model: nn.Module, cfg: TrainConfig, train_ds: Dataset, val_ds: Dataset,
@@ -537,109 +408,6 @@ def _train(model, cfg, train_ds, val_ds, static_teacher, callbacks, dist, n_trai
     return TrainResult(dt=dt, student=student, history=history, teacher_acc=final["teacher_acc"],
                        student_acc=final["student_acc"], folded_acc=final["folded_acc"], static_acc=static_acc,
                        paths=paths, onnx_max_abs_diff=onnx_diff, seconds=time.perf_counter() - t_start)
-
-
-def _num_classes(dt: nn.Module, example: Tensor) -> int:
-    """Number of logits, from the teacher's output on the example batch (eval mode, no grad)."""
-    was = dt.training
-    dt.eval()
-    with torch.no_grad():
-        k = int(dt(example).shape[-1])
-    dt.train(was)
-    return k
-
-
-def _maybe_export(student: nn.Module, example: Tensor, path: Path, printer: _Printer) -> tuple[float | None, Path | None]:
-    from gpd_fx.export import ExportError, export_onnx, onnx_available
-
-    if not onnx_available():
-        printer("ONNX export skipped: onnx/onnxscript/onnxruntime are not installed (pip install 'gpd_fx[onnx]')")
-        return None, None
-    try:
-        return export_onnx(student, example, path), path
-    except ExportError as err:
-        # the trained student is saved already; a failed export must not lose it
-        printer(f"ONNX export failed (student.pt and student.safetensors are saved): {err}")
-        return None, None
-
-
-# --------------------------------------------------------------------------- plain fit
-
-
-def fit_plain(model: nn.Module, cfg: TrainConfig, train_ds: Dataset, val_ds: Dataset, *,
-              teacher: nn.Module | None = None, kd: str = "kd", kd_weight: float = 1.0,
-              epochs: int | None = None, desc: str = "plain") -> tuple[nn.Module, list[dict[str, Any]]]:
-    """Train one model plainly with cross-entropy, optionally plus KD from a frozen teacher.
-
-    Used to pre-train a static teacher and as the baseline of ``benchmarks/accuracy.py``
-    (plain student; Hinton KD student). Same optimizer, schedule and data order as
-    :func:`train`; no checkpoints (runs are short), single process.
-
-    Args:
-        model: trained in place.
-        cfg: optimizer, schedule, batch size, seed, device, progress.
-        train_ds: training set.
-        val_ds: validation set.
-        teacher: frozen teacher for ``CE + kd_weight * KD(model, teacher)``.
-        kd: :data:`gpd_fx.losses.KD_LOSSES` name of the KD term.
-        kd_weight: its weight.
-        epochs: overrides ``cfg.epochs``.
-        desc: progress-bar label.
-
-    Returns:
-        ``(model, history)`` with ``val_acc`` per epoch in ``history``; the model in eval mode.
-    """
-    n = _check_dataset(train_ds, "training")
-    _check_dataset(val_ds, "validation")
-    # no process group here, but under torchrun each rank still takes its own GPU
-    device = _resolve_device(cfg.device, _env_dist())
-    epochs = cfg.epochs if epochs is None else epochs
-    _seed_everything(cfg.seed)
-    model = model.to(device).train()
-    if teacher is not None:
-        teacher = teacher.to(device).eval().requires_grad_(False)
-    kd_fn = get_kd_loss(kd)
-    sampler = _EpochSampler(n, cfg.seed)
-    drop_last = n >= cfg.batch_size
-    loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, drop_last=drop_last,
-                        num_workers=cfg.num_workers)
-    val_loader = DataLoader(val_ds, batch_size=max(256, cfg.batch_size), num_workers=cfg.num_workers)
-    steps = n // cfg.batch_size if drop_last else 1
-    if cfg.max_steps_per_epoch:
-        steps = min(steps, cfg.max_steps_per_epoch)
-    run_cfg = dataclasses.replace(cfg, epochs=epochs)
-    params = list(model.parameters())
-    opt = _build_optimizer(model, run_cfg)
-    sched = _build_scheduler(opt, run_cfg, steps)
-    history = []
-    for epoch in range(epochs):
-        sampler.set_epoch(epoch)
-        model.train()
-        for i, (x, y) in enumerate(_progress_bar(cfg.progress, iterable=loader, total=steps, leave=False,
-                                                 desc=f"{desc} {epoch + 1}/{epochs}")):
-            if i >= steps:
-                break
-            x, y = x.to(device), y.to(device)
-            logits = model(x)
-            loss = nn.functional.cross_entropy(logits, y)
-            if teacher is not None:
-                with torch.no_grad():
-                    t = teacher(x)
-                loss = loss + kd_weight * kd_fn(logits, t, y, run_cfg.loss)
-            if not torch.isfinite(loss):
-                raise TrainingDivergedError(f"{desc}: loss is {float(loss):.4g} at epoch {epoch + 1}, step {i + 1}; "
-                                            "try a lower --lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if run_cfg.grad_clip > 0:  # the same recipe as train()
-                if not torch.isfinite(nn.utils.clip_grad_norm_(params, run_cfg.grad_clip)):
-                    raise TrainingDivergedError(f"{desc}: gradient norm is not finite at epoch {epoch + 1}, "
-                                                f"step {i + 1}; try a lower --lr")
-            opt.step()
-            sched.step()
-        val = evaluate({"model": model}, val_loader, device)
-        history.append({"epoch": epoch + 1, "val_acc": val["model_acc"], "val_loss": val["model_loss"]})
-    return model.eval(), history
 
 
 # --------------------------------------------------------------------------------- run
