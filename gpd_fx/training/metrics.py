@@ -72,3 +72,13 @@ def _write_metrics(history: list[dict[str, Any]], out: Path) -> tuple[Path, Path
         tmp.write_text(buf.getvalue())
 
     return jsonl, atomic_write(out / "metrics.csv", write_csv)
+
+
+def _write_outputs(history: list[dict[str, Any]], out: Path, title: str) -> dict[str, Path]:
+    """``metrics.jsonl``, ``metrics.csv`` and the accuracy plot, all rewritten from the history."""
+    from gpd_fx.plot import plot_accuracy
+
+    paths: dict[str, Path] = {}
+    paths["metrics_jsonl"], paths["metrics_csv"] = _write_metrics(history, out)
+    paths["plot"] = plot_accuracy(history, out / "accuracy.png", title=title)
+    return paths
