@@ -4,7 +4,7 @@ Everything here is a pure function of logits (no modules, no state), so the trai
 that calls :func:`gpd_loss` can be traced by ``torch.compile`` as one graph: input checks
 only look at shapes and dtypes, never at tensor values.
 
-The GPD objective (design.md section 3), per batch, with an optional static teacher ``T``::
+The GPD objective (DESIGN.md §4), per batch, with an optional static teacher ``T``::
 
     L_DT = CE(DT, y) + [w_s * KD_s(DT, T)]
     L_S  = CE(S, y)  + [w_s * KD_s(S, T)] + lambda * KD_dt(S, DT.detach())
@@ -240,7 +240,7 @@ class GPDLossConfig:
 
     Attributes:
         dt_to_student: :data:`KD_LOSSES` name of the dynamic-teacher -> student term.
-        dt_to_student_weight: ``lambda`` in design.md section 3 (official default 3).
+        dt_to_student_weight: ``lambda`` in DESIGN.md §4 (official default 3).
         static_kd: :data:`KD_LOSSES` name of the static-teacher -> {DT, student} terms.
         static_kd_weight: weight of each static-teacher term.
         temperature: temperature of ``"kd"`` and ``"dkd"``.
@@ -356,7 +356,7 @@ def gpd_loss(
     cfg: GPDLossConfig | None = None,
     static_logits: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """The GPD objective for one batch (design.md section 3).
+    """The GPD objective for one batch (DESIGN.md §4).
 
     ::
 

@@ -1,69 +1,61 @@
 """GPD training end to end: expand -> train teacher and student jointly -> fold -> export.
 
-One optimisation step (design.md section 3)::
+One optimisation step (``DESIGN.md §4``)::
 
     t, s  = dt(x), dt.student(x)              # teacher and student forwards
     loss  = gpd_loss(t, s, y, cfg.loss, T(x))  # CE for both, KD T->both, KD DT->S
     loss.backward(); optimizer.step()          # one backward; parameters are the DT's only
 
-Everything a run needs to continue exactly is in its checkpoint (``OUT/checkpoint.pt``):
-the teacher (which holds the student's BN statistics), optimizer, scheduler, epoch and
-step, every rank's RNG states, the config and the metrics so far. It is written atomically
-after every epoch and on Ctrl-C, and never after a non-finite loss.
+This module is the stable import path (``from gpd_fx.trainer import train``); the code lives in
+:mod:`gpd_fx.training`, one module per responsibility:
 
-Multi-process training uses ``torchrun`` and DDP: when ``WORLD_SIZE > 1`` in the environment
-the process group is initialised from the ``env://`` variables (gloo on CPU, NCCL on CUDA),
-the data are sharded, and only rank 0 writes files and shows progress bars.
+=========================  =================================================================
+``config``                 :class:`TrainConfig`, its validation, the choices, the resume rules
+``errors``                 :class:`TrainConfigError`, :class:`TrainingDivergedError`,
+                           :class:`TrainingInterrupted`
+``results``                :class:`StepInfo` (what callbacks see), :class:`TrainResult`
+``entry``                  :func:`run` (``gpd-fx train``: specs -> data, models -> ``train``),
+                           :func:`fold_checkpoint` (``gpd-fx fold``)
+``loop``                   :func:`train`: epochs, one step, end of epoch, end of run
+``setup``                  the run's state and its set-up (device, teacher, loaders, optimiser,
+                           compiled step)
+``checkpointing``          what a checkpoint holds, the collective save, restore on resume
+``distributed``            ``torchrun`` process group, each rank's device, agreeing on a flag
+``rng``                    seeding, RNG state saved and restored
+``signals``                deferred Ctrl-C
+``samplers``               the seeded, resumable, sharded data order; data set checks
+``optim``                  optimiser (width-aware groups), learning-rate schedule
+``evaluate``               :func:`evaluate`
+``metrics``                an epoch's running sums; metrics files and plot
+``progress``               rank-0 messages, progress bars
+``expansion``              expand the student, fold it back, ONNX export
+``baseline``               :func:`fit_plain` (static-teacher pre-training, benchmark baselines)
+=========================  =================================================================
+
+The path of one step: :func:`~gpd_fx.training.loop.train` ->
+:func:`~gpd_fx.training.setup._set_up` -> :func:`~gpd_fx.training.loop._run_epochs` ->
+:func:`~gpd_fx.training.loop._train_epoch` -> :func:`~gpd_fx.training.loop._train_step`
+(the compiled forward-and-loss of :func:`~gpd_fx.training.setup._build_step`, then backward,
+clip, update) -> :func:`~gpd_fx.training.loop._end_epoch` (evaluate, checkpoint, metrics).
+
+Everything a run needs to continue exactly is in its checkpoint (``OUT/checkpoint.pt``), written
+atomically after every epoch and on Ctrl-C, and never after a non-finite loss. Multi-process
+training uses ``torchrun`` and DDP: when ``WORLD_SIZE > 1`` in the environment the process group
+is initialised from the ``env://`` variables, the data are sharded, and only rank 0 writes files
+and shows progress bars.
 """
 
 from __future__ import annotations
 
-import contextlib
-import csv
-import dataclasses
-import io
-import json
-import math
-import os
-import random
-import signal
-import sys
-import threading
-import time
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
-
-import numpy as np
-import torch
-import torch.distributed as tdist
-from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Sampler
-
-from gpd_fx.checkpoint import (CheckpointError, atomic_write, load_checkpoint, load_state_dict_checked,
-                               load_student, prepare_run_dir, restore_optimizer, save_checkpoint, save_student)
-from gpd_fx.compile import COMPILE_MODES, compile_step
-from gpd_fx.errors import GPDError
-from gpd_fx.losses import GPDLossConfig, gpd_loss, get_kd_loss
-from gpd_fx.models import DEFAULT_STUDENT, build_model, resolve_stored_spec
-from gpd_fx.param_groups import param_groups
-from gpd_fx.teacher import DynamicTeacher
-from gpd_fx.training.config import (_RESUME_FIXED, _STRUCTURAL, AMP_MODES, OPTIMIZERS, PARAM_GROUPS, SCHEDULES,
-                                    TrainConfig, _check_resume)
-from gpd_fx.training.distributed import _agree, _Dist, _env_dist, _init_distributed, _is_main_process, _resolve_device
-from gpd_fx.training.errors import _AbortNow, TrainConfigError, TrainingDivergedError, TrainingInterrupted
-from gpd_fx.training.optim import _build_optimizer, _build_scheduler, _lr_factor
-from gpd_fx.training.progress import _Printer, _progress_bar
-from gpd_fx.training.results import StepInfo, TrainResult
-from gpd_fx.training.rng import _rng_state, _seed_everything, _set_rng_state
-from gpd_fx.training.samplers import _check_dataset, _EpochSampler, _example_batch, _ShardSampler
-from gpd_fx.training.signals import _deferred_sigint
 from gpd_fx.training.baseline import fit_plain
+# the choices of TrainConfig's string fields, which the CLI offers
+from gpd_fx.training.config import AMP_MODES, OPTIMIZERS, PARAM_GROUPS, SCHEDULES, TrainConfig
+from gpd_fx.training.entry import fold_checkpoint, run
+from gpd_fx.training.errors import TrainConfigError, TrainingDivergedError, TrainingInterrupted
 from gpd_fx.training.evaluate import evaluate
-from gpd_fx.training.expansion import _expand, _fold, _maybe_export, _num_classes
-from gpd_fx.training.metrics import _Accum, _write_metrics
 from gpd_fx.training.loop import train
-from gpd_fx.training.setup import _Joint
+from gpd_fx.training.optim import _build_optimizer  # tests build the run's optimiser directly
+from gpd_fx.training.results import StepInfo, TrainResult
 
 __all__ = [
     "StepInfo",
@@ -78,124 +70,3 @@ __all__ = [
     "run",
     "train",
 ]
-
-# --------------------------------------------------------------------------------- run
-
-
-def _static_teacher(cfg: TrainConfig, num_classes: int, train_ds: Dataset, val_ds: Dataset) -> nn.Module | None:
-    """Build the static teacher: load its checkpoint, reuse ``OUT/static_teacher.pt``, or train it."""
-    if cfg.teacher is None:
-        return None
-    teacher = build_model(cfg.teacher, num_classes, cfg.image_size, cfg.in_chans)
-    if cfg.teacher_checkpoint:
-        load_state_dict_checked(teacher, load_student(cfg.teacher_checkpoint),
-                                f"teacher checkpoint {cfg.teacher_checkpoint!r}")
-        return teacher
-    cached = Path(cfg.out_dir) / "static_teacher.pt"
-    if cached.is_file():
-        load_state_dict_checked(teacher, load_student(cached), f"static teacher {str(cached)!r}")
-        return teacher
-    # Every rank trains the same teacher from the same seed on the full data: identical
-    # results without any communication, and this is a short, one-off phase.
-    epochs = cfg.teacher_epochs or cfg.epochs
-    _Printer(_is_main_process())(f"no --teacher-checkpoint: training static teacher {cfg.teacher} "
-                                 f"for {epochs} epochs first")
-    torch.manual_seed(cfg.seed)
-    teacher, hist = fit_plain(teacher, cfg, train_ds, val_ds, epochs=epochs, desc="static teacher")
-    if _is_main_process():
-        save_student(teacher.cpu(), cached, {"model_spec": cfg.teacher, "num_classes": num_classes,
-                                             "image_size": cfg.image_size, "in_chans": cfg.in_chans})
-    return teacher
-
-
-def run(cfg: TrainConfig, *, callbacks: Sequence[Callable[[StepInfo], None]] = ()) -> TrainResult:
-    """Build data, student and static teacher from ``cfg`` and :func:`train`; what ``gpd-fx train`` runs.
-
-    Args:
-        cfg: the configuration; ``cfg.model``, ``cfg.data`` and ``cfg.teacher`` are specs.
-        callbacks: passed to :func:`train`.
-
-    Returns:
-        The :class:`TrainResult`.
-
-    Example:
-        >>> res = run(TrainConfig(epochs=1, out_dir="/tmp/gpd"))  # doctest: +SKIP
-        >>> round(res.student_acc, 2)  # doctest: +SKIP
-        0.9
-    """
-    from gpd_fx.data import build_datasets
-
-    # before any work (data, static teacher): refuse a directory holding a run, check writability
-    prepare_run_dir(cfg.out_dir, resume=cfg.resume, overwrite=cfg.overwrite, main=_is_main_process())
-    train_ds, val_ds, num_classes = build_datasets(cfg.data, cfg.image_size, channels=cfg.in_chans,
-                                                   seed=cfg.seed, val_fraction=cfg.val_fraction)
-    _check_dataset(train_ds, "training")
-    _check_dataset(val_ds, "validation")
-    torch.manual_seed(cfg.seed)  # same initial student on every rank and every run
-    model = build_model(cfg.model, num_classes, cfg.image_size, cfg.in_chans)
-    static = _static_teacher(cfg, num_classes, train_ds, val_ds)
-    return train(model, cfg, train_ds, val_ds, static, callbacks=callbacks)
-
-
-# -------------------------------------------------------------------------------- fold
-
-
-def fold_checkpoint(path: str | os.PathLike, out: str | os.PathLike | None = None, *, fuse_bn: bool = False,
-                    export_onnx: bool = False, model: str | None = None) -> dict[str, Path]:
-    """Fold the student out of a training checkpoint; what ``gpd-fx fold`` runs.
-
-    Rebuilds the student from the checkpoint's model spec, re-runs :func:`gpd_fx.expand`
-    with the stored arguments, loads the teacher's state and folds.
-
-    Args:
-        path: a ``checkpoint.pt`` written by :func:`train`.
-        out: destination ``.pt`` (default ``student.pt`` beside the checkpoint); the
-            ``.safetensors`` and ``.onnx`` go beside it.
-        fuse_bn: export ONNX with BN fused into the preceding conv (the ``.pt`` stays the
-            unfused student of the user's class, so it loads into their code).
-        export_onnx: also export ONNX, verified with onnxruntime.
-        model: the student's model spec. Required when the checkpoint's spec is not on the
-            allow-list of :func:`gpd_fx.models.is_trusted_spec` (a file never chooses code to
-            import); when given it must equal the checkpoint's spec.
-
-    Returns:
-        ``{"student_pt", "student_safetensors"[, "onnx"]}`` paths.
-
-    Raises:
-        CheckpointError: corrupt checkpoint, no model spec, or a state that does not match.
-        UntrustedSpecError: the checkpoint names a model off the allow-list and ``model`` is
-            not given, or ``model`` differs from the checkpoint's spec.
-
-    Example:
-        >>> fold_checkpoint("runs/gpd/checkpoint.pt")["student_pt"]  # doctest: +SKIP
-        PosixPath('runs/gpd/student.pt')
-    """
-    ckpt = load_checkpoint(path)
-    cfg = TrainConfig.from_dict(ckpt["config"])
-    spec = resolve_stored_spec(ckpt.get("model_spec") or None, model,
-                               what=f"checkpoint {str(path)!r}", how="gpd-fx fold CHECKPOINT --model {spec}")
-    num_classes = ckpt.get("num_classes")
-    if not spec or not num_classes:
-        raise CheckpointError(f"checkpoint {str(path)!r} records no model spec (the student was passed to train() "
-                              "as a module); rebuild the model in Python, gpd_fx.expand it with the checkpoint's "
-                              "'expand_config' and call gpd_fx.fold")
-    image_size, in_chans = int(ckpt.get("image_size", cfg.image_size)), int(ckpt.get("in_chans", cfg.in_chans))
-    torch.manual_seed(cfg.seed)
-    model = build_model(spec, int(num_classes), image_size, in_chans)
-    # expand only needs shapes from the example; the weights come from the checkpoint
-    example = torch.randn(2, in_chans, image_size, image_size)
-    dt = _expand(model, cfg, example)
-    load_state_dict_checked(dt, ckpt["dt"], f"checkpoint {str(path)!r}")
-    student, deploy = _fold(dt.eval(), fuse_bn)
-    student, deploy = student.cpu(), deploy.cpu()
-    dest = Path(out) if out is not None else Path(path).parent / "student.pt"
-    meta = {"model_spec": spec, "num_classes": int(num_classes), "image_size": image_size, "in_chans": in_chans}
-    paths: dict[str, Path] = {}
-    paths["student_pt"], paths["student_safetensors"] = save_student(student, dest, meta)
-    if export_onnx:
-        from gpd_fx.export import export_onnx as _export
-
-        diff = _export(deploy, example, dest.with_suffix(".onnx"))
-        paths["onnx"] = dest.with_suffix(".onnx")
-        _Printer(True)(f"ONNX: onnxruntime vs torch max |diff| {diff:.2g}")
-    return paths
