@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import dataclasses
 import datetime
 import io
 import json
@@ -61,6 +60,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from gpd_fx.checkpoint import atomic_write
 from gpd_fx.data import digits_datasets
 from gpd_fx.losses import GPDLossConfig
 from gpd_fx.models import SmallCNN, small_cnn, wide_cnn
@@ -154,7 +154,7 @@ def method_names(args) -> list[str]:
                 names.append(f"gpd_r{r}_{br}" + ("" if pg == "gpd" else "_plaingroups"))
     if args.static:
         kinds = args.param_groups if args.all_combinations else [first]
-        names += [f"gpd_static_r2_ir" + ("" if pg == "gpd" else "_plaingroups") for pg in kinds]
+        names += ["gpd_static_r2_ir" + ("" if pg == "gpd" else "_plaingroups") for pg in kinds]
     return names
 
 
@@ -318,9 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + format_table(results))
     print(f"\ntotal {results['total_seconds']:.0f} s")
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.json.with_suffix(args.json.suffix + ".tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    os.replace(tmp, args.json)
+    atomic_write(args.json, lambda tmp: tmp.write_text(json.dumps(results, indent=2) + "\n"))
     print(f"wrote {args.json}")
     return 0
 

@@ -64,6 +64,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import gpd_fx
+from gpd_fx.checkpoint import atomic_write
 from gpd_fx.compile import COMPILE_MODES, compile_step
 from gpd_fx.losses import GPDLossConfig, gpd_loss
 
@@ -513,9 +514,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\ntotal {results['total_seconds']:.0f} s (timing {results['timing_seconds']:.0f} s); "
           f"load average {env['loadavg_start']} -> {env['loadavg_end']}; {env['threads']} thread(s)")
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.json.with_suffix(args.json.suffix + ".tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    os.replace(tmp, args.json)
+    atomic_write(args.json, lambda tmp: tmp.write_text(json.dumps(results, indent=2) + "\n"))
     print(f"wrote {args.json}")
     return 0
 

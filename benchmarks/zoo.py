@@ -1333,9 +1333,9 @@ def _timing(args) -> dict:
 
 
 def _atomic_write(path: Path, payload: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=1, default=str))
-    os.replace(tmp, path)
+    from gpd_fx.checkpoint import atomic_write  # gpd_fx is imported lazily throughout this file
+
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=1, default=str)))
 
 
 if __name__ == "__main__":

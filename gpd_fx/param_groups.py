@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -143,16 +142,13 @@ def width_factors(dt: nn.Module) -> dict[int, tuple[str, WidthFactor]]:
         if callable(getattr(mod, "effective_" + src.attr, None)):
             # a multi-branch layer: the student reads its folded kernel, a function of every
             # tensor of the layer. Its kernels share the layer's fan-in, hence its factor.
-            own = {id(q) for q in mod.parameters(recurse=False)}
+            # The kernel of the original branch is the one the student map reads at init.
+            orig = _original_kernel(mod)
             for q in mod.parameters(recurse=False):
                 if q.ndim >= 2:
-                    put(q, WidthFactor(m, s, "branch", False))
+                    put(q, WidthFactor(m, s, "mapped" if q is orig else "branch", False))
                 else:
                     put(q, WidthFactor(1, 1.0, "branch-scale", True))
-            # the kernel of the original branch is the one the student map reads at init
-            orig = _original_kernel(mod)
-            if orig is not None and id(orig) in own:
-                put(orig, WidthFactor(m, s, "mapped", False))
             continue
         t = getattr(mod, src.attr)
         if isinstance(t, nn.Parameter):
@@ -239,8 +235,3 @@ def param_groups(dt: nn.Module, lr: float, weight_decay: float = 0.0, *, update:
         g["tensors"].append(name)
     return list(groups.values())
 
-
-def describe(groups: list[Mapping[str, Any]]) -> str:
-    """One line per group: name, lr, weight decay and tensor count (for logs)."""
-    return "\n".join(f"{g['name']}: lr {g['lr']:.4g}, weight_decay {g['weight_decay']:.4g}, "
-                     f"{len(g['params'])} tensors" for g in groups)

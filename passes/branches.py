@@ -47,6 +47,7 @@ parameters without adding a new direction of the kernel.
 """
 from __future__ import annotations
 
+import abc
 import contextlib
 import functools
 import math
@@ -290,9 +291,10 @@ def shared_folds(root: nn.Module, sources=None):
             m.__dict__["_fold_memo"] = None
 
 
-class _Branched(nn.Module):
+class _Branched(nn.Module, metaclass=abc.ABCMeta):
     """Shared plumbing: scale vectors ``v_<kind>``, the online fold, the run/fold plan and the
-    student-side map."""
+    student-side map. :class:`BranchConvNd` and :class:`BranchLinear` supply the four abstract
+    methods (which tensors a fold reads, how they fold, one branch's kernel, the plan's costs)."""
 
     branches: tuple[str, ...]
     branch_mode: str | dict[str, str] = "auto"
@@ -306,9 +308,9 @@ class _Branched(nn.Module):
             self.register_parameter(f"v_{kind}", nn.Parameter(v))
 
     # -- the tensors a fold reads, by role ------------------------------------------------
+    @abc.abstractmethod
     def _roles(self) -> dict[str, tuple[str, str]]:
         """``{role: (attribute, part of the weight's map)}``; part is 'full', 'out' or 'inp'."""
-        raise NotImplementedError
 
     def _scales(self) -> dict[str, Tensor]:
         return {k: getattr(self, f"v_{k}") for k in self.branches}
@@ -316,12 +318,13 @@ class _Branched(nn.Module):
     def _own(self) -> dict[str, Tensor]:
         return {role: getattr(self, attr) for role, (attr, _) in self._roles().items()}
 
+    @abc.abstractmethod
     def _fold_kernel(self, kinds, t: dict[str, Tensor], v: dict[str, Tensor], ident) -> Tensor:
-        raise NotImplementedError
+        """``sum_b v_b * K_b`` over ``kinds`` from the role tensors ``t`` and scales ``v``."""
 
+    @abc.abstractmethod
     def branch_kernel(self, kind: str) -> Tensor:
         """The unscaled kernel ``K_b`` of one branch, shaped like the effective weight."""
-        raise NotImplementedError
 
     def effective_weight(self) -> Tensor:
         """``sum_b v_b[:, None, ...] * K_b``: the one kernel the layer applies (differentiable).
@@ -420,8 +423,10 @@ class _Branched(nn.Module):
         return dict(zip(roles, aliases))
 
     # -- planning ------------------------------------------------------------------------
+    @abc.abstractmethod
     def _costs(self, x: Tensor) -> tuple[dict[str, float], dict[str, float], float]:
-        raise NotImplementedError
+        """Modelled cost per branch of folding it and of running it for an input like ``x``,
+        and the cost of the one conv/linear call."""
 
     def plan(self, x: Tensor) -> tuple[str, ...]:
         """The branches run on the activations for an input like ``x`` (the others are folded).
