@@ -48,6 +48,10 @@ class ExpansionReport:
             "input_shapes", "layers": {layer: {"fold": [...], "run": [...]}}}``; which
             branches run on the activations is decided per input shape, so a training batch
             may differ (``layer.plan(x)``). ``None`` for an IR-only teacher.
+        frontend: the capture that ran: ``"fx"`` (``torch.fx`` symbolic tracing) or ``"export"``
+            (``torch.export``, ``DESIGN.md §6``).
+        frontend_notes: why the other front end was not used (``frontend="auto"`` fell back to
+            export: FX's error), and the ATen ops the export front end left as ATen calls.
     """
 
     ratio: int
@@ -69,6 +73,8 @@ class ExpansionReport:
     coupling_graph: Any = field(default=None, repr=False)
     teacher_cost_fn: Any = field(default=None, repr=False, compare=False)
     _teacher_cost: dict[str, Any] | None = field(default=None, repr=False, compare=False)
+    frontend: str = "fx"
+    frontend_notes: list[str] = field(default_factory=list)
 
     @property
     def teacher_cost(self) -> dict[str, Any] | None:
@@ -82,7 +88,8 @@ class ExpansionReport:
         return (f"ratio {self.ratio}: teacher {self.teacher_params:,} params vs student "
                 f"{self.student_params:,}; expanded FLOP share {self.expanded_flop_fraction:.3f}; "
                 f"{len(self.boundaries)} boundaries; {self.branch_layers} multi-branch layers; "
-                f"max rel. error {self.max_rel_error:.2e} ({self.probe_dtype}); {self.seconds:.2f} s")
+                f"max rel. error {self.max_rel_error:.2e} ({self.probe_dtype}); {self.seconds:.2f} s; "
+                f"front end {self.frontend}")
 
     def cost_summary(self) -> str:
         """One line: the CBR teacher's parameters and forward FLOPs against the IR teacher's, and
@@ -111,6 +118,8 @@ class ExpansionReport:
             lines.append(f"  boundary {n}: {why}")
         for n, why in self.fallbacks.items():
             lines.append(f"  FALLBACK {n}: {why}")
+        for note in self.frontend_notes:
+            lines.append(f"  front end: {note}")
         if self.size_guards:
             lines.append(f"  {len(self.size_guards)} size branches decided on the example inputs "
                          f"(guarded at run time): {', '.join(self.size_guards)}")
