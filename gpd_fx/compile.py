@@ -9,15 +9,21 @@ forward and a backward ATen graph) followed by our graph passes, with no code ge
   per-kernel launch overhead that dominates small-model steps -- again without Triton, for
   machines where Triton is missing or broken.
 
-Graph passes are plain functions ``GraphModule -> GraphModule`` in :data:`GRAPH_PASSES`; add
-yours with :func:`register_graph_pass`.
+No state is shared between compilations: each :class:`GpdBackend` holds its own graph passes
+(plain functions ``GraphModule -> GraphModule``: :data:`DEFAULT_GRAPH_PASSES`, then yours, given
+as ``passes=`` or added for a block with :func:`graph_passes`) and its own CUDA-graph counters
+(:class:`CudaGraphStats`, ``backend.stats``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
 import logging
 import warnings
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import fx
@@ -27,12 +33,13 @@ from gpd_fx.errors import GPDError
 __all__ = [
     "COMPILE_MODES",
     "COMPILE_MODE_HELP",
-    "CUDA_GRAPH_STATS",
-    "GRAPH_PASSES",
+    "DEFAULT_GRAPH_PASSES",
     "CompileError",
+    "CudaGraphStats",
+    "GpdBackend",
     "compile_step",
     "gpd_backend",
-    "register_graph_pass",
+    "graph_passes",
 ]
 
 log = logging.getLogger(__name__)
@@ -56,38 +63,55 @@ class CompileError(GPDError, ValueError):
 
 GraphPass = Callable[[fx.GraphModule], fx.GraphModule]
 
-CUDA_GRAPH_STATS = {"captured": 0, "replayed": 0, "fallbacks": 0}
-"""Counters of the ``gpd`` backend's CUDA-graph runner, for tests and benchmarks."""
 
-GRAPH_PASSES: list[GraphPass] = []
-"""Passes applied, in order, to every forward and backward graph the ``gpd`` backend compiles."""
+@dataclass
+class CudaGraphStats:
+    """Counters of one backend's CUDA-graph runners (``GpdBackend.stats``), for tests and benchmarks."""
 
-
-def register_graph_pass(fn: GraphPass) -> GraphPass:
-    """Decorator appending a pass to :data:`GRAPH_PASSES`.
-
-    Args:
-        fn: ``GraphModule -> GraphModule``; it may modify its argument and return it.
-
-    Returns:
-        ``fn`` unchanged.
-
-    Example:
-        >>> @register_graph_pass
-        ... def count_nodes(gm):
-        ...     print(len(gm.graph.nodes)); return gm
-        >>> GRAPH_PASSES.remove(count_nodes)
-    """
-    GRAPH_PASSES.append(fn)
-    return fn
+    captured: int = 0
+    replayed: int = 0
+    fallbacks: int = 0
 
 
-@register_graph_pass
 def _eliminate_dead_code(gm: fx.GraphModule) -> fx.GraphModule:
     """Drop nodes whose results nothing uses (AOTAutograd leaves a few after partitioning)."""
     if gm.graph.eliminate_dead_code():
         gm.recompile()
     return gm
+
+
+DEFAULT_GRAPH_PASSES: tuple[GraphPass, ...] = (_eliminate_dead_code,)
+"""Passes every :class:`GpdBackend` applies first, in order, to each forward and backward graph."""
+
+# Passes added by enclosing `graph_passes` blocks. A context variable, not a module list, so a
+# pass added for one block (or one thread) never leaks into backends built elsewhere.
+_EXTRA_PASSES: contextvars.ContextVar[tuple[GraphPass, ...]] = contextvars.ContextVar(
+    "gpd_fx_graph_passes", default=())
+
+
+@contextlib.contextmanager
+def graph_passes(*passes: GraphPass) -> Iterator[tuple[GraphPass, ...]]:
+    """Within the block, :class:`GpdBackend` objects built without ``passes=`` also run ``passes``.
+
+    Args:
+        *passes: ``GraphModule -> GraphModule`` functions; each may modify its argument and
+            return it. They run after :data:`DEFAULT_GRAPH_PASSES` and after the passes of
+            enclosing blocks.
+
+    Yields:
+        The passes a backend built in the block runs.
+
+    Example:
+        >>> def count_nodes(gm):
+        ...     print(len(gm.graph.nodes)); return gm
+        >>> with graph_passes(count_nodes):
+        ...     step = compile_step(lambda x: (x * 2).sum(), "gpd")
+    """
+    token = _EXTRA_PASSES.set(_EXTRA_PASSES.get() + tuple(passes))
+    try:
+        yield DEFAULT_GRAPH_PASSES + _EXTRA_PASSES.get()
+    finally:
+        _EXTRA_PASSES.reset(token)
 
 
 # ----------------------------------------------------------------------------- CUDA graphs
@@ -126,8 +150,10 @@ class _CUDAGraphRunner:
 
     _boxed_call = True  # AOTAutograd calls us with one list of arguments
 
-    def __init__(self, fn: Callable[[list], Any], warmup: int = 2, max_graphs: int = 8) -> None:
+    def __init__(self, fn: Callable[[list], Any], stats: CudaGraphStats, warmup: int = 2,
+                 max_graphs: int = 8) -> None:
         self.fn = fn
+        self.stats = stats
         self.warmup = warmup
         self.max_graphs = max_graphs
         self.pool = torch.cuda.graph_pool_handle()
@@ -160,10 +186,10 @@ class _CUDAGraphRunner:
         except Exception as err:  # e.g. an op that syncs with the host; eager is still right
             warnings.warn(f"gpd backend: CUDA graph capture failed, running this graph without it ({err})")
             self.failed.add(key)
-            CUDA_GRAPH_STATS["fallbacks"] += 1
+            self.stats.fallbacks += 1
             return self.fn(list(args))
         self.graphs[key] = entry
-        CUDA_GRAPH_STATS["captured"] += 1
+        self.stats.captured += 1
         return self._replay(entry, args)
 
     def _capture(self, args: list, stable: list[int | None]) -> tuple:
@@ -197,7 +223,7 @@ class _CUDAGraphRunner:
                 s.copy_(a)
         args.clear()  # boxed convention: free the inputs as early as eager would
         graph.replay()
-        CUDA_GRAPH_STATS["replayed"] += 1
+        self.stats.replayed += 1
         if isinstance(static_out, (list, tuple)):
             return type(static_out)(o.clone() if p else o for o, p in zip(static_out, private))
         return static_out.clone() if private[0] else static_out
@@ -206,48 +232,73 @@ class _CUDAGraphRunner:
 # ----------------------------------------------------------------------------- backend
 
 
-_CPU_NOTICE: list[bool] = []   # the CPU notice is logged once per process
+@functools.cache
+def _log_cpu_notice() -> None:
+    """Say once per process that the gpd backend on the CPU is no faster than eager."""
+    log.warning("gpd compile backend on the CPU: %s", COMPILE_MODE_HELP["gpd"])
 
 
-def _make_compiler(cuda_graphs: bool) -> Callable[[fx.GraphModule, list], Callable]:
-    from functorch.compile import make_boxed_func
+class GpdBackend:
+    """Our ``torch.compile`` backend: AOTAutograd + graph passes, no code generation.
 
-    def compiler(gm: fx.GraphModule, example_inputs: list) -> Callable:
-        for graph_pass in GRAPH_PASSES:
-            gm = graph_pass(gm)
-        fn = make_boxed_func(gm.forward)
-        on_cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
-        if cuda_graphs and on_cuda:
-            return _CUDAGraphRunner(fn)
-        if not on_cuda and not _CPU_NOTICE:
-            _CPU_NOTICE.append(True)
-            log.warning("gpd compile backend on the CPU: %s", COMPILE_MODE_HELP["gpd"])
-        return fn
-
-    return compiler
-
-
-def gpd_backend(cuda_graphs: bool = True) -> Callable:
-    """Our ``torch.compile`` backend: AOTAutograd + :data:`GRAPH_PASSES`, no code generation.
+    Each instance owns its passes and its CUDA-graph counters, so two compiled steps never
+    share state.
 
     Args:
         cuda_graphs: record and replay CUDA graphs for graphs whose inputs are on CUDA.
+        passes: the graph passes to run, in order; ``None`` (default) means
+            :data:`DEFAULT_GRAPH_PASSES` plus those of enclosing :func:`graph_passes` blocks.
+
+    Attributes:
+        passes: the passes this backend runs.
+        stats: its :class:`CudaGraphStats`.
+    """
+
+    def __init__(self, cuda_graphs: bool = True, passes: Sequence[GraphPass] | None = None) -> None:
+        from torch._dynamo.backends.common import aot_autograd
+
+        self.cuda_graphs = cuda_graphs
+        self.passes = tuple(passes) if passes is not None else DEFAULT_GRAPH_PASSES + _EXTRA_PASSES.get()
+        self.stats = CudaGraphStats()
+        self._aot = aot_autograd(fw_compiler=self._compile, bw_compiler=self._compile)
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: list, **kwargs: Any) -> Callable:
+        return self._aot(gm, example_inputs, **kwargs)
+
+    def _compile(self, gm: fx.GraphModule, example_inputs: list) -> Callable:
+        from functorch.compile import make_boxed_func
+
+        for graph_pass in self.passes:
+            gm = graph_pass(gm)
+        fn = make_boxed_func(gm.forward)
+        on_cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
+        if self.cuda_graphs and on_cuda:
+            return _CUDAGraphRunner(fn, self.stats)
+        if not on_cuda:
+            _log_cpu_notice()
+        return fn
+
+
+def gpd_backend(cuda_graphs: bool = True, passes: Sequence[GraphPass] | None = None) -> GpdBackend:
+    """A new :class:`GpdBackend`: AOTAutograd + graph passes, no code generation.
+
+    Args:
+        cuda_graphs: record and replay CUDA graphs for graphs whose inputs are on CUDA.
+        passes: graph passes (default: :data:`DEFAULT_GRAPH_PASSES` plus :func:`graph_passes`).
 
     Returns:
-        A backend for ``torch.compile(fn, backend=gpd_backend())``.
+        A backend for ``torch.compile(fn, backend=gpd_backend())``; its ``stats`` count CUDA graphs.
 
     Example:
         >>> f = torch.compile(lambda x: (x.sin() * 2).sum(), backend=gpd_backend())
         >>> float(f(torch.zeros(3)))
         0.0
     """
-    from torch._dynamo.backends.common import aot_autograd
-
-    compiler = _make_compiler(cuda_graphs)
-    return aot_autograd(fw_compiler=compiler, bw_compiler=compiler)
+    return GpdBackend(cuda_graphs, passes)
 
 
-def compile_step(fn: Callable, mode: str = "none", *, dynamic: bool | None = False) -> Callable:
+def compile_step(fn: Callable, mode: str = "none", *, dynamic: bool | None = False,
+                 backend: GpdBackend | None = None) -> Callable:
     """Compile a training-step function (forward + loss; its backward is compiled with it).
 
     Args:
@@ -258,6 +309,8 @@ def compile_step(fn: Callable, mode: str = "none", *, dynamic: bool | None = Fal
             speed, so prefer ``"inductor"`` there). See :data:`COMPILE_MODE_HELP`.
         dynamic: passed to ``torch.compile``. ``False`` (default) specialises on the batch
             size; the training loader drops its last partial batch so a step sees one shape.
+        backend: for ``"gpd"``, the :class:`GpdBackend` to use (e.g. to read its ``stats``);
+            default: a new :func:`gpd_backend`.
 
     Returns:
         The compiled callable (same signature as ``fn``).
@@ -276,4 +329,4 @@ def compile_step(fn: Callable, mode: str = "none", *, dynamic: bool | None = Fal
         return fn
     if mode == "inductor":
         return torch.compile(fn, backend="inductor", dynamic=dynamic)
-    return torch.compile(fn, backend=gpd_backend(), dynamic=dynamic)
+    return torch.compile(fn, backend=backend if backend is not None else gpd_backend(), dynamic=dynamic)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gpd_fx
-from gpd_fx.compile import CUDA_GRAPH_STATS, CompileError, compile_step
+from gpd_fx.compile import DEFAULT_GRAPH_PASSES, CompileError, compile_step, gpd_backend, graph_passes
 from gpd_fx.losses import gpd_loss
 
 
@@ -83,6 +83,29 @@ def test_gpd_backend_matches_eager_on_the_gpd_step():
     _assert_equal_to_eager(dt_a, dt_b, step(dt_a), compile_step(step(dt_b), "gpd"), [(x, y), (x.flip(0), y.flip(0))])
 
 
+def test_graph_passes_apply_to_backends_built_in_the_block_only():
+    """A pass added with graph_passes() runs on the graphs of a backend built inside the block,
+    after the defaults; backends built outside it, or with passes= given, do not run it."""
+    seen = []
+
+    def record(gm):
+        seen.append(len(gm.graph.nodes))
+        return gm
+
+    outside = gpd_backend()
+    with graph_passes(record) as active:
+        inside = gpd_backend()
+        explicit = gpd_backend(passes=DEFAULT_GRAPH_PASSES)
+    assert active == DEFAULT_GRAPH_PASSES + (record,) and inside.passes == active
+    assert outside.passes == DEFAULT_GRAPH_PASSES == explicit.passes == gpd_backend().passes
+    assert inside.stats is not outside.stats
+    x = torch.randn(3, requires_grad=True)
+    compile_step(lambda t: (t.sin() * 2).sum(), "gpd", backend=outside)(x).backward()
+    assert seen == []
+    compile_step(lambda t: (t.cos() * 2).sum(), "gpd", backend=inside)(x).backward()
+    assert len(seen) == 2   # the forward and the backward graph
+
+
 def test_compile_step_modes():
     """'none' returns the function itself; unknown modes are refused with the valid list."""
     fn = lambda x: x  # noqa: E731
@@ -123,8 +146,8 @@ def test_gpd_backend_cuda_graphs_match_eager():
     b = copy.deepcopy(a)
     opt_a = torch.optim.SGD(a.parameters(), lr=0.1)
     opt_b = torch.optim.SGD(b.parameters(), lr=0.1)
-    step_b = compile_step(lambda x, y: F.cross_entropy(b(x), y), "gpd")
-    before = dict(CUDA_GRAPH_STATS)
+    backend = gpd_backend()
+    step_b = compile_step(lambda x, y: F.cross_entropy(b(x), y), "gpd", backend=backend)
     g = torch.Generator(device="cuda").manual_seed(0)
     for _ in range(6):  # 2 warm-up calls, capture on the 3rd, replays after
         x = torch.randn(8, 3, 6, 6, device="cuda", generator=g)
@@ -139,6 +162,5 @@ def test_gpd_backend_cuda_graphs_match_eager():
         opt_b.step()
         opt_a.zero_grad()
         opt_b.zero_grad()
-    assert CUDA_GRAPH_STATS["captured"] > before["captured"]
-    assert CUDA_GRAPH_STATS["replayed"] > before["replayed"]
-    assert CUDA_GRAPH_STATS["fallbacks"] == before["fallbacks"]
+    assert backend.stats.captured > 0 and backend.stats.replayed > 0
+    assert backend.stats.fallbacks == 0
