@@ -8,15 +8,17 @@ import inspect
 import math
 import numbers
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from gpd_fx.errors import ExpandInputError
+from gpd_fx.errors import ExpandInputError, TraceError
 from gpd_fx.passes import rules as _rules  # noqa: F401  (registers the built-in rules)
 from gpd_fx.passes.registry import has_module_rule, has_user_module_rule, load_lazy_rules, make_registry
 from gpd_fx.passes.trace import MODE_ATTR, shape_guard, trace
+from gpd_fx.passes.export_front import ExportInfo, export_graph, restore_call_convention
 from gpd_fx.passes.share import own_tensors, share_with, tie_shared_parameters
 from gpd_fx.passes.widen import Builder, rng_untouched
 from gpd_fx.passes.widen_verify import TOL, verify_output
@@ -117,7 +119,8 @@ def expand(model: nn.Module, ratio: int = 2, example_inputs: Tensor | Sequence[A
            concrete_args: dict[str, Any] | None = None,
            extra_rules: dict[Any, Callable] | None = None,
            branches: Sequence[str] | dict[str, Sequence[str]] | None = (),
-           verify_dtype: torch.dtype | None = None, progress: bool = False) -> DynamicTeacher:
+           verify_dtype: torch.dtype | None = None, progress: bool = False,
+           frontend: str = "auto") -> DynamicTeacher:
     """Build the dynamic teacher of ``model``: ``ratio`` times wider, same function at init.
 
     Args:
@@ -148,6 +151,11 @@ def expand(model: nn.Module, ratio: int = 2, example_inputs: Tensor | Sequence[A
             1e-9 on a converted copy). ``None`` builds and checks in the model's own dtype, which
             is what keeps a 200M-parameter teacher within seconds and memory.
         progress: show a progress bar over the graph's nodes.
+        frontend: how the student is captured (``DESIGN.md §6``): ``"fx"`` (``torch.fx``
+            symbolic tracing, with ``leaf_modules``/``concrete_args``), ``"export"``
+            (``torch.export``, non-strict, batch dimension dynamic where the model allows: for
+            models FX cannot trace, such as Hugging Face transformers), or ``"auto"`` (the
+            default: FX, and export when FX cannot trace). ``dt.report.frontend`` says which ran.
 
     Returns:
         A :class:`~gpd_fx.DynamicTeacher`: ``dt(x)`` is the teacher, ``dt.student(x)`` the
@@ -156,7 +164,8 @@ def expand(model: nn.Module, ratio: int = 2, example_inputs: Tensor | Sequence[A
     Raises:
         ExpandInputError: ``model`` is not an ``nn.Module`` or is a teacher already, ``ratio`` or
             ``noise`` is out of range, or the model fails on ``example_inputs``.
-        TraceError: ``torch.fx`` cannot trace the model (the message names the line).
+        TraceError: the model cannot be captured: with ``frontend="auto"`` the message holds
+            both front ends' reasons (FX's failing line, export's error) and the fix.
         UnsupportedOpError: ``strict=True`` and an op (a custom ``autograd.Function`` included)
             has no rule.
 
@@ -180,12 +189,14 @@ def expand(model: nn.Module, ratio: int = 2, example_inputs: Tensor | Sequence[A
     if isinstance(ratio, bool) or not isinstance(ratio, int) or ratio < 1:
         raise ExpandInputError(f"ratio must be an integer >= 1, got {ratio!r}")
     _check_noise(noise)
+    if frontend not in FRONTENDS:
+        raise ExpandInputError(f"frontend must be one of {', '.join(map(repr, FRONTENDS))}, got {frontend!r}")
     inputs = _as_inputs(example_inputs)
     # Building runs the model and its random ops (dropout) under fixed seeds, which would set the
     # process-wide generators; the user's random stream continues as if expand had not run.
     with rng_untouched():
         dt = _expand(model, ratio, inputs, noise, seed, strict, leaf_modules, concrete_args, extra_rules,
-                     branches, verify_dtype, progress)
+                     branches, verify_dtype, progress, frontend)
     dt.report.seconds = time.perf_counter() - t0
     return dt
 
@@ -199,7 +210,7 @@ def _check_noise(noise) -> None:
 
 
 def _expand(model, ratio, inputs, noise, seed, strict, leaf_modules, concrete_args, extra_rules, branches,
-            verify_dtype, progress) -> DynamicTeacher:
+            verify_dtype, progress, frontend="auto") -> DynamicTeacher:
     concrete_args = _none_defaults(model, inputs, concrete_args)
     load_lazy_rules()
     orig_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
@@ -208,10 +219,15 @@ def _expand(model, ratio, inputs, noise, seed, strict, leaf_modules, concrete_ar
         probe_dtype = verify_dtype or orig_dtype
         tol = TOL.get(probe_dtype, 1e-3)
         extra = make_registry(extra_rules)
-        gm = _trace_student(work, model, leaf_modules, concrete_args, extra, probe)
+        gm, front = _capture(work, model, leaf_modules, concrete_args, extra, probe, frontend)
+        if front.export_info is not None:
+            tol, note = _graph_tolerance(tol, probe_dtype, front.export_info.float_dtypes)
+            front.notes += [note] if note else []
         builder = Builder(gm, ratio, noise=float(noise), seed=seed, strict=strict, tol=tol, extra_rules=extra)
         with torch.no_grad():
             result = builder.run(probe, progress=progress)
+        if front.export_info is not None:
+            restore_call_convention(result.graph_module, front.export_info)
         train_result = None
         if gm.meta.get("gpd_root_mode_dependent"):
             train_result = _build_train_graph(work, model, leaf_modules, concrete_args, ratio, noise, seed,
@@ -260,6 +276,8 @@ def _expand(model, ratio, inputs, noise, seed, strict, leaf_modules, concrete_ar
         coupling_graph=result.coupling,
         coupling_groups=_components(result.coupling),
         teacher_cost_fn=_cbr_cost(teacher, inputs) if n_branch else None,
+        frontend=front.name,
+        frontend_notes=front.notes,
     )
     config = dict(ratio=ratio, noise=noise, seed=seed, strict=strict,
                   branches=list(branches) if isinstance(branches, (list, tuple)) else branches)
@@ -333,6 +351,65 @@ def _trace_student(work, model, leaf_modules, concrete_args, extra, probe):
     leaves += [m for name, m in work.named_modules() if name and has_user_module_rule(m, extra)]
     return trace(work, leaf_modules=leaves or leaf_modules, concrete_args=concrete_args,
                  example_inputs=probe, has_rule=lambda m: has_module_rule(m, extra))
+
+
+FRONTENDS = ("auto", "fx", "export")
+
+
+@dataclass
+class _Capture:
+    name: str
+    notes: list[str]
+    export_info: ExportInfo | None = None
+
+
+def _capture(work, model, leaf_modules, concrete_args, extra, probe, frontend: str):
+    """The student graph from the chosen front end (``auto``: FX, else ``torch.export``)."""
+    fx_error = None
+    if frontend in ("fx", "auto"):
+        try:
+            return _trace_student(work, model, leaf_modules, concrete_args, extra, probe), _Capture("fx", [])
+        except TraceError as e:
+            if frontend == "fx":
+                raise
+            fx_error = e
+    try:
+        gm, info = export_graph(work, probe, has_rule=lambda m: has_module_rule(m, extra))
+    except TraceError as e:
+        if fx_error is None:
+            raise
+        raise TraceError(
+            f"neither front end can capture {type(model).__name__}.\n"
+            f"torch.fx: {fx_error}\n"
+            f"torch.export: {e}\n"
+            "Fix: make the failing code traceable by one of them (torch.export's message names the guard "
+            "or the unsupported construct; for FX pass the submodule that holds the failing line as a "
+            "leaf_modules entry and register a rule for it), or expand the traceable submodules one by "
+            "one.") from e
+    notes = []
+    if fx_error is not None:
+        notes.append(f"torch.export captured the model because {_first_line(fx_error)}")
+    if info.kept_aten:
+        notes.append("ATen ops without a rule, run at student width where their inputs are: "
+                     + ", ".join(f"{k} x{v}" for k, v in sorted(info.kept_aten.items())))
+    return gm, _Capture("export", notes, info)
+
+
+def _graph_tolerance(tol: float, probe_dtype, dtypes) -> tuple[float, str | None]:
+    """The verification tolerance of a graph that computes in a less precise dtype than the
+    probe (a float64 check of a model that casts to float32 inside, like Llama's RMSNorm):
+    a 1e-16 difference upstream of such a cast can flip the cast's last bit, so the outputs
+    agree only to that dtype's rounding."""
+    worst = max((TOL.get(d, tol) for d in dtypes or ()), default=tol)
+    if worst <= tol:
+        return tol, None
+    low = [str(d).replace("torch.", "") for d in dtypes if TOL.get(d, tol) > tol]
+    return worst, (f"the model computes in {', '.join(sorted(low))} inside a "
+                   f"{str(probe_dtype).replace('torch.', '')} probe: verified to {worst:g}")
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
 def _build_train_graph(work, model, leaf_modules, concrete_args, ratio, noise, seed, strict, tol,

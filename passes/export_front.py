@@ -1,0 +1,512 @@
+"""The ``torch.export`` front end: capture a student that ``torch.fx`` cannot trace.
+
+``torch.export`` (non-strict, batch dimension dynamic where the model allows) gives an ATen
+graph: one ``call_function`` per ATen op overload, parameters read by ``get_attr`` at the user's
+fully qualified names, and the module each op came from in ``node.meta["nn_module_stack"]``.
+This pass rewrites that graph into the vocabulary the rule registry already speaks, so that one
+rule per op kind serves both front ends (``DESIGN.md §6``):
+
+1. **In-place ops become out-of-place** (``add_`` -> ``add``), and every later reader of the
+   mutated tensor reads the result instead: the value each node sees is unchanged.
+2. **Module calls are lifted back.** The ops of one call of a leaf module that has a module rule
+   (``Conv2d``, ``Linear``, ``BatchNorm2d``, ``LayerNorm``, ``Embedding``, activations ...) and
+   that read one outside tensor and give one result become one ``call_module`` node of the
+   user's own module. The teacher then holds the same module kinds as with ``torch.fx`` (CBR
+   branches, fold and the parameter names follow), and the module's ``training`` flag is live.
+3. **The remaining ATen ops are called through their Python bindings.** ``aten.view.default``
+   becomes the method ``view``, ``aten.transpose.int`` becomes ``torch.transpose``: the bindings
+   are generated from the same schemas, so the arguments carry over unchanged. Ops whose
+   binding differs (``slice``, ``addmm``, ``sym_size``) have a rewrite of their own in
+   :data:`_REWRITES`. An op with neither stays an ATen call: it runs at student width
+   (a boundary when its input is widened, reported as such).
+4. **Mode flags stay live.** ``dropout``'s ``train`` argument and a functional ``batch_norm``'s
+   ``training`` argument, baked to ``False`` by exporting in eval mode, read the graph's mode
+   flag again (as ``torch.fx`` capture does).
+
+The graph keeps flat positional placeholders and a flat output; :func:`call_convention` returns
+the pytree information that :func:`restore_call_convention` puts back on the built teacher, so
+``dt(**kwargs)`` and ``ModelOutput`` results behave like the user's model.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from gpd_fx.errors import TraceError
+
+from .module_paths import get_path
+from .registry import RULES
+from .trace import MODE_ATTR
+from .widen_verify import TOL, close
+
+__all__ = ["export_graph", "restore_call_convention", "ExportInfo"]
+
+_aten = torch.ops.aten
+
+
+@dataclass
+class ExportInfo:
+    """What the export front end keeps beside the graph: the pytree calling convention and the
+    ATen ops it left as they were (for the report)."""
+
+    pytree_info: Any
+    kept_aten: dict[str, int]
+    lifted_modules: int
+    # floating dtypes the graph computes in: a float64 model whose code casts to float32
+    # (Llama's RMSNorm and rotary embedding) is only as exact as float32
+    float_dtypes: set = None
+
+
+def _dynamic_batch(inputs: tuple):
+    from torch.export import Dim
+
+    return tuple({0: Dim.AUTO} if isinstance(x, torch.Tensor) and x.dim() > 0 else None for x in inputs)
+
+
+def _export(model: nn.Module, inputs: tuple):
+    """``torch.export.export`` non-strict with a dynamic batch dimension; static shapes when the
+    model specialises the batch (then the teacher runs at the example's batch size only)."""
+    try:
+        return torch.export.export(model, inputs, strict=False, dynamic_shapes=_dynamic_batch(inputs))
+    except Exception:   # a constraint on the batch size: export it static (the error below if not)
+        return torch.export.export(model, inputs, strict=False)
+
+
+def export_graph(model: nn.Module, inputs: tuple, *, has_rule: Callable[[nn.Module], bool]
+                 ) -> tuple[fx.GraphModule, ExportInfo]:
+    """Capture ``model`` with ``torch.export`` and rewrite the graph for the rule registry.
+
+    Args:
+        model: the (working copy of the) student, in eval mode.
+        inputs: positional example inputs.
+        has_rule: True for a module instance that a module rule expands whole (it is lifted).
+
+    Returns:
+        The graph module (rooted on ``model``'s own submodules and tensors) and its
+        :class:`ExportInfo`.
+
+    Raises:
+        TraceError: ``torch.export`` cannot capture the model (its reason is in the message).
+    """
+    try:
+        ep = _export(model, inputs)
+    except Exception as e:
+        raise TraceError(f"torch.export could not capture {type(model).__name__}: "
+                         f"{type(e).__name__}: {_first_lines(e)}") from e
+    src = ep.module()
+    graph = copy.deepcopy(src.graph)
+    info_tree = graph._codegen.pytree_info if isinstance(graph._codegen, fx.graph._PyTreeCodeGen) else None
+    graph._codegen = fx.graph.CodeGen()
+    _drop_checks(graph)
+    _functionalize(graph)
+    lifted = _lift_modules(graph, model, has_rule)
+    rebound = _rebind(graph)
+    _flatten_output(graph, info_tree)
+    targets: dict[str, Any] = {}
+    for node in graph.nodes:
+        if node.op in ("call_module", "get_attr") and node.target != MODE_ATTR:
+            targets[node.target] = _resolve(model, src, node.target)
+    mode = nn.Module()
+    mode.training = model.training
+    targets[MODE_ATTR] = mode
+    gm = fx.GraphModule(targets, graph, type(model).__name__)
+    with torch.no_grad():
+        kept, dtypes = _check_rebinding(gm, inputs, rebound)
+    gm.graph.eliminate_dead_code()    # the ops of lifted calls and reverted rewrites nobody reads
+    gm.recompile()
+    gm.meta["gpd_leaf_instances"] = []
+    gm.meta["gpd_root_mode_dependent"] = False
+    gm.meta["gpd_frontend"] = "export"
+    return gm, ExportInfo(info_tree, kept, lifted, dtypes)
+
+
+def _first_lines(e: BaseException, n: int = 6) -> str:
+    lines = [ln for ln in str(e).splitlines() if ln.strip()]
+    return "\n".join(lines[:n])
+
+
+def _resolve(model: nn.Module, exported: nn.Module | None, target: str):
+    """The user's own object at ``target`` (constants that export lifted live in the export)."""
+    try:
+        return get_path(model, target)
+    except AttributeError:
+        if exported is None:
+            return None
+        return get_path(exported, target)
+
+
+# -- 1. checks and in-place ops -------------------------------------------------------------
+
+_CHECKS = {_aten._assert_tensor_metadata.default, _aten._assert_scalar.default,
+           _aten.sym_constrain_range_for_size.default}
+
+
+def _drop_checks(graph: fx.Graph) -> None:
+    """Remove export's own guards (``_guards_fn``, metadata asserts): the teacher has its own
+    shape guards, and the verification runs the captured graph."""
+    for node in list(graph.nodes):
+        if (node.op == "call_module" and node.target == "_guards_fn") or \
+                (node.op == "call_function" and node.target in _CHECKS):
+            node.replace_all_uses_with(None) if node.users else None
+            graph.erase_node(node)
+
+
+def _functionalize(graph: fx.Graph) -> None:
+    """``aten.X_.overload(a, ...)`` -> ``aten.X.overload(a, ...)``, later readers of ``a`` read the
+    result. Exact for tensors that no view aliases; an in-place op on a view of another live
+    tensor would change that tensor too, which this rewrite cannot express: it is refused."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for node in list(graph.nodes):
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+            continue
+        schema = node.target._schema
+        if not schema.arguments or schema.arguments[0].alias_info is None \
+                or not schema.arguments[0].alias_info.is_write:
+            continue
+        name = node.target.__name__.split(".")[0]
+        if not name.endswith("_"):
+            continue     # out= variants and copy_-like ops: kept, reported by _rebind
+        packet = getattr(_aten, name[:-1], None)
+        overload = node.target._overloadname
+        pure = getattr(packet, overload, None) if packet is not None else None
+        if pure is None:
+            continue
+        target = node.args[0]
+        if isinstance(target, fx.Node) and _is_view(target):
+            raise TraceError(f"the exported graph mutates a view in place at {node.format_node()}; "
+                             "the export front end cannot express it. Fix: use the out-of-place op in the "
+                             "model (e.g. x = x + y instead of x += y on a slice), or frontend='fx'")
+        node.target = pure
+        if isinstance(target, fx.Node):
+            for user in list(target.users):
+                if user is not node and order[user] > order[node]:
+                    user.replace_input_with(target, node)
+
+
+_VIEW_OPS = {"view", "reshape", "transpose", "permute", "select", "slice", "expand", "unsqueeze",
+             "squeeze", "t", "as_strided", "unflatten", "flatten", "narrow", "split", "chunk", "unbind",
+             "diagonal", "alias", "detach"}
+
+
+def _is_view(node: fx.Node) -> bool:
+    t = node.target
+    if node.op == "call_function" and isinstance(t, torch._ops.OpOverload):
+        return t.__name__.split(".")[0] in _VIEW_OPS
+    return node.op == "call_function" and t is operator.getitem
+
+
+# -- 2. module calls ------------------------------------------------------------------------
+
+def _innermost(node: fx.Node) -> str | None:
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    return list(stack.keys())[-1]
+
+
+def _lift_modules(graph: fx.Graph, model: nn.Module, has_rule: Callable[[nn.Module], bool]) -> int:
+    """Replace each call of a leaf module with a module rule by one ``call_module`` node."""
+    groups: dict[str, list[fx.Node]] = {}
+    for node in graph.nodes:
+        if node.op == "call_function":
+            key = _innermost(node)
+            if key is not None:
+                groups.setdefault(key, []).append(node)
+    lifted = 0
+    for key, nodes in groups.items():
+        path = nodes[0].meta["nn_module_stack"][key][0]
+        try:
+            module = model.get_submodule(path) if path else model
+        except AttributeError:
+            continue
+        if not path or any(True for _ in module.children()) or not has_rule(module):
+            continue
+        own = {id(t) for t in module.parameters(recurse=False)} | {id(t) for t in module.buffers(recurse=False)}
+        call = _single_call(nodes, lambda target: id(_resolve(model, None, target)) in own)
+        if call is None:
+            continue
+        x, out = call
+        with graph.inserting_before(nodes[0]):
+            new = graph.call_module(path, (x,))
+        new.meta = dict(out.meta)
+        out.replace_all_uses_with(new)
+        for n in reversed(nodes):
+            if not n.users:
+                graph.erase_node(n)
+        lifted += 1
+    return lifted
+
+
+def _single_call(nodes: list[fx.Node], owned: Callable[[str], bool]) -> tuple[fx.Node, fx.Node] | None:
+    """``(input, output)`` when ``nodes`` read exactly one tensor from outside besides the
+    module's own tensors (``get_attr`` targets for which ``owned`` holds: compared by identity,
+    since export names a tied parameter once, after any of its owners) and exactly one of them
+    is read outside."""
+    inside = set(nodes)
+    outside_inputs = []
+    for n in nodes:
+        for a in n.all_input_nodes:
+            if a in inside:
+                continue
+            if a.op == "get_attr" and owned(a.target):
+                continue
+            if a not in outside_inputs:
+                outside_inputs.append(a)
+    outs = [n for n in nodes if any(u not in inside for u in n.users)]
+    if len(outside_inputs) != 1 or len(outs) != 1:
+        return None
+    # the ops must be consecutive: a module call is one contiguous stretch of the graph
+    order = list(nodes[0].graph.nodes)
+    first, last = order.index(nodes[0]), order.index(nodes[-1])
+    if last - first + 1 != len(nodes):
+        return None
+    return outside_inputs[0], outs[0]
+
+
+# -- 3. ATen ops through their Python bindings ------------------------------------------------
+
+def _dim(node: fx.Node, dim) -> int:
+    """``dim`` made non-negative from the rank export recorded for the op's input."""
+    if not isinstance(dim, int):
+        raise _Keep
+    if dim >= 0:
+        return dim
+    val = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
+    if val is None or not hasattr(val, "dim"):
+        raise _Keep
+    return dim + val.dim()
+
+
+def _slice(graph: fx.Graph, node: fx.Node) -> None:
+    """``aten.slice.Tensor(x, dim, start, end, step)`` -> ``x[:, ..., start:end:step]``."""
+    x, dim, start, end, step = (list(node.args) + [0, None, None, 1][len(node.args) - 1:])[:5]
+    idx = (slice(None),) * _dim(node, dim) + (slice(start, end, step),)
+    node.target, node.args, node.kwargs = operator.getitem, (x, idx), {}
+
+
+def _select(graph: fx.Graph, node: fx.Node) -> None:
+    """``aten.select.int(x, dim, i)`` -> ``x[:, ..., i]``."""
+    x, dim, i = node.args
+    node.target, node.args, node.kwargs = operator.getitem, (x, (slice(None),) * _dim(node, dim) + (i,)), {}
+
+
+def _addmm(graph: fx.Graph, node: fx.Node) -> None:
+    """``addmm(b, x, W)`` -> ``x @ W + b`` (a linear layer with a stored (in, out) weight)."""
+    b, x, w = node.args[:3]
+    if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
+        raise _Keep
+    with graph.inserting_before(node):
+        mm = graph.call_function(torch.matmul, (x, w))
+        mm.meta = dict(node.meta)
+    node.target, node.args, node.kwargs = torch.add, (mm, b), {}
+
+
+def _to(graph: fx.Graph, node: fx.Node) -> None:
+    """``aten.to.dtype_layout(x, dtype=, layout=, device=, ...)`` -> ``x.to(device, dtype, ...)``
+    (the method has no ``layout`` argument: only the strided layout is rewritten)."""
+    k = dict(node.kwargs)
+    if k.pop("layout", torch.strided) not in (None, torch.strided) or k.pop("pin_memory", None):
+        raise _Keep
+    node.op, node.target, node.kwargs = "call_method", "to", k
+
+
+def _method(name: str):
+    def rewrite(graph: fx.Graph, node: fx.Node) -> None:
+        node.op, node.target = "call_method", name
+    return rewrite
+
+
+def _function(fn):
+    def rewrite(graph: fx.Graph, node: fx.Node) -> None:
+        node.target = fn
+    return rewrite
+
+
+class _Keep(Exception):
+    """The op stays an ATen call."""
+
+
+_REWRITES: dict[Any, Callable[[fx.Graph, fx.Node], None]] = {
+    _aten.slice.Tensor: _slice,
+    _aten.select.int: _select,
+    _aten.to.dtype_layout: _to,
+    _aten.addmm.default: _addmm,
+    _aten.sym_size.int: _method("size"),
+    _aten.mm.default: _function(torch.matmul),
+    _aten.contiguous.default: _method("contiguous"),
+}
+
+
+def _binding(op: torch._ops.OpOverload) -> tuple[str, Any] | None:
+    """``("call_method", name)`` or ``("call_function", fn)`` with a registered rule for ``op``."""
+    name = op.__name__.split(".")[0]
+    for ns in (torch, torch._C._nn, F):
+        fn = getattr(ns, name, None)
+        if fn is not None and fn in RULES.functions:
+            return "call_function", fn
+    if name in RULES.methods:
+        return "call_method", name
+    return None
+
+
+@dataclass
+class _Original:
+    op: str
+    target: Any
+    args: tuple
+    kwargs: dict
+
+
+def _rebind(graph: fx.Graph) -> dict[fx.Node, _Original]:
+    """Route every ATen op to the registered binding of the same op; returns the rebound nodes
+    with what they were (:func:`_check_rebinding` reverts any that does not compute the same)."""
+    rebound: dict[fx.Node, _Original] = {}
+    mode = None
+    for node in list(graph.nodes):
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+            continue
+        op = node.target
+        if op in (_aten.dropout.default, _aten.batch_norm.default):
+            mode = _live_mode(graph, node, mode)
+        original = _Original(node.op, op, node.args, dict(node.kwargs))
+        try:
+            if op in _REWRITES:
+                _REWRITES[op](graph, node)
+                rebound[node] = original
+                continue
+        except _Keep:
+            node.op, node.target, node.args, node.kwargs = original.op, op, original.args, original.kwargs
+            continue
+        found = _binding(op)
+        if found is not None:
+            node.op, node.target = found
+            rebound[node] = original
+    return rebound
+
+
+def _check_rebinding(gm: fx.GraphModule, inputs: tuple, rebound: dict[fx.Node, _Original]
+                     ) -> tuple[dict[str, int], set]:
+    """Run the graph once on the example inputs; each rebound node must give what its ATen op
+    gives on the same values (an overload whose binding differs, such as ``to.dtype_layout``,
+    goes back to the ATen call). Returns the ATen ops left as ATen calls, counted, and the
+    floating dtypes of the values computed."""
+    env: dict[fx.Node, Any] = {}
+    dtypes: set = set()
+    pending = list(inputs)
+    modules = dict(gm.named_modules())
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            env[node] = pending.pop(0) if pending else (node.args[0] if node.args else None)
+            continue
+        if node.op == "output":
+            break
+        if node.op == "get_attr":
+            env[node] = get_path(gm, node.target)
+            continue
+        was = rebound.get(node)
+        if was is None:
+            value = _run(node.op, node.target, node.args, node.kwargs, env, modules)
+        else:
+            ref = _run(was.op, was.target, was.args, was.kwargs, env, modules)
+            try:
+                value = _run(node.op, node.target, node.args, node.kwargs, env, modules)
+                same = _same(value, ref)
+            except Exception:   # the binding does not take this overload's arguments
+                same = False
+            if not same:
+                node.op, node.target, node.args, node.kwargs = was.op, was.target, was.args, was.kwargs
+                del rebound[node]
+                value = ref
+        env[node] = value
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            dtypes.add(value.dtype)
+    kept: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload) and node.users:
+            kept[str(node.target)] = kept.get(str(node.target), 0) + 1
+    return kept, dtypes
+
+
+def _run(op, target, args, kwargs, env, modules):
+    a = fx.node.map_arg(args, lambda n: env[n])
+    k = fx.node.map_arg(kwargs, lambda n: env[n])
+    if op == "call_function":
+        return target(*a, **k)
+    if op == "call_method":
+        return getattr(a[0], target)(*a[1:], **k)
+    return modules[target](*a, **k)
+
+
+def _same(value, ref) -> bool:
+    """Equal structure; tensors of equal shape and dtype that agree to the dtype's rounding (a
+    rewrite into two ops, ``addmm`` -> ``matmul`` + ``add``, rounds differently)."""
+    if isinstance(ref, torch.Tensor):
+        if not isinstance(value, torch.Tensor) or value.shape != ref.shape or value.dtype != ref.dtype:
+            return False
+        if not ref.is_floating_point():
+            return bool(torch.equal(value, ref))
+        return close(value, ref, TOL.get(ref.dtype, 1e-3))[0]
+    if isinstance(ref, (tuple, list)):
+        return isinstance(value, (tuple, list)) and len(value) == len(ref) and \
+            all(_same(v, r) for v, r in zip(value, ref))
+    return value == ref
+
+
+def _live_mode(graph: fx.Graph, node: fx.Node, mode: fx.Node | None) -> fx.Node:
+    """Make the baked ``training=False`` of a functional dropout / batch norm read the mode."""
+    pos = 2 if node.target is _aten.dropout.default else 5
+    if len(node.args) <= pos or node.args[pos] is not False:
+        return mode
+    if node.target is _aten.batch_norm.default and (node.args[3] is None or node.args[4] is None):
+        return mode      # no running statistics: batch statistics in both modes
+    if mode is None:
+        first = next(n for n in graph.nodes if n.op != "placeholder")
+        with graph.inserting_before(first):
+            root = graph.get_attr(MODE_ATTR)
+            mode = graph.call_function(getattr, (root, "training"))
+    args = list(node.args)
+    args[pos] = mode
+    node.args = tuple(args)
+    return mode
+
+
+# -- 4. the calling convention ----------------------------------------------------------------
+
+def _flatten_output(graph: fx.Graph, info) -> None:
+    """A single-tensor output is returned as itself (not as a 1-tuple)."""
+    out = next(n for n in graph.nodes if n.op == "output")
+    leaves = out.args[0]
+    if info is not None and info.out_spec is not None and info.out_spec.is_leaf() \
+            and isinstance(leaves, (tuple, list)) and len(leaves) == 1:
+        out.args = (leaves[0],)
+
+
+def restore_call_convention(gm: fx.GraphModule, info: ExportInfo) -> fx.GraphModule:
+    """Give the built teacher the student's calling convention (keyword arguments, nested or
+    ``ModelOutput`` results) from the exported program's pytree specs."""
+    tree = info.pytree_info
+    if tree is None or (tree.out_spec is not None and tree.out_spec.is_leaf()
+                        and _only_positional(tree)):
+        return gm
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    if tree.out_spec is not None and tree.out_spec.is_leaf():
+        out.args = ((out.args[0],),)
+    gm.graph._codegen = fx.graph._PyTreeCodeGen(tree)
+    gm.recompile()
+    return gm
+
+
+def _only_positional(tree) -> bool:
+    try:
+        args_spec, kwargs_spec = tree.in_spec.children_specs
+    except Exception:
+        return False
+    return kwargs_spec.num_leaves == 0 and all(c.is_leaf() for c in args_spec.children_specs)
