@@ -60,7 +60,7 @@ from torch import Tensor, nn
 
 from gpd_fx.errors import GPDError
 
-from .student_map import _stride_of, inp_part, map_tensor, out_part, share_map
+from .student_map import _GradPool, _stride_of, inp_part, map_tensor, out_part, share_map
 
 __all__ = [
     "BRANCH_KINDS_CONV",
@@ -389,8 +389,17 @@ class _Branched(nn.Module, metaclass=abc.ABCMeta):
         roles = self._roles()
         own = self._own()
         parts = [self._part(src, part) for _, part in roles.values()]
-        mapped = dict(zip(roles, (map_tensor(t, p) for t, p in zip(own.values(), parts))))
+        mapped = {role: map_tensor(t, p, self._grad_pool(role))
+                  for role, t, p in zip(roles, own.values(), parts)}
         return self._student_kernel(src, mapped)
+
+    def _grad_pool(self, role: str):
+        """The gradient-buffer pool of one role's map: roles share sources (1x1 and 1x1_avg
+        read the same map at the same shape), so each gets its own."""
+        pools = self.__dict__.setdefault("_grad_pools", {})
+        if role not in pools:
+            pools[role] = _GradPool()
+        return pools[role]
 
     def prepare_map(self, src) -> None:
         """Fill the per-source caches :meth:`mapped_weight` reads (strided forms of the partial
