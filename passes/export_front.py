@@ -6,8 +6,9 @@ fully qualified names, and the module each op came from in ``node.meta["nn_modul
 This pass rewrites that graph into the vocabulary the rule registry already speaks, so that one
 rule per op kind serves both front ends (``DESIGN.md §6``):
 
-1. **In-place ops become out-of-place** (``add_`` -> ``add``), and every later reader of the
-   mutated tensor reads the result instead: the value each node sees is unchanged.
+1. **In-place ops become out-of-place** (``add_`` -> ``add``): export already makes every later
+   reader read the op's result, so no node's value changes. A mutation seen through another
+   name (a view written in place) is refused.
 2. **Module calls are lifted back.** The ops of one call of a leaf module that has a module rule
    (``Conv2d``, ``Linear``, ``BatchNorm2d``, ``LayerNorm``, ``Embedding``, activations ...) and
    that read one outside tensor and give one result become one ``call_module`` node of the
@@ -160,8 +161,8 @@ def _drop_checks(graph: fx.Graph) -> None:
 
 
 def _functionalize(graph: fx.Graph) -> None:
-    """``aten.X_.overload(a, ...)`` -> ``aten.X.overload(a, ...)``, later readers of ``a`` read the
-    result. Exact for tensors that no view aliases; an in-place op on a view of another live
+    """``aten.X_.overload(a, ...)`` -> ``aten.X.overload(a, ...)``. Exact when nothing reads ``a``
+    after the op (export's graphs read the result); an in-place op on a view of another live
     tensor would change that tensor too, which this rewrite cannot express: it is refused."""
     order = {n: i for i, n in enumerate(graph.nodes)}
     for node in list(graph.nodes):
@@ -180,15 +181,15 @@ def _functionalize(graph: fx.Graph) -> None:
         if pure is None:
             continue
         target = node.args[0]
-        if isinstance(target, fx.Node) and _is_view(target):
+        # export already points later readers of the mutated tensor at the in-place op's result;
+        # what the rewrite cannot express is a mutation seen through another name: a view's
+        # base, or a reader of the old node after the mutation
+        if isinstance(target, fx.Node) and (_is_view(target) or any(
+                u is not node and order[u] > order[node] for u in target.users)):
             raise TraceError(f"the exported graph mutates a view in place at {node.format_node()}; "
                              "the export front end cannot express it. Fix: use the out-of-place op in the "
                              "model (e.g. x = x + y instead of x += y on a slice), or frontend='fx'")
         node.target = pure
-        if isinstance(target, fx.Node):
-            for user in list(target.users):
-                if user is not node and order[user] > order[node]:
-                    user.replace_input_with(target, node)
 
 
 _VIEW_OPS = {"view", "reshape", "transpose", "permute", "select", "slice", "expand", "unsqueeze",
@@ -506,7 +507,7 @@ def restore_call_convention(gm: fx.GraphModule, info: ExportInfo) -> fx.GraphMod
 
 def _only_positional(tree) -> bool:
     try:
-        args_spec, kwargs_spec = tree.in_spec.children_specs
-    except Exception:
+        args_spec, kwargs_spec = tree.in_spec.children()
+    except (AttributeError, ValueError):
         return False
-    return kwargs_spec.num_leaves == 0 and all(c.is_leaf() for c in args_spec.children_specs)
+    return kwargs_spec.num_leaves == 0 and all(c.is_leaf() for c in args_spec.children())
