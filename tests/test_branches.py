@@ -596,3 +596,23 @@ def test_joint_gradient_of_a_parameter_added_in_the_graph():
     (ref(x).sum() + 3 * ref.student(x).sum()).backward()
     for (n, p), q in zip(dt.named_parameters(), ref.parameters()):
         assert_close(p.grad, q.grad, atol=1e-12, rtol=0, msg=n)   # float64, same sums
+
+
+@pytest.mark.parametrize("shape", [(6, 4, 3, 3), (5, 7), (4, 2, 3)])
+def test_scale_rows_equals_broadcast_product(shape):
+    """``scale_rows`` (row-wise dot backward) equals ``w * v[:, None, ...]`` in value and in both
+    gradients (float64), and passes gradcheck."""
+    from gpd_fx.passes.branches import scale_rows
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(shape, dtype=torch.float64, generator=g, requires_grad=True)
+    v = torch.randn(shape[0], dtype=torch.float64, generator=g, requires_grad=True)
+    up = torch.randn(shape, dtype=torch.float64, generator=g)
+    got = scale_rows(w, v)
+    want = w * v.view((-1,) + (1,) * (w.dim() - 1))
+    assert_close(got, want, atol=0, rtol=0)
+    gw, gv = torch.autograd.grad((got * up).sum(), (w, v))
+    rw, rv = torch.autograd.grad((want * up).sum(), (w, v))
+    assert_close(gw, rw, atol=0, rtol=0)
+    assert_close(gv, rv, atol=1e-12, rtol=1e-12)
+    assert torch.autograd.gradcheck(scale_rows, (w, v))
