@@ -142,10 +142,16 @@ def sdpa(ctx, node):
         if isinstance(lay, Layout) and lay.dim != nd - 1:
             raise CannotExpand(f"{name} expanded on a dim other than the head dim")
     mask = arg(node, 3, "attn_mask")
-    if mask is not None and ctx.layout(mask) is not None:
-        raise CannotExpand("expanded attention mask")
     kwargs = dict(ctx.dt(node.kwargs))
     args = list(ctx.dt(node.args))
+    if isinstance(mask, fx.Node) and ctx.layout(mask) is not None:
+        # The rule keeps the head count and widens the head dim, so the mask (per head, query,
+        # key: never per channel) is the student's. It can arrive widened when it comes from a
+        # weight layer (T5's relative position bias is an Embedding with one column per head).
+        if len(node.args) > 3:
+            args[3] = ctx.narrow(mask)
+        else:
+            kwargs["attn_mask"] = ctx.narrow(mask)
     if lq is not None or lk is not None:
         ref = lq if lq is not None else lk
         qd = ctx.to_layout(q, ref)
