@@ -110,3 +110,26 @@ def test_forcing_fx_on_a_hf_model_says_why():
     build, make_input = CASES["bert"]
     with pytest.raises(gpd_fx.errors.TraceError, match="torch.fx could not trace BertModel"):
         gpd_fx.expand(build(transformers).eval(), 2, (make_input(),), frontend="fx")
+
+
+@pytest.mark.parametrize("name", ["bert_mask", "t5_encoder"])
+def test_attention_masks_and_position_bias_expand_without_boundaries(name):
+    """A padding mask (BERT) and T5's relative position bias (an Embedding with one column per
+    head, added as a float mask) reach attention; neither may cut it to student width."""
+    T = transformers
+    ids = _ids()
+    if name == "bert_mask":
+        model = CASES["bert"][0](T)
+        mask = torch.ones_like(ids)
+        mask[1, 10:] = 0
+        inputs = (ids, mask)
+    else:
+        model = T.T5EncoderModel(T.T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4))
+        inputs = (ids,)
+    model = model.to(F64).eval()
+    dt = gpd_fx.expand(model, 2, inputs)
+    assert dt.report.boundaries == [] and dt.report.fallbacks == {}
+    with torch.no_grad():
+        ref = _main(model(*inputs))
+        err = float((_main(dt(*inputs)) - ref).abs().max() / ref.abs().max())
+    assert err <= _tolerance(dt)
