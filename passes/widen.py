@@ -202,7 +202,8 @@ class Builder:
             if node.op == "placeholder":
                 val = inputs.pop(0) if inputs else _default_of(node)
                 self.svals[node] = val
-                dt = self.graph.placeholder(node.name, type_expr=node.type)
+                # the target, not the name: ``*args``/``**kwargs`` keep their stars in the signature
+                dt = self.graph.create_node("placeholder", node.target, name=node.name, type_expr=node.type)
                 dt.meta = dict(node.meta)
                 if len(node.args):
                     dt.args = node.args
@@ -428,6 +429,12 @@ def _pack_tuple(ctx, node):
 def _default_of(node: fx.Node):
     if node.args:
         return node.args[0]
+    # ``forward(self, x, *args, **kwargs)``: fx gives the catch-alls placeholders of their own,
+    # which the example inputs leave empty
+    if isinstance(node.target, str) and node.target.startswith("**"):
+        return {}
+    if isinstance(node.target, str) and node.target.startswith("*"):
+        return ()
     raise VerificationError(f"no example input for placeholder {node.name}")
 
 

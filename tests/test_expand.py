@@ -369,3 +369,24 @@ def test_user_rule_for_a_module_type_is_applied(how):
     assert calls == ["1"]
     with torch.no_grad():
         assert rel_err(dt(x), net(x)) < TOL
+
+
+def test_forward_with_var_args_and_kwargs_expands():
+    """fx gives ``*args``/``**kwargs`` placeholders of their own; the example inputs leave them
+    empty and the teacher keeps the catch-all signature."""
+
+    class CatchAll(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 6)
+            self.b = nn.Linear(6, 3)
+
+        def forward(self, x, *args, **kwargs):
+            return self.b(torch.relu(self.a(x)))
+
+    m = CatchAll().double()
+    x = torch.randn(2, 4, dtype=torch.float64)
+    dt = gpd_fx.expand(m, 2, (x,))
+    assert dt.report.frontend == "fx" and dt.report.expanded_flop_fraction == 1.0
+    with torch.no_grad():
+        assert float((dt(x) - m(x)).abs().max() / m(x).abs().max()) <= 1e-9
