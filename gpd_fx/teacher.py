@@ -49,7 +49,7 @@ class ExpansionReport:
             branches run on the activations is decided per input shape, so a training batch
             may differ (``layer.plan(x)``). ``None`` for an IR-only teacher.
         frontend: the capture that ran: ``"fx"`` (``torch.fx`` symbolic tracing) or ``"export"``
-            (``torch.export``, ``DESIGN.md §6``).
+            (``torch.export``; ``DESIGN.md §6``).
         frontend_notes: why the other front end was not used (``frontend="auto"`` fell back to
             export: FX's error), and the ATen ops the export front end left as ATen calls.
     """
@@ -173,6 +173,7 @@ class DynamicTeacher(nn.Module):
             mod = teacher.get_submodule(s.module) if s.module else teacher
             if isinstance(mod, _Branched) and s.attr == "weight":
                 mod.prepare_map(s)
+        _mark_student_cuts(teacher, template, sources)
         self.report = report
         self.expand_config = dict(expand_config)
         self.ratio = report.ratio
@@ -277,6 +278,44 @@ _FRESH_GRAD_MODULES = frozenset({
     nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear,
     nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm, nn.Embedding,
 })
+
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _mark_student_cuts(teacher: nn.Module, template: nn.Module, sources: list[ParamSource]) -> None:
+    """Allow each multi-branch conv to fold only the live taps of the student's kernel in
+    ``dt.joint`` (``_Branched._student_box``) where that is provably invisible: the teacher
+    graph calls the layer exactly once and reads none of its tensors directly, and the student
+    parameter it maps to is the weight of a plain zero-padded ``nn.ConvNd`` of the same geometry
+    (so the student applies that kernel once, to an input of the teacher layer's spatial size,
+    and nothing else reads it). Anything else keeps the full kernel."""
+    graph = getattr(teacher, "graph", None)
+    if graph is None:
+        return
+    calls: dict[str, int] = {}
+    read: set[str] = set()
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+        elif node.op == "get_attr":
+            read.add(node.target.rpartition(".")[0])
+    for s in sources:
+        if s.attr != "weight" or not s.module:
+            continue
+        mod = teacher.get_submodule(s.module)
+        if not isinstance(mod, _Branched):
+            continue
+        owner, _, attr = s.student_name.rpartition(".")
+        try:
+            conv = template.get_submodule(owner)
+        except AttributeError:
+            continue
+        mod.__dict__["_student_cut"] = (
+            calls.get(s.module, 0) == 1 and s.module not in read and attr == "weight"
+            and type(conv) in _CONVS and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple)
+            and tuple(conv.kernel_size) == tuple(mod.kernel_size) and tuple(conv.stride) == tuple(mod.stride)
+            and tuple(conv.dilation) == tuple(mod.dilation) and mod._pads_lr() == tuple((p, p) for p in conv.padding))
 
 
 def _holder(root: nn.Module, name: str) -> nn.Module:

@@ -355,8 +355,9 @@ class _Branched(nn.Module, metaclass=abc.ABCMeta):
         return {role: getattr(self, attr) for role, (attr, _) in self._roles().items()}
 
     @abc.abstractmethod
-    def _fold_kernel(self, kinds, t: dict[str, Tensor], v: dict[str, Tensor], ident) -> Tensor:
-        """``sum_b v_b * K_b`` over ``kinds`` from the role tensors ``t`` and scales ``v``."""
+    def _fold_kernel(self, kinds, t: dict[str, Tensor], v: dict[str, Tensor], ident, box=None) -> Tensor:
+        """``sum_b v_b * K_b`` over ``kinds`` from the role tensors ``t`` and scales ``v`` (only the
+        taps in ``box`` where the layer has a :meth:`_student_box`)."""
 
     @abc.abstractmethod
     def branch_kernel(self, kind: str) -> Tensor:
@@ -447,15 +448,20 @@ class _Branched(nn.Module, metaclass=abc.ABCMeta):
     def _part(self, src, part: str):
         return src if part == "full" else out_part(src) if part == "out" else inp_part(src)
 
-    def _student_kernel(self, src, mapped: dict[str, Tensor]) -> Tensor:
+    def _student_kernel(self, src, mapped: dict[str, Tensor], box=None) -> Tensor:
         vpart = out_part(src)
         v = {k: map_tensor(t, vpart) for k, t in self._scales().items()}
-        w = self._fold_kernel(self.branches, mapped, v, self._ident(src))
+        if box is None:
+            w = self._fold_kernel(self.branches, mapped, v, self._ident(src))
+        else:
+            w = self._unbox(self._fold_kernel(self.branches, mapped, v, self._ident(src), box=box), box)
         return w * src.scale if src.scale != 1.0 else w
 
-    def _inputs(self) -> dict[str, Tensor]:
+    def _inputs(self, x: Tensor | None = None) -> dict[str, Tensor]:
         """The branch tensors the teacher forward reads. In a joint forward they are aliases from
-        :func:`share_map`, and the student kernel is computed from their maps on the way."""
+        :func:`share_map`, and the student kernel is computed from their maps on the way; for an
+        input ``x`` on which some kernel taps read only zero padding, only the live taps are
+        folded (see :meth:`_student_box`)."""
         memo = self.__dict__.get("_fold_memo")
         src = memo.get("src") if memo is not None else None
         if src is None or not self._mappable(src):
@@ -464,8 +470,18 @@ class _Branched(nn.Module, metaclass=abc.ABCMeta):
         own = self._own()
         parts = [self._part(src, part) for _, part in roles.values()]
         aliases, mapped = share_map(list(own.values()), parts)
-        memo["student_w"] = self._student_kernel(src, dict(zip(roles, mapped)))
+        # a layer called twice in one forward may see two input sizes: full kernel then
+        box = None if "student_w" in memo else self._student_box(x)
+        memo["student_w"] = self._student_kernel(src, dict(zip(roles, mapped)), box)
         return dict(zip(roles, aliases))
+
+    def _student_box(self, x: Tensor | None):
+        """The box of kernel taps the student's own layer reads real input with at ``x``'s size,
+        or ``None`` (fold every tap). Only convolutions override this."""
+        return None
+
+    def _unbox(self, kern: Tensor, box) -> Tensor:
+        return kern
 
     # -- planning ------------------------------------------------------------------------
     @abc.abstractmethod
@@ -699,23 +715,64 @@ class BranchConvNd(_Branched):
         return dense
 
     def _compose(self, b: Tensor, a: Tensor) -> Tensor:
-        """``(B o A)[o, i, k] = sum_m B[o, m, k] A[m, i]`` per group: the 1x1 -> kxk kernel."""
-        g, out, ksize = self.groups, b.shape[0], math.prod(self.kernel_size)
+        """``(B o A)[o, i, k] = sum_m B[o, m, k] A[m, i]`` per group: the 1x1 -> kxk kernel (over
+        ``b``'s taps: the whole kernel, or a box of it)."""
+        taps = tuple(self.kernel_size) if isinstance(b, torch.fx.Proxy) else tuple(b.shape[2:])
+        g, out, ksize = self.groups, b.shape[0], math.prod(taps)
         a3 = a.reshape(g, a.shape[0] // g, a.shape[1])             # (g, mid/g, in/g)
         b4 = b.reshape(g, out // g, b.shape[1], ksize)            # (g, out/g, mid/g, k)
-        return torch.einsum("gomk,gmi->goik", b4, a3).reshape(out, a.shape[1], *self.kernel_size)
+        return torch.einsum("gomk,gmi->goik", b4, a3).reshape(out, a.shape[1], *taps)
 
-    def _fold_kernel(self, kinds, t: dict[str, Tensor], v: dict[str, Tensor], ident) -> Tensor:
+    def _student_box(self, x: Tensor | None):
+        """The taps of the student's conv that read real input for an input like ``x``, as one
+        ``slice`` per spatial dim, when that is a strict sub-box of the kernel; else ``None``.
+
+        The student's own layer (the user's conv, same geometry at student width) multiplies
+        every other tap by zero padding only, so those taps add exact zeros to its output and
+        receive exact zero gradient: folding them is wasted work (on 1x1 maps 8 of 9 taps of
+        a 3x3, where the student-width 1x1->kxk composition costs out*mid*in*9 per step). The
+        student then gets a kernel that is zero at those taps. Only where the student's layer
+        provably applies this kernel to inputs of this size and nothing else reads it
+        (``_student_cut``, set by the dynamic teacher from its graph), with zero padding.
+        """
+        if (x is None or not self.__dict__.get("_student_cut", False) or self.padding_mode != "zeros"
+                or isinstance(x, torch.fx.Proxy) or torch.compiler.is_compiling()):
+            return None
+        plan = _taps(tuple(x.shape[2:]), tuple(self.kernel_size), tuple(self.stride), self._pads_lr(),
+                     tuple(self.dilation))
+        if plan is None:
+            return None
+        return tuple(slice(a, b) for a, b in plan[0])
+
+    def _unbox(self, kern: Tensor, box) -> Tensor:
+        """The box-shaped kernel ``kern`` zero-padded back to the full kernel."""
+        pad = []
+        for sl, k in zip(reversed(box), reversed(self.kernel_size)):
+            pad += [sl.start, k - sl.stop]
+        return F.pad(kern, pad)
+
+    def _fold_kernel(self, kinds, t: dict[str, Tensor], v: dict[str, Tensor], ident, box=None) -> Tensor:
         """``sum_b v_b * K_b`` over ``kinds`` from branch tensors ``t`` (teacher or mapped).
 
         The 1x1 and identity branches are added to the centre tap and the average branch is
         broadcast over the window, in place on the kernel being built: no padded or expanded
         branch kernel is materialised. The 1x1->kxk scale goes on whichever factor is smaller.
+        With ``box`` (one slice per spatial dim) only those taps are built, box-shaped.
         """
         vs = self._v_shape
         w = t["kxk"]
         out, cin_g = w.shape[0], w.shape[1]
         ksize = math.prod(self.kernel_size)
+        taps = tuple(self.kernel_size)
+        centre = tuple(k // 2 for k in self.kernel_size)
+        if box is not None:
+            cut = (slice(None), slice(None), *box)
+            taps = tuple(sl.stop - sl.start for sl in box)
+            centre = tuple(c - sl.start if sl.start <= c < sl.stop else None for c, sl in zip(centre, box))
+            t = dict(t, kxk=w[cut], **({"b": t["b"][cut]} if "b" in t else {}))
+            if isinstance(ident, Tensor):
+                ident = ident[cut]
+            w = t["kxk"]
         kern = None
         if "kxk" in kinds:
             kern = scale_rows(w, v["kxk"])
@@ -731,7 +788,7 @@ class BranchConvNd(_Branched):
             kern = comp if kern is None else kern + comp
         if "1x1_avg" in kinds:
             avg = t["1x1_avg"] * (v["1x1_avg"] / ksize).view(vs)
-            kern = avg.expand(out, cin_g, *self.kernel_size).clone() if kern is None else kern + avg
+            kern = avg.expand(out, cin_g, *taps).clone() if kern is None else kern + avg
         tap = None
         if "1x1" in kinds:
             tap = t["1x1"].reshape(out, cin_g) * v["1x1"].view(-1, 1)
@@ -747,9 +804,9 @@ class BranchConvNd(_Branched):
                 tap = tap.index_put((rows, cols), vid[rows], accumulate=True)
         if tap is not None:
             if kern is None:
-                kern = tap.new_zeros(out, cin_g, *self.kernel_size)
-            centre = (slice(None), slice(None), *(k // 2 for k in self.kernel_size))
-            kern[centre].add_(tap)   # in place through a view: autograd records it (CopySlices)
+                kern = tap.new_zeros(out, cin_g, *taps)
+            if None not in centre:   # (a centre outside the box reads only padding)
+                kern[(slice(None), slice(None), *centre)].add_(tap)   # in place via a view (CopySlices)
         return kern
 
     def branch_kernel(self, kind: str) -> Tensor:
@@ -858,7 +915,7 @@ class BranchConvNd(_Branched):
 
     def forward(self, x: Tensor) -> Tensor:
         """The folded branches as one convolution, plus any branch run on the activations."""
-        t = self._inputs()
+        t = self._inputs(x)
         v = self._scales()
         run = self.plan(x)
         xp = self._padded(x) if self.padding_mode != "zeros" else None
@@ -987,7 +1044,7 @@ class BranchLinear(_Branched):
             return (torch.arange(dense.shape[0], device=dense.device), nz.float().argmax(1))
         return dense
 
-    def _fold_kernel(self, kinds, t: dict[str, Tensor], v: dict[str, Tensor], ident) -> Tensor:
+    def _fold_kernel(self, kinds, t: dict[str, Tensor], v: dict[str, Tensor], ident, box=None) -> Tensor:
         """``sum_b v_b * K_b`` over ``kinds``; identity entries added in place, the low-rank
         scale applied to the ``(out, rank)`` factor."""
         w = t["linear"]

@@ -616,3 +616,67 @@ def test_scale_rows_equals_broadcast_product(shape):
     assert_close(gw, rw, atol=0, rtol=0)
     assert_close(gv, rv, atol=1e-12, rtol=1e-12)
     assert torch.autograd.gradcheck(scale_rows, (w, v))
+
+
+class _SmallMaps(nn.Module):
+    """Convs on 2x2 and 1x1 maps (most 3x3 taps read only padding), one of them called twice,
+    one 5x5 with dilation whose centre tap is dead at stride 2, and a 'same'-padded one."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, stride=2, padding=1)      # 4x4 -> 2x2
+        self.c2 = nn.Conv2d(8, 8, 3, stride=2, padding=1)      # 2x2 -> 1x1: taps (1..2, 1..2)
+        self.c3 = nn.Conv2d(8, 8, 3, padding=1)                # 1x1: the centre only
+        self.c4 = nn.Conv2d(8, 8, 3, padding=1)                # called twice
+        self.c5 = nn.Conv2d(8, 8, 3, padding="same")
+        self.c6 = nn.Conv2d(8, 8, (1, 5), padding=(0, 4), dilation=(1, 2))
+        self.bn = nn.BatchNorm2d(8)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.c1(x)))
+        y = torch.relu(self.c2(x))
+        y = torch.relu(self.c3(y)) + y
+        y = self.c4(self.c4(y)) + self.c5(y)
+        y = self.c6(y)
+        return self.head(y.mean((2, 3)))
+
+
+@pytest.mark.parametrize("mode", ["fold", "auto"])
+def test_joint_student_kernel_of_live_taps_is_exact(mode, monkeypatch):
+    """In dt.joint the student kernel of a conv on a small map is folded over its live taps only
+    (zero elsewhere): outputs and every teacher gradient equal the separate dt(x), dt.student(x)
+    (full kernels) in float64; the cut is taken where allowed and never for the layer called twice."""
+    import copy
+
+    import gpd_fx
+    from gpd_fx.passes.branches import BranchConvNd
+
+    torch.manual_seed(0)
+    net = _SmallMaps().double()
+    dt = gpd_fx.expand(net, ratio=2, example_inputs=(torch.randn(2, 3, 4, 4, dtype=torch.float64),),
+                       branches={"mode": mode}).train()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in dt.named_parameters():
+            if ".v_" in n:
+                p.normal_(generator=g)
+    cut = {n: m.__dict__.get("_student_cut") for n, m in dt.teacher.named_modules() if isinstance(m, BranchConvNd)}
+    assert cut["c4"] is False and cut["c3"] is True and cut["c2"] is True, cut
+    boxes = []
+    orig = BranchConvNd._unbox
+    monkeypatch.setattr(BranchConvNd, "_unbox", lambda self, k, box: boxes.append(box) or orig(self, k, box))
+    ref = copy.deepcopy(dt)
+    x = torch.randn(4, 3, 4, 4, dtype=torch.float64)
+    t, s = dt.joint(x)
+    assert len(boxes) >= 2, boxes        # c2 and c3 (and c5) at least
+    t_ref, s_ref = ref(x), ref.student(x)
+    assert_close(t, t_ref, atol=1e-12, rtol=0)
+    assert_close(s, s_ref, atol=1e-12, rtol=0)
+    wt, ws = torch.randn_like(t), torch.randn_like(s)
+    ((t * wt).sum() + (s * ws).sum()).backward()
+    ((t_ref * wt).sum() + (s_ref * ws).sum()).backward()
+    for (n, p), q in zip(dt.named_parameters(), ref.parameters()):
+        assert (p.grad is None) == (q.grad is None), n
+        if p.grad is not None:
+            assert_close(p.grad, q.grad, atol=1e-11, rtol=1e-12, msg=n)
