@@ -182,10 +182,10 @@ def _functionalize(graph: fx.Graph) -> None:
             continue
         target = node.args[0]
         # export already points later readers of the mutated tensor at the in-place op's result;
-        # what the rewrite cannot express is a mutation seen through another name: a view's
-        # base, or a reader of the old node after the mutation
-        if isinstance(target, fx.Node) and (_is_view(target) or any(
-                u is not node and order[u] > order[node] for u in target.users)):
+        # what the rewrite cannot express is a mutation seen through another name: a later
+        # reader of any tensor that shares memory with the mutated one (its view base, other
+        # views of that base, or the old node itself)
+        if isinstance(target, fx.Node) and _read_after(_aliases(target), node, order):
             raise TraceError(f"the exported graph mutates a view in place at {node.format_node()}; "
                              "the export front end cannot express it. Fix: use the out-of-place op in the "
                              "model (e.g. x = x + y instead of x += y on a slice), or frontend='fx'")
@@ -195,6 +195,25 @@ def _functionalize(graph: fx.Graph) -> None:
 _VIEW_OPS = {"view", "reshape", "transpose", "permute", "select", "slice", "expand", "unsqueeze",
              "squeeze", "t", "as_strided", "unflatten", "flatten", "narrow", "split", "chunk", "unbind",
              "diagonal", "alias", "detach"}
+
+
+def _aliases(node: fx.Node) -> set[fx.Node]:
+    """``node``, the base it is a view of, and every view derived from that base."""
+    base = node
+    while _is_view(base) and isinstance(base.args[0], fx.Node):
+        base = base.args[0]
+    found, todo = {base}, [base]
+    while todo:
+        for user in todo.pop().users:
+            if _is_view(user) and user not in found and user.args and user.args[0] in found:
+                found.add(user)
+                todo.append(user)
+    return found
+
+
+def _read_after(aliases: set[fx.Node], node: fx.Node, order: dict[fx.Node, int]) -> bool:
+    return any(u is not node and order[u] > order[node] and u not in aliases
+               for a in aliases for u in a.users)
 
 
 def _is_view(node: fx.Node) -> bool:

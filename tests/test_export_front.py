@@ -98,6 +98,29 @@ def test_in_place_op_on_a_view_is_refused_with_the_fix():
         gpd_fx.expand(m, 2, (torch.randn(2, 4),), frontend="export")
 
 
+class _DropoutOnFlatten(nn.Module):
+    """torchvision's EfficientNet: ``flatten`` (a view) then an in-place dropout; nothing reads
+    the view's base afterwards, so the out-of-place rewrite is exact."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.drop = nn.Dropout(0.2, inplace=True)
+        self.fc = nn.Linear(4 * 4 * 4, 3)
+
+    def forward(self, x):
+        return self.fc(self.drop(torch.flatten(self.conv(x), 1)))
+
+
+def test_in_place_op_on_a_view_nobody_else_reads_is_captured():
+    m = _DropoutOnFlatten().to(F64).eval()
+    x = torch.randn(2, 3, 6, 6, dtype=F64)
+    dt = gpd_fx.expand(m, 2, (x,), frontend="export")
+    assert dt.report.expanded_flop_fraction == 1.0
+    with torch.no_grad():
+        assert _rel(dt(x), m(x)) <= TOL64
+
+
 def test_a_rebinding_that_computes_something_else_is_reverted(monkeypatch):
     """The check runs each rebound node against its ATen op: a wrong rewrite must not survive."""
     aten = torch.ops.aten
