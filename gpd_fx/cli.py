@@ -11,8 +11,6 @@ Multi-process: ``torchrun --nproc_per_node=N -m gpd_fx.cli train ...``.
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import inspect
 import os
 import shlex
 import sys
@@ -211,10 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fuse-bn", action="store_true", help="export ONNX with batch norm fused into the preceding "
                                                           "conv (the .pt stays your model class, unfused)")
     p.add_argument("--export-onnx", action="store_true", help="also export ONNX and check it with onnxruntime")
-    p = sub.add_parser("zoo", help="expansion coverage table over model zoos (benchmarks/zoo.py)",
-                       description="Runs benchmarks/zoo.py from the source checkout; arguments after 'zoo' "
-                                   "are passed to it (try: gpd-fx zoo --help).", add_help=False)
-    p.add_argument("zoo_args", nargs=argparse.REMAINDER, help="arguments for benchmarks/zoo.py")
+    p = sub.add_parser("zoo", help="expansion coverage table over model zoos (gpd_fx.testing.zoo)",
+                       description="Runs the zoo sweep (gpd_fx.testing.zoo, also python benchmarks/zoo.py); "
+                                   "arguments after 'zoo' are passed to it (try: gpd-fx zoo --help).",
+                       add_help=False)
+    p.add_argument("zoo_args", nargs=argparse.REMAINDER, help="arguments for the zoo sweep")
     return parser
 
 
@@ -355,38 +354,14 @@ def _cmd_fold(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------- zoo
 
 
-def _find_zoo() -> Path | None:
-    here = Path(__file__).resolve().parent.parent  # the source checkout of an editable install
-    for root in (here, Path.cwd()):
-        candidate = root / "benchmarks" / "zoo.py"
-        if candidate.is_file():
-            return candidate
-    return None
-
-
 def _cmd_zoo(args: argparse.Namespace) -> int:
-    path = _find_zoo()
-    if path is None:
-        print("gpd-fx: error: 'zoo' runs benchmarks/zoo.py, which ships with the source checkout, not the "
-              "installed package; run it from the repository root (python benchmarks/zoo.py)", file=sys.stderr)
-        return EXIT_ERROR
-    spec = importlib.util.spec_from_file_location("gpd_fx_benchmarks_zoo", path)
-    if spec is None or spec.loader is None:
-        print(f"gpd-fx: error: cannot load {path} as a Python module", file=sys.stderr)
-        return EXIT_ERROR
-    module = importlib.util.module_from_spec(spec)
-    # registered before running it: dataclasses (and pickling) look classes up in sys.modules
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    entry = getattr(module, "main", None)
-    if entry is None:
-        print(f"gpd-fx: error: {path} has no main() to run", file=sys.stderr)
-        return EXIT_ERROR
+    from gpd_fx.testing import zoo  # the sweep imports torchvision/timm machinery: only when asked
+
     zoo_args = list(args.zoo_args)
     # argparse names the program after sys.argv[0]; make its usage line say how it was run
     saved, sys.argv = sys.argv, ["gpd-fx zoo", *zoo_args]
     try:
-        status = entry(zoo_args) if inspect.signature(entry).parameters else entry()
+        status = zoo.main(zoo_args)
     finally:
         sys.argv = saved
     return int(status or 0)
@@ -417,7 +392,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     if argv and argv[0] == "zoo":
-        # everything after 'zoo' (its --help too) belongs to benchmarks/zoo.py; argparse's
+        # everything after 'zoo' (its --help too) belongs to the zoo sweep; argparse's
         # REMAINDER would refuse a leading option such as --models
         args = argparse.Namespace(command="zoo", zoo_args=argv[1:])
     else:

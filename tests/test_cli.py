@@ -31,7 +31,7 @@ def test_help_documents_every_option(command, capsys):
     sub = _subparsers(cli.build_parser())[command]
     for action in sub._actions:
         assert action.help and action.help != argparse.SUPPRESS, action.dest
-    if command == "zoo":  # its --help belongs to benchmarks/zoo.py; check the parser's own text
+    if command == "zoo":  # its --help belongs to the zoo sweep; check the parser's own text
         text = sub.format_help()
     else:
         with pytest.raises(SystemExit) as exc:
@@ -104,13 +104,20 @@ def test_train_fold_and_resume_end_to_end(tmp_path, capsys):
     assert [r["epoch"] for r in rows] == [1, 2]
 
 
-def test_zoo_delegates_or_explains(tmp_path, monkeypatch, capsys):
-    """`zoo` runs benchmarks/zoo.py's main with the remaining arguments, or says it is missing."""
-    monkeypatch.setattr(cli, "_find_zoo", lambda: None)
-    assert cli.main(["zoo"]) == cli.EXIT_ERROR
-    assert "benchmarks/zoo.py" in capsys.readouterr().err
-    fake = tmp_path / "zoo.py"
-    fake.write_text("def main(argv):\n    print('zoo got', argv)\n    return 0\n")
-    monkeypatch.setattr(cli, "_find_zoo", lambda: fake)
-    assert cli.main(["zoo", "--models", "resnet18"]) == 0
-    assert "zoo got ['--models', 'resnet18']" in capsys.readouterr().out
+def test_zoo_delegates_to_the_packaged_sweep(monkeypatch, capsys):
+    """`zoo` runs gpd_fx.testing.zoo's main (no script from the checkout) with the remaining
+    arguments, under the program name `gpd-fx zoo`, and returns its exit status."""
+    from gpd_fx.testing import zoo
+
+    def fake_main(argv):
+        print("zoo got", argv, "as", sys.argv[0])
+        return 3
+
+    with monkeypatch.context() as m:
+        m.setattr(zoo, "main", fake_main)
+        assert cli.main(["zoo", "--models", "resnet18"]) == 3
+    assert "zoo got ['--models', 'resnet18'] as gpd-fx zoo" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:   # the real one answers its own --help, from the package
+        cli.main(["zoo", "--help"])
+    assert exc.value.code == 0
+    assert "usage: gpd-fx zoo" in capsys.readouterr().out

@@ -1,6 +1,6 @@
 """Zoo exactness: torchvision and timm models expand to exact teachers in eval and train mode.
 
-Every case goes through the benchmark's own measurement (``benchmarks/zoo.py: measure``), so the
+Every case goes through the benchmark's own measurement (``gpd_fx.testing.measure``), so the
 test and the table agree on what "exact" means: float64 model and input, constant-initialised
 parameters randomised (torchvision's ViT head is all zeros, which would make any teacher
 "exact"), dropout p = 0 (masks over r*C and C channels cannot agree), ``torch.manual_seed``
@@ -20,12 +20,9 @@ The full-size models run in the ``slow`` cases and in ``python benchmarks/zoo.py
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -35,7 +32,11 @@ from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformerB
 from torchvision.models.video.mvit import MSBlockConfig, MViT
 from torchvision.models.video.swin_transformer import SwinTransformer3d
 
-TOL = 1e-9
+import gpd_fx.testing as zoo
+from gpd_fx.testing import measurement
+from gpd_fx.testing import zoo as sweep
+
+TOL = zoo.TOL[torch.float64]  # the project's one table; every case here runs in float64
 # Memory budget of one case in GiB, compared with the benchmark's own estimate (deterministic, from
 # parameter counts on the meta device), so that the suite's peak stays well under 8 GB; raise it
 # with GPD_FX_TEST_MAX_GIB on a bigger machine (vit_b_16 needs ~5.9, maxvit_t ~6.2 at r2 float64).
@@ -44,17 +45,6 @@ TOL = 1e-9
 MAX_GIB = float(os.environ.get("GPD_FX_TEST_MAX_GIB", "5"))
 
 
-def _load_zoo():
-    # benchmarks/ is a scripts folder, not an installed package: load the file by path.
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "zoo.py"
-    spec = importlib.util.spec_from_file_location("gpd_fx_zoo_benchmark", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up by name
-    spec.loader.exec_module(mod)
-    return mod
-
-
-zoo = _load_zoo()
 
 
 def _mini_vit():
@@ -182,7 +172,7 @@ TIMM_FAST = [
 def _run(name: str, ratio: int, branches: str, fold: bool = False):
     if name.startswith("timm:"):
         name = name[len("timm:"):]
-        spec = zoo.Spec("timm", name, {}, None, family=zoo._family(name))
+        spec = zoo.Spec("timm", name, {}, None, family=zoo.family(name))
         return zoo.measure(spec, ratio, dtype="float64", branches=branches, timm_fx=False, **BUDGET)
     if name in MINI:
         video = dict(task="video", frames=4) if name in MINI_VIDEO else {}
@@ -201,10 +191,10 @@ def _run_isolated(name: str, ratio: int, branches: str):
     after each case instead of piling up in the pytest process (measured: 5.3 GB max RSS for the
     slow cases in one process, which on top of the rest of the suite came to 7.3 GB)."""
     spec = {s.name: s for s in zoo.torchvision_specs()}[name]
-    args = zoo.build_parser().parse_args([
+    args = sweep.build_parser().parse_args([
         "--dtype", "float64", "--branches", branches, "--max-gib", str(MAX_GIB), "--mem-limit-gib", "0",
         "--threads", "1", "--timeout", "1800", "--no-free-memory-check"])
-    row = zoo.run_one(spec, ratio, args)
+    row = sweep.run_one(spec, ratio, args)
     if row.status in ("crashed", "timeout"):
         pytest.fail(f"{name} r{ratio} branches={branches}: worker {row.status}: {row.reason}")
     return row
@@ -311,7 +301,7 @@ def test_zoo_cli_writes_table_and_json(tmp_path, monkeypatch, capsys):
     to ./zoo_<source>.json by default (the current directory, never the source tree)."""
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "zoo_torchvision.json"
-    rc = zoo.main(["--models", "squeezenet1_1", "--ratio", "2", "--branches", "none", "--no-timing",
+    rc = sweep.main(["--models", "squeezenet1_1", "--ratio", "2", "--branches", "none", "--no-timing",
                    "--timeout", "600", "--no-free-memory-check"])
     assert rc == 0
     text = capsys.readouterr().out
@@ -325,7 +315,7 @@ def test_zoo_cli_writes_table_and_json(tmp_path, monkeypatch, capsys):
 
 def test_measure_never_consults_free_memory_when_told_not_to(monkeypatch):
     """Tests pass check_free_memory=False: a busy machine cannot turn a case into a skip or failure."""
-    monkeypatch.setattr(zoo, "mem_available_gib", lambda: 0.0)
+    monkeypatch.setattr(measurement, "mem_available_gib", lambda: 0.0)
     spec = zoo.Spec("torchvision", "mini_vit", image_size=32)
     row = zoo.measure(spec, 2, dtype="float64", branches="none", model=_mini_vit(), **BUDGET)
     assert row.status == "ok", row.reason
@@ -336,16 +326,42 @@ def test_measure_never_consults_free_memory_when_told_not_to(monkeypatch):
 def test_zoo_help_shows_defaults_and_no_developer_machine(tmp_path, monkeypatch, capsys):
     """Every option's help states its default; nothing about the machine it was written on; no source-tree output."""
     with pytest.raises(SystemExit):
-        zoo.parse_args(["--help"])
+        sweep.parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for action in zoo.build_parser()._actions:
+    for action in sweep.build_parser()._actions:
         if action.help not in (None, argparse.SUPPRESS) and action.dest != "help":
             assert "(default:" in action.help, action.option_strings
     assert "2 cores" not in text and "benchmarks/results" not in text
     assert "none = IR only" in text and "all = every kind that applies" in text
     monkeypatch.chdir(tmp_path)
-    args = zoo.parse_args(["--ratio", "2"])
+    args = sweep.parse_args(["--ratio", "2"])
     assert args.json is None  # resolved to ./zoo_<source>.json in main
     with pytest.raises(SystemExit) as exc:
-        zoo.parse_args(["--ratio", "0"])
+        sweep.parse_args(["--ratio", "0"])
     assert exc.value.code == 2
+
+
+def test_model_kind_is_what_the_forward_computes():
+    """Self-attention is recognised by what a forward computes (a softmax over the product of two
+    activations), whatever the classes are called; a softmax that gates channels is not attention."""
+
+    class Gate(torch.nn.Module):   # selective-kernel style: softmax over a layer's output, times x
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(8, 8, 1)
+
+        def forward(self, x):
+            return x * self.conv(x).softmax(dim=1)
+
+    class Mixer(torch.nn.Module):  # plain q @ k^T attention under a neutral name
+        def forward(self, x):
+            t = x.flatten(2).transpose(1, 2)
+            return (t @ t.transpose(1, 2) * 0.5).softmax(-1) @ t
+
+    with torch.device("meta"):
+        vit, cnn = _mini_vit(), torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), Gate())
+    assert zoo.model_kind(vit, [(2, 3, 32, 32)]) == ("transformer", "MultiheadAttention")
+    assert zoo.model_kind(cnn, [(2, 3, 8, 8)]) == ("cnn", "")
+    assert zoo.model_kind(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), Mixer()), [(2, 3, 4, 4)]) == \
+        ("transformer", "Mixer")
+    assert zoo.model_kind(torch.nn.Conv2d(3, 8, 1), [(2, 5, 4, 4)])[0] == ""   # the forward fails
