@@ -12,6 +12,25 @@ The GPD objective (DESIGN.md §4), per batch, with an optional static teacher ``
 
 ``KD_s`` and ``KD_dt`` are looked up by name in :data:`KD_LOSSES`; users add their own with
 :func:`register_kd_loss`.
+
+Which loss applies to which output (DESIGN.md §4.1):
+
+- **class logits** ``(N, K)`` with targets ``(N,)``: :func:`gpd_loss`, or one KD loss
+  (:func:`hinton_kd`, :func:`label_smoothed_soft_ce`, :func:`dkd`) on its own.
+- **dense logits** ``(N, K, *spatial)`` (segmentation ``(N, K, H, W)``, any trailing dims) with
+  targets ``(N, *spatial)``: the same :func:`gpd_loss`, with ``ignore_index`` for unlabelled
+  pixels. Every pixel is one row of the class-logit objective: the CE terms and every KD term
+  are averaged over the pixels that are not ignored. :func:`flatten_dense` exposes that
+  mapping for a KD loss used on its own.
+- **features** of the same layer in teacher and student (the teacher's ``r`` times wider on its
+  channel dim, interleaved layout): :func:`feature_kd`, an MSE between the student's feature and
+  the teacher's narrowed to student width by :func:`narrow_feature` (the mean over the ``r``
+  copies of each channel, as the student map and the boundaries narrow).
+
+Dense targets with ``ignore_index`` select the kept pixels by a boolean mask, so that part has a
+data-dependent shape: ``torch.compile`` breaks the graph there (``fullgraph=True`` needs
+``torch._dynamo.config.capture_dynamic_output_shape_ops = True``). Without ``ignore_index``
+dense logits are only reshaped and the objective stays one graph.
 """
 
 from __future__ import annotations
@@ -31,10 +50,13 @@ __all__ = [
     "KDLossFn",
     "LossInputError",
     "dkd",
+    "feature_kd",
+    "flatten_dense",
     "get_kd_loss",
     "gpd_loss",
     "hinton_kd",
     "label_smoothed_soft_ce",
+    "narrow_feature",
     "register_kd_loss",
 ]
 
@@ -66,6 +88,10 @@ def _check_targets(logits: Tensor, targets: Tensor) -> None:
             f"targets shape {tuple(targets.shape)} does not match logits shape "
             f"{tuple(logits.shape)}; expected class indices of shape ({logits.shape[0]},)"
         )
+    _check_target_dtype(targets)
+
+
+def _check_target_dtype(targets: Tensor) -> None:
     if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
         raise LossInputError(
             f"targets must hold integer class indices (torch.long), got dtype {targets.dtype}"
@@ -84,6 +110,92 @@ def _kl_rows(log_p: Tensor, log_q: Tensor) -> Tensor:
     underflows to 0 (an explicit ``p * (log p - log q)`` would give ``0 * -inf = nan``).
     """
     return F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(dim=-1)
+
+
+# ----------------------------------------------------------------------------- dense outputs
+
+
+def _check_dense_logits(student_logits: Tensor, other: Tensor, who: str) -> None:
+    """Logits ``(N, K)`` or ``(N, K, *spatial)``, identical shapes; name both shapes otherwise."""
+    if student_logits.dim() < 2:
+        raise LossInputError(
+            f"student_logits must be (batch, num_classes) or (batch, num_classes, *spatial), "
+            f"got shape {tuple(student_logits.shape)}"
+        )
+    if student_logits.shape != other.shape:
+        raise LossInputError(
+            f"student_logits shape {tuple(student_logits.shape)} does not match "
+            f"{who}_logits shape {tuple(other.shape)}; both must be (batch, num_classes) or "
+            "(batch, num_classes, *spatial) with the same sizes"
+        )
+
+
+def _check_dense_targets(logits: Tensor, targets: Tensor) -> None:
+    """Targets hold one integer class per row/pixel: shape ``(N, *spatial)`` of ``(N, K, *spatial)``."""
+    expected = (logits.shape[0], *logits.shape[2:])
+    if tuple(targets.shape) != expected:
+        raise LossInputError(
+            f"targets shape {tuple(targets.shape)} does not match logits shape "
+            f"{tuple(logits.shape)}; expected class indices of shape {expected} "
+            "(the logits' shape without the class dim 1)"
+        )
+    _check_target_dtype(targets)
+
+
+def _check_ignore_index(targets: Tensor, ignore_index: int | None) -> None:
+    """``ignore_index`` is ``None`` or a plain int that the targets' dtype can hold.
+
+    A value the dtype cannot hold (``-100`` with ``uint8`` masks) would silently ignore
+    nothing, so it is refused rather than compared.
+    """
+    if ignore_index is None:
+        return
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise LossInputError(
+            f"ignore_index must be an int (the label of unlabelled pixels, e.g. 255) or None, "
+            f"got {ignore_index!r} of type {type(ignore_index).__name__}"
+        )
+    info = torch.iinfo(targets.dtype)
+    if not info.min <= ignore_index <= info.max:
+        raise LossInputError(
+            f"ignore_index={ignore_index} cannot occur in targets of dtype {targets.dtype} "
+            f"(range [{info.min}, {info.max}]), so no pixel would be ignored; "
+            "use the label your masks use for unlabelled pixels"
+        )
+
+
+def flatten_dense(
+    targets: Tensor, *logits: Tensor, ignore_index: int | None = None
+) -> tuple[Tensor, ...]:
+    """Dense logits and targets as rows of class logits, one row per kept pixel.
+
+    ``(N, K, *spatial)`` logits become ``(M, K)`` with the class dim last, in the order of
+    ``targets.reshape(-1)``; ``(N, *spatial)`` targets become ``(M,)`` long. ``M`` counts the
+    pixels whose target is not ``ignore_index`` (all of them when it is ``None``). Every
+    class-logit loss in this module then applies per pixel, averaged over kept pixels. Shapes
+    are checked by the caller (:func:`gpd_loss`) or must already agree.
+
+    Args:
+        targets: ``(N, *spatial)`` integer classes.
+        *logits: any number of ``(N, K, *spatial)`` logits of the same shape.
+        ignore_index: label of pixels to drop, or ``None`` to keep every pixel.
+
+    Returns:
+        ``(targets_rows, *logit_rows)``.
+
+    Example:
+        >>> y = torch.tensor([[[0, 255], [1, 2]]])          # (1, 2, 2), one pixel unlabelled
+        >>> z = torch.randn(1, 3, 2, 2)
+        >>> rows_y, rows_z = flatten_dense(y, z, ignore_index=255)
+        >>> rows_y.tolist(), tuple(rows_z.shape)
+        ([0, 1, 2], (3, 3))
+    """
+    rows_targets = targets.reshape(-1).long()
+    rows = [z.movedim(1, -1).reshape(-1, z.shape[1]) for z in logits]
+    if ignore_index is None:
+        return (rows_targets, *rows)
+    keep = rows_targets != ignore_index
+    return (rows_targets[keep], *(z[keep] for z in rows))
 
 
 # ----------------------------------------------------------------------------- losses
@@ -355,8 +467,9 @@ def gpd_loss(
     targets: Tensor,
     cfg: GPDLossConfig | None = None,
     static_logits: Tensor | None = None,
+    ignore_index: int | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """The GPD objective for one batch (DESIGN.md §4).
+    """The GPD objective for one batch (DESIGN.md §4), for class or dense logits.
 
     ::
 
@@ -369,12 +482,20 @@ def gpd_loss(
     (detached here too, so a caller that forgot ``torch.no_grad`` still cannot train it).
     The bracketed terms are present only when ``static_logits`` is given.
 
+    Dense logits ``(N, K, *spatial)`` (segmentation) are the same objective per pixel: each
+    pixel is one row of class logits (:func:`flatten_dense`), pixels whose target is
+    ``ignore_index`` are dropped, and every term is the mean over the kept pixels. For
+    ``(N, K)`` logits without ``ignore_index`` nothing is reshaped. A batch whose pixels are
+    all ignored gives a zero loss (zero gradients) instead of ``F.cross_entropy``'s ``nan``.
+
     Args:
-        teacher_logits: ``(N, K)`` logits of the dynamic teacher.
-        student_logits: ``(N, K)`` logits of the student.
-        targets: ``(N,)`` integer ground-truth classes.
+        teacher_logits: ``(N, K)`` or ``(N, K, *spatial)`` logits of the dynamic teacher.
+        student_logits: logits of the student, same shape.
+        targets: ``(N,)`` or ``(N, *spatial)`` integer ground-truth classes.
         cfg: loss names, weights and hyper-parameters; defaults to ``GPDLossConfig()``.
-        static_logits: optional ``(N, K)`` logits of a static (pretrained) teacher.
+        static_logits: optional logits of a static (pretrained) teacher, same shape.
+        ignore_index: target value of unlabelled rows/pixels (255 for VOC-style masks), or
+            ``None`` (default) to use every one.
 
     Returns:
         ``(loss, parts)``: the scalar loss to backpropagate, and a dict of detached scalars
@@ -387,10 +508,48 @@ def gpd_loss(
         >>> loss, parts = gpd_loss(dt, s, y, GPDLossConfig())
         >>> sorted(parts)[:2]
         ['ce_student', 'ce_teacher']
+        >>> seg_dt, seg_s = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+        >>> mask = torch.randint(0, 3, (2, 8, 8)); mask[:, 0] = 255   # first row unlabelled
+        >>> bool(torch.isfinite(gpd_loss(seg_dt, seg_s, mask, ignore_index=255)[0]))
+        True
     """
     cfg = GPDLossConfig() if cfg is None else cfg
-    _check_logits(student_logits, teacher_logits, who="teacher")
-    _check_targets(student_logits, targets)
+    _check_dense_logits(student_logits, teacher_logits, who="teacher")
+    if static_logits is not None:
+        _check_dense_logits(student_logits, static_logits, who="static")
+    _check_dense_targets(student_logits, targets)
+    _check_ignore_index(targets, ignore_index)
+    if student_logits.dim() == 2 and ignore_index is None:
+        # the class-logit case: the original objective, untouched
+        return _gpd_rows(teacher_logits, student_logits, targets, cfg, static_logits)
+
+    logits = (teacher_logits, student_logits) + (() if static_logits is None else (static_logits,))
+    rows_targets, *rows = flatten_dense(targets, *logits, ignore_index=ignore_index)
+    if rows_targets.shape[0] == 0:
+        return _all_ignored(logits)
+    return _gpd_rows(rows[0], rows[1], rows_targets, cfg, rows[2] if len(rows) == 3 else None)
+
+
+def _all_ignored(logits: tuple[Tensor, ...]) -> tuple[Tensor, dict[str, Tensor]]:
+    """Zero loss for a batch with no labelled pixel, still connected to every input.
+
+    Connected so that ``loss.backward()`` works (and DDP sees every parameter used) while
+    every gradient is 0: the batch carries no supervision.
+    """
+    loss = sum(z.sum() * 0.0 for z in logits)
+    zero = loss.detach()
+    names = ("ce_teacher", "ce_student", "kd_teacher_static", "kd_student_static", "kd_student_dt", "total")
+    return loss, {name: zero for name in names}
+
+
+def _gpd_rows(
+    teacher_logits: Tensor,
+    student_logits: Tensor,
+    targets: Tensor,
+    cfg: GPDLossConfig,
+    static_logits: Tensor | None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """:func:`gpd_loss` on checked ``(N, K)`` rows and ``(N,)`` targets."""
     dt_kd = get_kd_loss(cfg.dt_to_student)
 
     ce_teacher = F.cross_entropy(teacher_logits, targets)
@@ -398,7 +557,6 @@ def gpd_loss(
     kd_student_dt = dt_kd(student_logits, teacher_logits.detach(), targets, cfg)
 
     if static_logits is not None:
-        _check_logits(student_logits, static_logits, who="static")
         static_kd = get_kd_loss(cfg.static_kd)
         static = static_logits.detach()
         kd_teacher_static = static_kd(teacher_logits, static, targets, cfg)
@@ -420,3 +578,111 @@ def gpd_loss(
         "total": loss.detach(),
     }
     return loss, parts
+
+
+# ----------------------------------------------------------------------------- features
+
+
+def _check_feature_pair(teacher_feat: Tensor, student_feat: Tensor, ratio: int, channel_dim: int) -> int:
+    """The teacher's feature is the student's with ``ratio`` times the channels; returns the dim >= 0."""
+    if isinstance(ratio, bool) or not isinstance(ratio, int) or ratio < 1:
+        raise LossInputError(f"ratio must be an int >= 1 (the expand ratio), got {ratio!r}")
+    t_shape, s_shape = tuple(teacher_feat.shape), tuple(student_feat.shape)
+    if teacher_feat.dim() != student_feat.dim():
+        raise LossInputError(
+            f"teacher feature shape {t_shape} and student feature shape {s_shape} differ in rank; "
+            "they must come from the same layer"
+        )
+    if not -student_feat.dim() <= channel_dim < student_feat.dim():
+        raise LossInputError(
+            f"channel_dim={channel_dim} is out of range for features of rank {student_feat.dim()} "
+            f"(student shape {s_shape})"
+        )
+    dim = channel_dim % student_feat.dim()
+    expected = s_shape[:dim] + (ratio * s_shape[dim],) + s_shape[dim + 1 :]
+    if t_shape != expected:
+        raise LossInputError(
+            f"teacher feature shape {t_shape} does not fit student feature shape {s_shape} at "
+            f"ratio {ratio}: expected {expected} (channel dim {dim} ratio times wider, every other "
+            "dim equal); pass the ratio given to expand and the feature's channel dim"
+        )
+    return dim
+
+
+def narrow_feature(teacher_feat: Tensor, ratio: int, channel_dim: int = 1) -> Tensor:
+    """A teacher feature at student width: the mean over the ``ratio`` copies of each channel.
+
+    In the interleaved layout (DESIGN.md §1) teacher channel ``i`` holds student channel
+    ``i // r``, so the copies of a channel are adjacent: ``(..., r*C, ...)`` is reshaped to
+    ``(..., C, r, ...)`` and averaged over the ``r`` axis. At initialisation the copies are
+    equal, so this returns the student's feature; it is the same narrowing the boundaries use.
+    Only for tensors in the interleaved layout (conv, linear and norm outputs, residual sums);
+    a tensor in another channel order (after ``flatten(1)`` of NCHW, a channel shuffle) is not.
+
+    Args:
+        teacher_feat: the teacher's feature, ``ratio * C`` channels on ``channel_dim``.
+        ratio: the expand ratio ``r``.
+        channel_dim: the channel dim (1 for NCHW / NC..., -1 for tokens ``(N, L, C)``).
+
+    Returns:
+        The narrowed feature, ``C`` channels on ``channel_dim``.
+
+    Example:
+        >>> s = torch.randn(2, 4, 5, 5)
+        >>> torch.equal(narrow_feature(s.repeat_interleave(2, dim=1), 2), s)
+        True
+    """
+    if isinstance(ratio, bool) or not isinstance(ratio, int) or ratio < 1:
+        raise LossInputError(f"ratio must be an int >= 1 (the expand ratio), got {ratio!r}")
+    if not -teacher_feat.dim() <= channel_dim < teacher_feat.dim():
+        raise LossInputError(
+            f"channel_dim={channel_dim} is out of range for a feature of shape {tuple(teacher_feat.shape)}"
+        )
+    dim = channel_dim % teacher_feat.dim()
+    width = teacher_feat.shape[dim]
+    if width % ratio:
+        raise LossInputError(
+            f"teacher feature shape {tuple(teacher_feat.shape)} has {width} channels on dim {dim}, "
+            f"not a multiple of ratio {ratio}"
+        )
+    shape = teacher_feat.shape[:dim] + (width // ratio, ratio) + teacher_feat.shape[dim + 1 :]
+    return teacher_feat.reshape(shape).mean(dim=dim + 1)
+
+
+def feature_kd(
+    teacher_feat: Tensor,
+    student_feat: Tensor,
+    ratio: int,
+    channel_dim: int = 1,
+    detach_teacher: bool = True,
+) -> Tensor:
+    """Feature distillation between one layer's teacher and student outputs (an MSE hint loss).
+
+    ``mean((student_feat - narrow_feature(teacher_feat))**2)`` over every element. MSE on the
+    raw features (a FitNets-style hint) is the choice because the narrowed teacher feature and
+    the student's are on the same scale by construction (equal at initialisation), so no
+    learned adapter or normalisation is needed; the loss is exactly 0 for an exact pair and
+    grows as the wide teacher's copies diverge from the student.
+
+    The teacher side is detached by default, as the DT is in :func:`gpd_loss`'s
+    DT -> student term: the teacher is not pulled towards the student.
+
+    Args:
+        teacher_feat: the dynamic teacher's feature, ``ratio`` times wider on ``channel_dim``
+            in the interleaved layout (e.g. a conv output inside the teacher).
+        student_feat: the student's feature of the same layer.
+        ratio: the expand ratio ``r``.
+        channel_dim: channel dim of both features (1 for NCHW, -1 for ``(N, L, C)`` tokens).
+        detach_teacher: stop gradients into the teacher's feature (default ``True``).
+
+    Returns:
+        Scalar tensor.
+
+    Example:
+        >>> s = torch.randn(2, 4, 5, 5)
+        >>> feature_kd(s.repeat_interleave(3, dim=1), s, ratio=3).item() < 1e-12
+        True
+    """
+    dim = _check_feature_pair(teacher_feat, student_feat, ratio, channel_dim)
+    teacher = teacher_feat.detach() if detach_teacher else teacher_feat
+    return F.mse_loss(student_feat, narrow_feature(teacher, ratio, dim))
