@@ -203,3 +203,47 @@ def test_export_failure_alone_names_export():
 
     with pytest.raises(TraceError, match=r"torch.export could not capture DataDependent"):
         gpd_fx.expand(DataDependent(), 2, (torch.randn(2, 4),), frontend="export")
+
+
+class _FlowWarp(nn.Module):
+    """RAFT's pattern in small: a conv predicts a 2-channel flow, the flow becomes a sampling
+    grid, features are resampled at it and upsampled."""
+
+    def __init__(self):
+        super().__init__()
+        self.feat = nn.Conv2d(3, 8, 3, padding=1)
+        self.flow = nn.Conv2d(8, 2, 3, padding=1)
+        self.out = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        f = torch.relu(self.feat(x))
+        grid = torch.tanh(self.flow(f)).permute(0, 2, 3, 1)
+        warped = F.grid_sample(f, grid, align_corners=False)
+        return F.interpolate(self.out(warped), scale_factor=2, mode="bilinear", align_corners=False)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_grid_sample_and_upsampling_widen_with_a_predicted_grid(frontend):
+    torch.manual_seed(0)
+    m = _FlowWarp().to(F64).eval()
+    x = torch.randn(2, 3, 8, 8, dtype=F64)
+    dt = gpd_fx.expand(m, 2, (x,), frontend=frontend)
+    assert dt.report.boundaries == [] and dt.report.fallbacks == {}
+    assert dt.report.expanded_flop_fraction == 1.0
+    with torch.no_grad():
+        assert _rel(dt(x), m(x)) <= TOL64
+
+
+def test_raft_is_captured_by_export_and_expands_exactly():
+    """torch.fx cannot trace RAFT; the export front end captures it whole. RAFT's sampling
+    coordinates are float32 whatever the model's dtype, so it is checked in float32."""
+    torch.manual_seed(0)
+    m = torchvision.models.optical_flow.raft_small(weights=None).eval()
+    a, b = torch.randn(1, 3, 128, 128), torch.randn(1, 3, 128, 128)
+    dt = gpd_fx.expand(m, 2, (a, b, 2))
+    r = dt.report
+    assert r.frontend == "export" and r.boundaries == [] and r.fallbacks == {}
+    assert r.expanded_flop_fraction >= 0.9
+    with torch.no_grad():
+        ref = m(a, b, 2)[-1]
+        assert _rel(dt(a, b, 2)[-1], ref) <= TOL[torch.float32]

@@ -191,7 +191,34 @@ _POOL_FUNCTIONS = [F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg
                    F.lp_pool1d, F.lp_pool2d, F.interpolate, F.upsample, F.upsample_nearest,
                    F.upsample_bilinear, torch.max_pool2d, torch.avg_pool1d, torch.adaptive_avg_pool1d,
                    F.max_pool2d_with_indices]
-register(*_POOL_MODULES, *_POOL_FUNCTIONS, transparent=True)(_trailing_dims_rule(_pool_dims))
+# the ATen resampling ops behind F.interpolate, by their Python bindings: what the torch.export
+# front end sees where torch.fx sees F.interpolate
+_UPSAMPLE_BINDINGS = [getattr(torch._C._nn, f"upsample_{kind}") for kind in (
+    "nearest1d", "nearest2d", "nearest3d", "linear1d", "bilinear2d", "bicubic2d", "trilinear3d")
+    if hasattr(torch._C._nn, f"upsample_{kind}")]
+register(*_POOL_MODULES, *_POOL_FUNCTIONS, *_UPSAMPLE_BINDINGS, transparent=True)(_trailing_dims_rule(_pool_dims))
+
+
+@register(F.grid_sample, torch.grid_sampler)
+def grid_sample(ctx, node):
+    """Sampling each channel at the same grid points: exact per channel when the input is
+    widened on a non-spatial dim. The grid (sample coordinates, last dim 2 or 3) is used at
+    the student's width: it arrives widened when a conv predicts it (RAFT's flow head), and
+    its student copy holds the exact coordinates."""
+    x = node.args[0] if node.args else node.kwargs["input"]
+    by_keyword = len(node.args) < 2
+    grid = node.kwargs["grid"] if by_keyword else node.args[1]
+    lay = ctx.layout(x)
+    if lay is None and ctx.layout(grid) is None:
+        return ctx.emit_same(), None
+    if lay is not None and lay.dim >= 2:
+        raise CannotExpand("grid_sample input widened on a spatial dim")
+    args, kwargs = list(ctx.dt(node.args)), dict(ctx.dt(node.kwargs))
+    if by_keyword:
+        kwargs["grid"] = ctx.narrow(grid)
+    else:
+        args[1] = ctx.narrow(grid)
+    return ctx.emit_same(tuple(args), kwargs), lay
 
 
 @register(nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d,
