@@ -27,10 +27,9 @@ Which loss applies to which output (DESIGN.md §4.1):
   the teacher's narrowed to student width by :func:`narrow_feature` (the mean over the ``r``
   copies of each channel, as the student map and the boundaries narrow).
 
-Dense targets with ``ignore_index`` select the kept pixels by a boolean mask, so that part has a
-data-dependent shape: ``torch.compile`` breaks the graph there (``fullgraph=True`` needs
-``torch._dynamo.config.capture_dynamic_output_shape_ops = True``). Without ``ignore_index``
-dense logits are only reshaped and the objective stays one graph.
+Dense targets with ``ignore_index`` select the kept pixels by a boolean mask (a row count that
+depends on the data); torch 2.14's ``torch.compile`` still captures the objective as one graph,
+and nothing here branches on that count.
 """
 
 from __future__ import annotations
@@ -525,21 +524,24 @@ def gpd_loss(
 
     logits = (teacher_logits, student_logits) + (() if static_logits is None else (static_logits,))
     rows_targets, *rows = flatten_dense(targets, *logits, ignore_index=ignore_index)
-    if rows_targets.shape[0] == 0:
-        return _all_ignored(logits)
-    return _gpd_rows(rows[0], rows[1], rows_targets, cfg, rows[2] if len(rows) == 3 else None)
+    loss, parts = _gpd_rows(rows[0], rows[1], rows_targets, cfg, rows[2] if len(rows) == 3 else None)
+    if ignore_index is None:
+        return loss, parts
+    return _zero_when_unlabelled((targets != ignore_index).any(), loss, parts)
 
 
-def _all_ignored(logits: tuple[Tensor, ...]) -> tuple[Tensor, dict[str, Tensor]]:
-    """Zero loss for a batch with no labelled pixel, still connected to every input.
+def _zero_when_unlabelled(
+    labelled: Tensor, loss: Tensor, parts: dict[str, Tensor]
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """0 instead of ``nan`` for a batch whose pixels are all ignored.
 
-    Connected so that ``loss.backward()`` works (and DDP sees every parameter used) while
-    every gradient is 0: the batch carries no supervision.
+    Then the rows are empty and every mean is ``nan``. A ``where`` on a tensor flag, not a
+    Python branch on the row count, so a compiled step has no data-dependent guard. The
+    loss stays connected to every input (``backward`` works, DDP sees every parameter used)
+    and the gradients are exactly 0: the logits reach it only through the empty rows.
     """
-    loss = sum(z.sum() * 0.0 for z in logits)
-    zero = loss.detach()
-    names = ("ce_teacher", "ce_student", "kd_teacher_static", "kd_student_static", "kd_student_dt", "total")
-    return loss, {name: zero for name in names}
+    zero = loss.new_zeros(())
+    return torch.where(labelled, loss, zero), {k: torch.where(labelled, v, zero) for k, v in parts.items()}
 
 
 def _gpd_rows(

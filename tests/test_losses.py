@@ -460,12 +460,21 @@ def test_flatten_dense_order_and_mask():
     torch.testing.assert_close(rz[3], z[1, :, 1, 0])
 
 
-def test_dense_gpd_loss_compiles_without_graph_breaks():
-    """Dense logits without ignore_index are only reshaped: still one graph."""
+@pytest.mark.parametrize("ignore", ["none", "some", "all"])
+def test_dense_gpd_loss_compiles_without_graph_breaks(ignore):
+    """The dense objective is one graph, with ignore_index too (no branch on the row count),
+    and the compiled all-ignored batch is the same zero as in eager."""
     torch._dynamo.reset()
     t, s, st, y = (v.float() if v.is_floating_point() else v for v in _dense(ignore_share=0.0))
+    if ignore != "none":
+        y[..., 0] = IGNORE
+    if ignore == "all":
+        y[:] = IGNORE
+    ignore_index = None if ignore == "none" else IGNORE
     compiled = torch.compile(gpd_loss, fullgraph=True, backend="eager")
-    torch.testing.assert_close(compiled(t, s, y, GPDLossConfig(), st)[0], gpd_loss(t, s, y, GPDLossConfig(), st)[0])
+    out, ref = compiled(t, s, y, GPDLossConfig(), st, ignore_index), gpd_loss(t, s, y, GPDLossConfig(), st, ignore_index)
+    torch.testing.assert_close(out[0], ref[0])
+    assert torch.isfinite(out[0])
 
 
 # ------------------------------------------------------------------------- feature KD
