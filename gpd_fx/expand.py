@@ -120,7 +120,7 @@ def expand(model: nn.Module, ratio: int = 2, example_inputs: Tensor | Sequence[A
            extra_rules: dict[Any, Callable] | None = None,
            branches: Sequence[str] | dict[str, Sequence[str]] | None = (),
            verify_dtype: torch.dtype | None = None, progress: bool = False,
-           frontend: str = "auto") -> DynamicTeacher:
+           frontend: str = "auto", scope: str | Sequence[str] | None = None) -> DynamicTeacher:
     """Build the dynamic teacher of ``model``: ``ratio`` times wider, same function at init.
 
     Args:
@@ -156,6 +156,13 @@ def expand(model: nn.Module, ratio: int = 2, example_inputs: Tensor | Sequence[A
             (``torch.export``, non-strict, batch dimension dynamic where the model allows: for
             models FX cannot trace, such as Hugging Face transformers), or ``"auto"`` (the
             default: FX, and export when FX cannot trace). ``dt.report.frontend`` says which ran.
+        scope: expand only these submodules (names from ``model.named_modules()``), for models
+            neither front end captures whole (torchvision detectors: ``scope=["backbone"]``).
+            Each is expanded on the inputs it receives when the whole model runs on
+            ``example_inputs``; the whole model's outputs are verified. Returns a
+            :class:`gpd_fx.scope.ScopedTeacher` (the user's model with each scope's teacher in
+            place; ``dt.student``, ``dt.joint``, ``fold`` and ``param_groups`` work as for a
+            whole teacher). The other arguments apply to every scope.
 
     Returns:
         A :class:`~gpd_fx.DynamicTeacher`: ``dt(x)`` is the teacher, ``dt.student(x)`` the
@@ -192,6 +199,17 @@ def expand(model: nn.Module, ratio: int = 2, example_inputs: Tensor | Sequence[A
     if frontend not in FRONTENDS:
         raise ExpandInputError(f"frontend must be one of {', '.join(map(repr, FRONTENDS))}, got {frontend!r}")
     inputs = _as_inputs(example_inputs)
+    # --- scope= (issue 14): partial expansion, in gpd_fx.scope ---
+    if scope is not None:
+        from gpd_fx.scope import expand_scoped   # imports this module: a load-time import would circle
+
+        with rng_untouched():
+            dt = expand_scoped(model, ratio, inputs, scope, verify_dtype=verify_dtype, noise=noise, seed=seed,
+                               strict=strict, leaf_modules=leaf_modules, concrete_args=concrete_args,
+                               extra_rules=extra_rules, branches=branches, progress=progress, frontend=frontend)
+        dt.report.seconds = time.perf_counter() - t0
+        return dt
+    # --- end scope= ---
     # Building runs the model and its random ops (dropout) under fixed seeds, which would set the
     # process-wide generators; the user's random stream continues as if expand had not run.
     with rng_untouched():

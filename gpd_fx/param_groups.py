@@ -113,6 +113,9 @@ def width_factors(dt: nn.Module) -> dict[int, tuple[str, WidthFactor]]:
     """
     from gpd_fx.teacher import DynamicTeacher  # the teacher module imports the passes; keep this leaf-light
 
+    if getattr(dt, "is_scoped_teacher", False):
+        # expand(..., scope=[...]) (gpd_fx.scope): each scope's factors, "shared" for the rest
+        return dt.scoped_width_factors()
     if not isinstance(dt, DynamicTeacher):
         raise ParamGroupsError(
             f"param_groups needs the dynamic teacher returned by gpd_fx.expand, got {type(dt).__name__}; "

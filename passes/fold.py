@@ -41,6 +41,9 @@ def fold(dt, fuse_bn: bool = False):
         >>> student = gpd_fx.fold(dt)
         >>> torch.testing.assert_close(student(x), dt.eval().student(x))
     """
+    if getattr(dt, "is_scoped_teacher", False):
+        # expand(..., scope=[...]) (gpd_fx.scope): each scope folds as a whole teacher, in place
+        return dt.fold_scopes(fuse_bn=fuse_bn)
     missing = [a for a in _TEACHER_PARTS if not hasattr(dt, a)]
     if not isinstance(dt, nn.Module) or missing:
         raise FoldError(f"fold takes the DynamicTeacher returned by gpd_fx.expand, got {type(dt).__name__}")

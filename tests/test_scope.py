@@ -1,0 +1,126 @@
+"""expand(..., scope=[...]): partial expansion of models neither front end captures whole
+(issue 14). A small model whose forward branches on tensor data, and torchvision detectors with
+``scope=["backbone"]`` (backbone + FPN)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import gpd_fx
+from gpd_fx.scope import ScopedTeacher, ScopeError
+
+
+class Net(nn.Module):
+    """FX cannot trace this whole (a branch on tensor data); ``body`` alone is traceable."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.body = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                                  nn.Conv2d(16, 8, 3, padding=1))
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        if x.abs().sum() >= 0:          # data-dependent: the whole model is untraceable
+            x = self.body(x)
+        return {"logits": self.head(x.mean((2, 3))), "sizes": [x.shape[-1]]}
+
+
+class Twice(Net):
+    def forward(self, x):
+        return self.head(self.body(self.body(self.stem(x))).mean((2, 3)))
+
+
+def _net():
+    torch.manual_seed(0)
+    return Net()
+
+
+def _state(m):
+    return {k: v.detach().clone() for k, v in m.state_dict().items()}
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_scope_is_exact_and_leaves_the_model_alone():
+    net, x = _net(), torch.randn(2, 3, 8, 8)
+    before = _state(net)
+    dt = gpd_fx.expand(net, 2, (x,), scope=["body"], verify_dtype=torch.float64)
+    assert isinstance(dt, ScopedTeacher) and _same(before, _state(net))
+    assert type(net.body) is nn.Sequential and net.training
+    assert dt.report.max_rel_error < 1e-9 and dt.report.probe_dtype == "float64"
+    assert 0.5 < dt.report.expanded_flop_fraction < 1.0      # stem and head stay at student width
+    assert dt.report.teacher_params > dt.report.student_params
+    dt.eval(), net.eval()
+    with torch.no_grad():
+        ref, t, s = net(x), dt(x), dt.student(x)
+    torch.testing.assert_close(t["logits"], ref["logits"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(s["logits"], ref["logits"])
+    assert t["sizes"] == ref["sizes"]
+    # the teacher really is wider inside the scope
+    assert dt.scopes["body"].teacher.get_submodule("0").out_channels == 32
+
+
+def test_scope_trains_and_folds_to_the_users_class():
+    net, x = _net(), torch.randn(4, 3, 8, 8)
+    before = _state(net)
+    dt = gpd_fx.expand(net, 2, (x,), scope="body")
+    opt = torch.optim.SGD(gpd_fx.param_groups(dt, lr=0.05), momentum=0.9)
+    dt.train()
+    for _ in range(3):
+        t, s = dt.joint(x)
+        loss = t["logits"].pow(2).mean() + s["logits"].pow(2).mean() + (t["logits"].detach() - s["logits"]).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    plain = gpd_fx.fold(dt)
+    assert type(plain) is Net and plain.state_dict().keys() == net.state_dict().keys()
+    assert type(plain.body) is nn.Sequential and not plain.training
+    dt.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x)["logits"], dt.student(x)["logits"])
+        # the shared parts trained too
+        assert not torch.equal(plain.head.weight, net.head.weight)
+    assert _same(before, _state(net))
+
+
+def test_param_groups_student_steps_like_a_plain_copy():
+    """Only the student's loss on: the scope's mapped groups and the shared plain groups move
+    the student exactly as SGD moves a plain copy of the model."""
+    net, x = _net(), torch.randn(4, 3, 8, 8)
+    plain = copy.deepcopy(net)
+    dt = gpd_fx.expand(net, 3, (x,), scope=["body"], noise=0.0)
+    groups = gpd_fx.param_groups(dt, lr=0.1)
+    assert {g["name"].split()[0] for g in groups} >= {"mapped", "shared"}
+    opt, ref_opt = torch.optim.SGD(groups), torch.optim.SGD(plain.parameters(), lr=0.1)
+    dt.train(), plain.train()
+    dt.student(x)["logits"].pow(2).mean().backward()
+    plain(x)["logits"].pow(2).mean().backward()
+    opt.step(), ref_opt.step()
+    got = gpd_fx.fold(dt).state_dict()
+    for k, v in plain.state_dict().items():
+        torch.testing.assert_close(got[k], v, rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_unknown_scope_lists_close_names():
+    with pytest.raises(ScopeError, match="'body'") as e:
+        gpd_fx.expand(_net(), 2, (torch.randn(1, 3, 8, 8),), scope=["bdy"])
+    assert isinstance(e.value, gpd_fx.ExpandInputError) and "named_modules" in str(e.value)
+
+
+def test_scope_called_twice_is_refused():
+    torch.manual_seed(0)
+    with pytest.raises(ScopeError, match="'body' is called 2 times"):
+        gpd_fx.expand(Twice(), 2, (torch.randn(1, 3, 8, 8),), scope=["body"])
+
+
+def test_nested_scopes_are_refused():
+    with pytest.raises(ScopeError, match="inside scope 'body'"):
+        gpd_fx.expand(_net(), 2, (torch.randn(1, 3, 8, 8),), scope=["body", "body.0"])
