@@ -353,10 +353,14 @@ def test_model_kind_is_what_the_forward_computes():
         def forward(self, x):
             return x * self.conv(x).softmax(dim=1)
 
-    class Mixer(torch.nn.Module):  # plain q @ k^T attention under a neutral name
+    class Mixer(torch.nn.Module):  # plain q @ k^T attention (learned temperature) under a neutral name
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(()))
+
         def forward(self, x):
             t = x.flatten(2).transpose(1, 2)
-            return (t @ t.transpose(1, 2) * 0.5).softmax(-1) @ t
+            return (t @ t.transpose(1, 2) * self.scale).softmax(-1) @ t
 
     with torch.device("meta"):
         vit, cnn = _mini_vit(), torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), Gate())

@@ -115,7 +115,7 @@ class _AttentionProbe(TorchDispatchMode):
         self.weights = {id(p) for p in params}   # parameters and views of them
         self.scores: set[int] = set()             # products of two activations, and what follows
         self.alive: list[Tensor] = []             # keeps ids unique while the forward runs
-        self.modules: list[str] = []              # class names of the modules being run
+        self.modules: list[str] = []              # class names of the modules being run ("": a wrapper)
         self.found: str | None = None
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -127,7 +127,7 @@ class _AttentionProbe(TorchDispatchMode):
         outs = [t for t in tree_flatten(out)[0] if isinstance(t, Tensor)]
         scored = any(id(t) in self.scores for t in ins)
         if "scaled_dot_product" in name or (name in _SOFTMAX and scored):
-            self.found = self.modules[-1] if self.modules else type(self).__name__
+            self.found = next((m for m in reversed(self.modules) if m), "")
         elif name in _PRODUCTS and len(ins) >= 2 and not any(id(t) in self.weights for t in ins[-2:]):
             self.scores.update(id(t) for t in outs)
         elif name in _PASS_THROUGH or torch.Tag.pointwise in func.tags:
@@ -146,7 +146,8 @@ def model_kind(model: nn.Module, input_shapes: list[tuple[int, ...]]) -> tuple[s
     device when the model lives there, so nothing is allocated), a model does self-attention
     when some module takes a softmax over the product of two activations (``q @ k^T``) or calls
     scaled-dot-product attention; ``cls`` is the class of the innermost module running then
-    (``MultiheadAttention``, ``ShiftedWindowAttention``, ...). A model whose forward fails on
+    (``MultiheadAttention``, ``ShiftedWindowAttention``, ...; a parameterless leaf such as
+    ``nn.Softmax`` names its owner instead). A model whose forward fails on
     these inputs is ``("", why)``.
     """
     params = list(model.parameters()) + list(model.buffers())
@@ -155,7 +156,9 @@ def model_kind(model: nn.Module, input_shapes: list[tuple[int, ...]]) -> tuple[s
     dtype = next((p.dtype for p in params if p.is_floating_point()), torch.float32)
 
     def enter(m, _args):
-        probe.modules.append(type(m).__name__)
+        # a parameterless leaf (nn.Softmax, nn.Dropout) only wraps a function: name its owner
+        wraps_a_function = not any(True for _ in m.children()) and not any(True for _ in m.parameters())
+        probe.modules.append("" if wraps_a_function else type(m).__name__)
 
     def leave(m, _args, _out):
         probe.modules.pop()
