@@ -188,8 +188,7 @@ def expand_scoped(model: nn.Module, ratio: int, inputs: tuple, scope, *, verify_
     probe = inputs
     if verify_dtype is not None:
         work = work.to(verify_dtype)
-        probe = tuple(x.to(verify_dtype) if isinstance(x, Tensor) and x.is_floating_point() else x
-                      for x in inputs)
+        probe = _cast(inputs, verify_dtype)
     with _eval_mode(work):
         scope_inputs, reference, total_flops = _capture_scope_inputs(work, names, probe)
         # each scope is built in the probe dtype (verify_dtype=None: work is converted already)
@@ -225,6 +224,18 @@ def expand_scoped(model: nn.Module, ratio: int, inputs: tuple, scope, *, verify_
         if name in flags and not isinstance(m, _ScopeSlot) and not name.startswith(tuple(n + "." for n in names)):
             m.training = flags[name].training
     return dt
+
+
+def _cast(value, dtype):
+    """``value`` with its floating tensors in ``dtype``, through lists, tuples and dicts (a
+    detector takes a list of images)."""
+    if isinstance(value, Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cast(v, dtype) for v in value)
+    if isinstance(value, dict):
+        return {k: _cast(v, dtype) for k, v in value.items()}
+    return value
 
 
 class _Named:
