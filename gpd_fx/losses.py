@@ -669,6 +669,12 @@ def feature_kd(
     The teacher side is detached by default, as the DT is in :func:`gpd_loss`'s
     DT -> student term: the teacher is not pulled towards the student.
 
+    During training, capture the pair with forward hooks on ``dt.teacher.get_submodule(name)``
+    and ``dt.template.get_submodule(name)`` (the teacher's modules keep the student's names;
+    ``dt.joint`` and ``dt.student`` run ``dt.template``). Store ``out.clone()`` in the hook: a
+    model may modify the output in place after the hook has run (torchvision's ResNet adds
+    the shortcut into ``bn2``'s output), while the teacher graph computes out of place.
+
     Args:
         teacher_feat: the dynamic teacher's feature, ``ratio`` times wider on ``channel_dim``
             in the interleaved layout (e.g. a conv output inside the teacher).
