@@ -192,8 +192,10 @@ def expand_scoped(model: nn.Module, ratio: int, inputs: tuple, scope, *, verify_
     with _eval_mode(work):
         scope_inputs, reference, total_flops = _capture_scope_inputs(work, names, probe)
         # each scope is built in the probe dtype (verify_dtype=None: work is converted already)
-        teachers = {n: expand(work.get_submodule(n), ratio, scope_inputs[n], verify_dtype=None, **expand_kwargs)
-                    for n in names}
+        teachers = {}
+        for n in names:
+            kwargs = dict(expand_kwargs, leaf_modules=_scope_leaves(model, work, n, expand_kwargs.get("leaf_modules")))
+            teachers[n] = expand(work.get_submodule(n), ratio, scope_inputs[n], verify_dtype=None, **kwargs)
         for n, dt in teachers.items():
             _set_submodule(work, n, _ScopeSlot(dt))
         with torch.no_grad():
@@ -224,6 +226,23 @@ def expand_scoped(model: nn.Module, ratio: int, inputs: tuple, scope, *, verify_
         if name in flags and not isinstance(m, _ScopeSlot) and not name.startswith(tuple(n + "." for n in names)):
             m.training = flags[name].training
     return dt
+
+
+def _scope_leaves(model: nn.Module, work: nn.Module, scope: str, leaves):
+    """``leaf_modules`` for one scope: module types as given; module instances of the user's
+    model translated to the working copy, keeping those inside this scope."""
+    if not leaves:
+        return leaves
+    names = {id(m): n for n, m in model.named_modules()}
+    out = []
+    for x in leaves:
+        if not isinstance(x, nn.Module):
+            out.append(x)
+        elif id(x) not in names:
+            raise ExpandInputError(f"leaf module {type(x).__name__} is not a submodule of the model")
+        elif names[id(x)].startswith(scope + "."):
+            out.append(work.get_submodule(names[id(x)]))
+    return out
 
 
 def _cast(value, dtype):

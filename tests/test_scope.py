@@ -177,3 +177,9 @@ def test_torchvision_mobilenet_detector_backbone_scope():
     assert type(plain) is type(model) and plain.state_dict().keys() == model.state_dict().keys()
     with torch.no_grad():
         _compare_detections(plain(images), model(images), atol=1e-4)
+
+
+def test_leaf_module_instances_of_the_users_model_reach_their_scope():
+    net, x = _net(), torch.randn(1, 3, 8, 8)
+    dt = gpd_fx.expand(net, 2, (x,), scope=["body"], leaf_modules=[net.body[2], net.head])
+    assert dt.report.max_rel_error < 1e-3
