@@ -1,4 +1,5 @@
-"""Tests for gpd_fx.losses: values against float64 reference formulas, gradients, errors."""
+"""Tests for gpd_fx.losses: values against float64 reference formulas, gradients, errors;
+dense (per-pixel) logits and feature KD."""
 
 from __future__ import annotations
 
@@ -13,10 +14,13 @@ from gpd_fx.losses import (
     GPDLossConfig,
     LossInputError,
     dkd,
+    feature_kd,
+    flatten_dense,
     get_kd_loss,
     gpd_loss,
     hinton_kd,
     label_smoothed_soft_ce,
+    narrow_feature,
     register_kd_loss,
 )
 
@@ -304,8 +308,6 @@ def test_gpd_loss_compiles_without_graph_breaks():
 # ------------------------------------------------------------------- dense logits (issue 14)
 # Segmentation-style logits (N, K, *spatial): every pixel is one row of the class objective.
 
-from gpd_fx.losses import feature_kd, flatten_dense, narrow_feature  # noqa: E402
-
 IGNORE = 255
 
 
@@ -472,7 +474,8 @@ def test_dense_gpd_loss_compiles_without_graph_breaks(ignore):
         y[:] = IGNORE
     ignore_index = None if ignore == "none" else IGNORE
     compiled = torch.compile(gpd_loss, fullgraph=True, backend="eager")
-    out, ref = compiled(t, s, y, GPDLossConfig(), st, ignore_index), gpd_loss(t, s, y, GPDLossConfig(), st, ignore_index)
+    out = compiled(t, s, y, GPDLossConfig(), st, ignore_index)
+    ref = gpd_loss(t, s, y, GPDLossConfig(), st, ignore_index)
     torch.testing.assert_close(out[0], ref[0])
     assert torch.isfinite(out[0])
 
