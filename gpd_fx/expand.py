@@ -296,6 +296,7 @@ def _expand(model, ratio, inputs, noise, seed, strict, leaf_modules, concrete_ar
         teacher_cost_fn=_cbr_cost(teacher, inputs) if n_branch else None,
         frontend=front.name,
         frontend_notes=front.notes,
+        tolerance=tol,
     )
     config = dict(ratio=ratio, noise=noise, seed=seed, strict=strict,
                   branches=list(branches) if isinstance(branches, (list, tuple)) else branches)

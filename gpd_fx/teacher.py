@@ -52,6 +52,8 @@ class ExpansionReport:
             (``torch.export``; ``DESIGN.md §6``).
         frontend_notes: why the other front end was not used (``frontend="auto"`` fell back to
             export: FX's error), and the ATen ops the export front end left as ATen calls.
+        tolerance: the relative tolerance the build was verified to: ``TOL`` of the probe dtype,
+            or of a less precise dtype the graph computes in (``DESIGN.md §6``).
     """
 
     ratio: int
@@ -75,6 +77,7 @@ class ExpansionReport:
     _teacher_cost: dict[str, Any] | None = field(default=None, repr=False, compare=False)
     frontend: str = "fx"
     frontend_notes: list[str] = field(default_factory=list)
+    tolerance: float | None = None
 
     @property
     def teacher_cost(self) -> dict[str, Any] | None:
