@@ -61,6 +61,7 @@ class Row:
     dtype: str = ""
     tol: float | None = None
     traced: bool | None = None
+    frontend: str = ""            # fx | export: the capture that ran (expand's report)
     timm_fx: bool | None = None   # timm's own FX trace (torchvision feature extractor) reproduces it
     timm_fx_reason: str = ""
     exact_eval: bool | None = None
@@ -290,7 +291,8 @@ def _check_fold(dt, model: nn.Module, xs: tuple[Tensor, ...], tol: float, row: R
         return
     try:
         with tempfile.TemporaryDirectory() as d:
-            export_onnx(folded.float(), xs[0].float(), Path(d) / "m.onnx")
+            x0 = xs[0].float() if xs[0].is_floating_point() else xs[0]   # token ids stay integers
+            export_onnx(folded.float(), x0, Path(d) / "m.onnx")
         row.onnx_agrees = True
     except Exception as e:
         row.onnx_agrees = False
@@ -306,7 +308,7 @@ class _Stage:
 
 def measure(spec: Spec, ratio: int, *, dtype: str = "auto", max_gib: float = 20.0,
             branches: str = "default", do_fold: bool = False, timm_fx: bool = True,
-            model: nn.Module | None = None, check_free_memory: bool = True) -> Row:
+            model: nn.Module | None = None, check_free_memory: bool = True, frontend: str = "auto") -> Row:
     """Build ``spec``, expand it at ``ratio`` and measure exactness; never raises.
 
     Stages: input size, memory gate (on the meta device), build, expand, eval check (and fold),
@@ -325,6 +327,7 @@ def measure(spec: Spec, ratio: int, *, dtype: str = "auto", max_gib: float = 20.
         check_free_memory: also skip when the estimate exceeds the memory free at this moment
             (sweeps on a shared machine). Tests pass ``False``: their outcome must not depend on
             what other processes hold; the ``max_gib`` budget alone is deterministic.
+        frontend: ``expand``'s capture: ``"auto"``, ``"fx"`` or ``"export"``.
 
     Returns:
         A :class:`Row`.
@@ -350,7 +353,7 @@ def measure(spec: Spec, ratio: int, *, dtype: str = "auto", max_gib: float = 20.
         if row.status == "skipped":
             return row
         model, xs = _build(spec, size, ratio, row, at, model, tdtype, est32, timm_fx)
-        dt = _expand(model, xs, ratio, branches, row, at)
+        dt = _expand(model, xs, ratio, branches, row, at, frontend)
         _check_exact(model, dt, xs, row, at, do_fold)
     except Exception as e:
         row.status = "error"
@@ -440,12 +443,14 @@ def _build(spec: Spec, size: int, ratio: int, row: Row, at: _Stage, model: nn.Mo
     return model, xs
 
 
-def _expand(model: nn.Module, xs: tuple[Tensor, ...], ratio: int, branches: str, row: Row, at: _Stage):
+def _expand(model: nn.Module, xs: tuple[Tensor, ...], ratio: int, branches: str, row: Row, at: _Stage,
+            frontend: str = "auto"):
     """``gpd_fx.expand`` as the zoo runs it (noise 0.1, seed 0, not strict); the report goes to ``row``."""
     import gpd_fx
 
     at.name = "expand"
-    kwargs: dict[str, Any] = dict(ratio=ratio, example_inputs=xs, noise=0.1, seed=0, strict=False)
+    kwargs: dict[str, Any] = dict(ratio=ratio, example_inputs=xs, noise=0.1, seed=0, strict=False,
+                                  frontend=frontend)
     if branches != "default":
         kwargs["branches"] = () if branches == "none" else None
     model.eval()
@@ -458,6 +463,13 @@ def _expand(model: nn.Module, xs: tuple[Tensor, ...], ratio: int, branches: str,
     row.expand_s = round(time.perf_counter() - t0, 3)
     row.traced = True
     rep = dt.report
+    row.frontend = rep.frontend
+    if rep.tolerance is not None and row.tol is not None and rep.tolerance > row.tol:
+        # the graph computes in a less precise dtype than the probe (Llama's float32 RMSNorm in a
+        # float64 model): its outputs agree to that dtype's rounding only
+        row.tol = rep.tolerance
+        row.note = "; ".join(x for x in (row.note, f"verified to {rep.tolerance:g}: the model computes in a "
+                                         "less precise dtype inside") if x)
     row.share = float(rep.expanded_flop_fraction)
     row.n_boundaries = len(rep.boundaries)
     row.boundary_reasons = dict(getattr(rep, "boundary_reasons", {}) or {})

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from gpd_fx.checkpoint import atomic_write
 
-__all__ = ["BATCH", "DEFAULT_IMAGE", "DETECTION_SKIP", "TASKS", "Spec", "cache_dir", "family",
+__all__ = ["BATCH", "DEFAULT_IMAGE", "DETECTION_SKIP", "TASKS", "Spec", "cache_dir", "family", "hf_specs",
            "timm_param_counts", "timm_specs", "torchvision_specs"]
 
 
@@ -49,8 +49,12 @@ class Spec:
     frames: int | None = None       # video: T of the (N, C, T, H, W) clip
     n_inputs: int = 1               # optical flow: two frames, each (N, C, H, W)
     skip: str = ""                  # why this model is not run (a skipped row, never built)
+    vocab: int | None = None        # token-id input (batch, image_size) with ids < vocab (hf text)
 
     def build(self) -> nn.Module:
+        if self.source == "hf":
+            from .hf import build_hf
+            return build_hf(self.name)
         if self.source == "torchvision":
             import torchvision
             kw = dict(self.kwargs)
@@ -64,6 +68,8 @@ class Spec:
 
     def input_shapes(self, size: int) -> list[tuple[int, ...]]:
         """Shape of each example input at side ``size``, batch included."""
+        if self.vocab is not None:
+            return [(BATCH, size)] * self.n_inputs
         if self.frames is not None:
             return [(BATCH, self.in_chans, self.frames, size, size)] * self.n_inputs
         return [(BATCH, self.in_chans, size, size)] * self.n_inputs
@@ -75,6 +81,8 @@ class Spec:
     def make_inputs(self, size: int, dtype: torch.dtype) -> tuple[Tensor, ...]:
         """Seeded random inputs (the same on every run)."""
         g = torch.Generator().manual_seed(0)
+        if self.vocab is not None:
+            return tuple(torch.randint(0, self.vocab, s, generator=g) for s in self.input_shapes(size))
         return tuple(torch.randn(s, dtype=dtype, generator=g) for s in self.input_shapes(size))
 
 
@@ -106,6 +114,14 @@ def torchvision_specs(image_size: int | None = None, tasks: tuple[str, ...] = ("
         for name in torchvision.models.list_models(module=torchvision.models.detection):
             specs.append(Spec("torchvision", name, {}, image_size or 64, task="detection", skip=DETECTION_SKIP))
     return specs
+
+
+def hf_specs() -> list[Spec]:
+    """The Hugging Face architectures of :data:`gpd_fx.testing.hf.HF_MODELS` (small configs)."""
+    from .hf import HF_MODELS, SEQ_LEN, VOCAB
+
+    return [Spec("hf", name, {}, SEQ_LEN if kind == "tokens" else 32, task="text" if kind == "tokens" else "image",
+                 vocab=VOCAB if kind == "tokens" else None) for name, (_, kind) in HF_MODELS.items()]
 
 
 def _classification_specs(image_size: int | None) -> list[Spec]:

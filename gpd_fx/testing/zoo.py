@@ -69,7 +69,7 @@ import torch
 from gpd_fx.checkpoint import atomic_write
 
 from .measurement import CNN_SHARE, GIB, TRANSFORMER_SHARE, UNDER_WIDENED, Row, measure
-from .specs import BATCH, DETECTION_SKIP, TASKS, Spec, family, timm_specs, torchvision_specs
+from .specs import BATCH, DETECTION_SKIP, TASKS, Spec, family, hf_specs, timm_specs, torchvision_specs
 
 __all__ = ["build_parser", "main", "run_one", "summarize"]
 
@@ -150,7 +150,7 @@ def format_row(r: Row, fold: bool) -> str:
     err = max(x for x in (r.err_eval or 0.0, r.err_train or 0.0))
     cols = [
         f"{r.name:<34}", f"{r.task[:12]:<12}", f"r{r.ratio}", f"{r.input:<16}", f"{r.dtype[:7]:<7}",
-        f"{_yn(r.traced):<4}", f"{_yn(r.exact_eval):>3}/{_yn(r.exact_train):<3}",
+        f"{_yn(r.traced):<4}", f"{(r.frontend or '-')[:6]:<6}", f"{_yn(r.exact_eval):>3}/{_yn(r.exact_train):<3}",
         f"{err:9.2e}", f"{r.share:6.3f}" if r.share is not None else "     -",
         f"{r.n_boundaries if r.n_boundaries is not None else '-':>4}",
         f"{r.expand_s:7.2f}" if r.expand_s is not None else "      -",
@@ -173,7 +173,7 @@ def format_row(r: Row, fold: bool) -> str:
 
 def header(fold: bool, source: str) -> str:
     """The table's column titles, matching :func:`format_row`."""
-    cols = [f"{'model':<34}", f"{'task':<12}", "r ", f"{'input':<16}", f"{'dtype':<7}", "trcd", "exact e/t",
+    cols = [f"{'model':<34}", f"{'task':<12}", "r ", f"{'input':<16}", f"{'dtype':<7}", "trcd", "front ", "exact e/t",
             "max.rel.err", "share", "#bnd", "expand s", " student", "  teacher"]
     if fold:
         cols += ["fold", "expt", "onnx"]
@@ -209,6 +209,9 @@ def summarize(rows: list[Row], source: str) -> dict:
             s["transformers"] = len(tr)
             s["transformer_share_ok"] = sum(1 for r in tr if (r.share or 0) >= TRANSFORMER_SHARE)
             s["transformer_low_share"] = {r.name: r.share for r in tr if (r.share or 0) < TRANSFORMER_SHARE}
+        elif source == "hf":
+            s["frontends"] = dict(collections.Counter(r.frontend or "-" for r in ran))
+            s["share_ok"] = sum(1 for r in ran if (r.share or 0) >= TRANSFORMER_SHARE)
         else:
             fx = [r for r in rs if r.timm_fx]
             s["families"] = len(rs)
@@ -241,6 +244,12 @@ def summary_lines(summary: dict, source: str) -> list[str]:
                 f"CNNs with share >= {CNN_SHARE}: {s['cnn_share_ok']}/{s['cnn']}; transformers with share "
                 f">= {TRANSFORMER_SHARE}: {s['transformer_share_ok']}/{s['transformers']}; "
                 f"fallbacks in {len(s['with_fallbacks'])}; under-widened {len(s['under_widened'])}; "
+                f"skipped {len(s['skipped'])} ({skips})")
+        elif source == "hf":
+            fronts = ", ".join(f"{k} {v}" for k, v in sorted(s["frontends"].items())) or "none"
+            lines.append(
+                f"SUMMARY ratio {r}: {s['exact']}/{s['ran']} run models exact (eval+train), front ends: {fronts}; "
+                f"share >= {TRANSFORMER_SHARE}: {s['share_ok']}/{s['ran']}; fallbacks in {len(s['with_fallbacks'])}; "
                 f"skipped {len(s['skipped'])} ({skips})")
         else:
             pct = s["timm_traceable_share_ok_pct"]
@@ -276,7 +285,8 @@ def run_worker(args) -> None:
         return
     spec = Spec(**json.loads(args.worker))
     row = measure(spec, args.worker_ratio, dtype=args.dtype, max_gib=args.max_gib,
-                  branches=args.branches, do_fold=args.fold, check_free_memory=args.free_memory_check)
+                  branches=args.branches, do_fold=args.fold, check_free_memory=args.free_memory_check,
+                  frontend=args.frontend)
     Path(args.worker_out).write_text(json.dumps(asdict(row)))
 
 
@@ -298,7 +308,7 @@ def _spawn(payload: str, ratio: int, args, timeout: float) -> tuple[dict | None,
         # the installed module, not a script path: the same worker from a checkout or a wheel
         cmd = [sys.executable, "-m", "gpd_fx.testing.zoo", "--worker", payload, "--worker-ratio", str(ratio),
                "--worker-out", str(out), "--threads", str(args.threads), "--dtype", args.dtype,
-               "--max-gib", str(args.max_gib), "--branches", args.branches,
+               "--max-gib", str(args.max_gib), "--branches", args.branches, "--frontend", args.frontend,
                "--mem-limit-gib", str(args.mem_limit_gib)]
         if not args.free_memory_check:
             cmd.append("--no-free-memory-check")
@@ -321,7 +331,7 @@ def run_one(spec: Spec, ratio: int, args) -> Row:
     a timeout or a crash of the worker becomes a row too."""
     if not args.isolate:
         return measure(spec, ratio, dtype=args.dtype, max_gib=args.max_gib, branches=args.branches,
-                       do_fold=args.fold, check_free_memory=args.free_memory_check)
+                       do_fold=args.fold, check_free_memory=args.free_memory_check, frontend=args.frontend)
     data, tail, rc = _spawn(json.dumps(asdict(spec)), ratio, args, args.timeout)
     if data is not None:
         return Row(**data)
@@ -380,9 +390,11 @@ def build_parser() -> argparse.ArgumentParser:
     mem_limit = round(0.9 * total, 1) if total else 0.0
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--source", choices=["torchvision", "timm"], default="torchvision",
-                   help="model zoo: every torchvision classifier, or one model per timm family "
-                        "(default: %(default)s)")
+    p.add_argument("--source", choices=["torchvision", "timm", "hf"], default="torchvision",
+                   help="model zoo: every torchvision classifier, one model per timm family, or Hugging "
+                        "Face architectures built from small configs (needs the hf extra) (default: %(default)s)")
+    p.add_argument("--frontend", choices=["auto", "fx", "export"], default="auto",
+                   help="expand's capture: torch.fx, torch.export, or FX then export (default: %(default)s)")
     p.add_argument("--tasks", default="classification",
                    help="torchvision: comma-separated tasks out of " + ", ".join(TASKS) + ", or 'all'; "
                         f"detection rows are reported as skipped ({DETECTION_SKIP}) (default: %(default)s)")
@@ -457,6 +469,8 @@ def main(argv=None) -> int:
     if args.source == "torchvision":
         # named models are looked up in every task, so `--models r3d_18` needs no --tasks
         specs = torchvision_specs(args.image_size, TASKS if args.models else tasks)
+    elif args.source == "hf":
+        specs = hf_specs()
     else:
         specs = timm_specs(args.image_size)
     if args.models:
