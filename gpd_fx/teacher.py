@@ -203,9 +203,42 @@ class DynamicTeacher(nn.Module):
         return state
 
     def student(self, *args, **kwargs):
-        """Run the user's student module with the mapped parameters and its own buffers."""
-        state = self.student_state_dict()
-        return functional_call(self._template, state, args, kwargs, tie_weights=True, strict=False)
+        """Run the user's student module with the mapped parameters and its own buffers.
+
+        The weights of multi-branch convs allowed a live-tap cut (``_mark_student_cuts``) are
+        mapped when their conv is called, from its input's size, so that taps reading only
+        zero padding are not folded (see ``_Branched._student_box``); all others up front.
+        """
+        lazy = self._lazy_kernels()
+        if not lazy or torch.compiler.is_compiling():
+            state = self.student_state_dict()
+            return functional_call(self._template, state, args, kwargs, tie_weights=True, strict=False)
+        skip = {s.student_name for s, _, _ in lazy}
+        state = evaluate_map(self.teacher, [s for s in self.sources if s.student_name not in skip])
+        state.update(self.student_state.as_dict())
+        with _kernels_at_call(lazy):
+            return functional_call(self._template, state, args, kwargs, tie_weights=True, strict=False)
+
+    def _lazy_kernels(self) -> list[tuple[ParamSource, nn.Module, nn.Module]]:
+        """``(source, teacher layer, student conv)`` of each weight mapped at call time; computed
+        once. Only untied conv weights of layers marked for the live-tap cut."""
+        cached = self.__dict__.get("_lazy")
+        if cached is None:
+            counts: dict[int, int] = {}
+            for _, p in self._template.named_parameters(remove_duplicate=False):
+                counts[id(p)] = counts.get(id(p), 0) + 1
+            cached = []
+            for s in self.sources:
+                mod = _holder(self.teacher, s.module)
+                if not (isinstance(mod, _Branched) and s.attr == "weight" and mod.__dict__.get("_student_cut")
+                        and mod._mappable(s)):
+                    continue
+                conv = self._template.get_submodule(s.student_name.rpartition(".")[0])
+                w = conv._parameters.get("weight")
+                if w is not None and counts.get(id(w), 0) == 1:
+                    cached.append((s, mod, conv))
+            self.__dict__["_lazy"] = cached
+        return cached
 
     def joint(self, *args, **kwargs):
         """``(teacher(x), student(x))`` in one call: the forward to wrap in DDP or compile.
@@ -319,6 +352,37 @@ def _mark_student_cuts(teacher: nn.Module, template: nn.Module, sources: list[Pa
             and type(conv) in _CONVS and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple)
             and tuple(conv.kernel_size) == tuple(mod.kernel_size) and tuple(conv.stride) == tuple(mod.stride)
             and tuple(conv.dilation) == tuple(mod.dilation) and mod._pads_lr() == tuple((p, p) for p in conv.padding))
+
+
+@contextlib.contextmanager
+def _kernels_at_call(lazy: list[tuple[ParamSource, nn.Module, nn.Module]]):
+    """Within the block each student conv of ``lazy`` computes its weight when called: the map
+    of its teacher layer folded over the live taps at that input's size. Hooks are added for
+    the block only (copies of the teacher never share them) and the weight restored after."""
+    handles = []
+
+    def install(src, layer, conv):
+        original = conv._parameters["weight"]
+
+        def pre(module, args):
+            x = args[0] if args else None
+            module._parameters["weight"] = layer.mapped_weight(src, layer._student_box(x))
+
+        def post(module, args, out):
+            module._parameters["weight"] = original
+
+        handles.append(conv.register_forward_pre_hook(pre))
+        handles.append(conv.register_forward_hook(post, always_call=True))
+        return conv, original
+
+    restore = [install(*item) for item in lazy]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for conv, original in restore:
+            conv._parameters["weight"] = original
 
 
 def _holder(root: nn.Module, name: str) -> nn.Module:

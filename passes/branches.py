@@ -408,7 +408,7 @@ class _Branched(nn.Module, metaclass=abc.ABCMeta):
         # the branch factors are mapped separately: output map on dim 0, input map on dim 1
         return ((src.out is None or src.out[0] == 0) and (src.inp is None or src.inp[0] == 1))
 
-    def mapped_weight(self, src) -> Tensor:
+    def mapped_weight(self, src, box=None) -> Tensor:
         """The student map of :meth:`effective_weight`, computed at student size.
 
         ``map(sum_b v_b * K_b) = sum_b map(v_b) * map(K_b)``: the map selects output copy 0 (so
@@ -416,7 +416,8 @@ class _Branched(nn.Module, metaclass=abc.ABCMeta):
         ``B o A`` maps to ``out(B) o inp(A)``). Each branch factor is mapped first, then folded
         at student width: about 1/r (1/r^2 for 1x1->kxk) of folding the teacher's kernel.
         Inside a joint forward (:func:`shared_folds` with sources) the kernel computed during
-        the teacher forward is returned.
+        the teacher forward is returned. With ``box`` (from :meth:`_student_box`) only those
+        taps are folded and the rest of the kernel is zero.
         """
         memo = self.__dict__.get("_fold_memo")
         if memo is not None and memo.get("src") is src and "student_w" in memo:
@@ -428,7 +429,7 @@ class _Branched(nn.Module, metaclass=abc.ABCMeta):
         parts = [self._part(src, part) for _, part in roles.values()]
         mapped = {role: map_tensor(t, p, self._grad_pool(role))
                   for role, t, p in zip(roles, own.values(), parts)}
-        return self._student_kernel(src, mapped)
+        return self._student_kernel(src, mapped, box)
 
     def _grad_pool(self, role: str):
         """The gradient-buffer pool of one role's map: roles share sources (1x1 and 1x1_avg

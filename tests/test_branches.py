@@ -680,3 +680,49 @@ def test_joint_student_kernel_of_live_taps_is_exact(mode, monkeypatch):
         assert (p.grad is None) == (q.grad is None), n
         if p.grad is not None:
             assert_close(p.grad, q.grad, atol=1e-11, rtol=1e-12, msg=n)
+
+
+def test_student_kernel_of_live_taps_at_call_is_exact(monkeypatch):
+    """dt.student maps the weights of cut-eligible convs when they are called, over the live taps
+    of that input: outputs and teacher gradients equal running the template on the full mapped
+    state (float64); afterwards the template holds its own weights again and no hook is left."""
+    import copy
+
+    import gpd_fx
+    from torch.func import functional_call
+
+    from gpd_fx.passes.branches import BranchConvNd
+
+    torch.manual_seed(0)
+    net = _SmallMaps().double()
+    dt = gpd_fx.expand(net, ratio=2, example_inputs=(torch.randn(2, 3, 4, 4, dtype=torch.float64),),
+                       branches=None).train()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in dt.named_parameters():
+            if ".v_" in n:
+                p.normal_(generator=g)
+    ref = copy.deepcopy(dt)
+    boxes = []
+    orig = BranchConvNd._unbox
+    monkeypatch.setattr(BranchConvNd, "_unbox", lambda self, k, box: boxes.append(box) or orig(self, k, box))
+    before = {n: p for n, p in dt.template.named_parameters()}
+    x = torch.randn(4, 3, 4, 4, dtype=torch.float64)
+    s = dt.student(x)
+    assert len(boxes) >= 2, boxes
+    assert {n: p for n, p in dt.template.named_parameters()} == before
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in dt.template.modules())
+    s_ref = functional_call(ref.template, ref.student_state_dict(), (x,), tie_weights=True, strict=False)
+    assert_close(s, s_ref, atol=1e-12, rtol=0)
+    w = torch.randn_like(s)
+    (s * w).sum().backward()
+    (s_ref * w).sum().backward()
+    for (n, p), q in zip(dt.named_parameters(), ref.parameters()):
+        assert (p.grad is None) == (q.grad is None), n
+        if p.grad is not None:
+            assert_close(p.grad, q.grad, atol=1e-11, rtol=1e-12, msg=n)
+    # eval mode (running statistics) and no grad take the same path
+    dt.eval(), ref.eval()
+    with torch.no_grad():
+        assert_close(dt.student(x), functional_call(ref.template, ref.student_state_dict(), (x,),
+                                                    tie_weights=True, strict=False), atol=1e-12, rtol=0)
