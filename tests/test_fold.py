@@ -145,6 +145,33 @@ def test_export_and_onnx_agree():
     assert diff < 1e-4
 
 
+def test_onnx_export_of_nested_outputs_and_token_inputs():
+    """Dict outputs (segmentation heads, ModelOutputs) are compared tensor by tensor, and integer
+    inputs (token ids) stay integers."""
+    pytest.importorskip("onnxruntime")
+    import os
+    import tempfile
+
+    from gpd_fx.export import export_onnx
+
+    class TwoHeads(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(50, 8)
+            self.a = torch.nn.Linear(8, 3)
+            self.b = torch.nn.Linear(8, 2)
+
+        def forward(self, ids):
+            h = self.emb(ids)
+            return {"out": self.a(h), "aux": self.b(h)}
+
+    torch.manual_seed(0)
+    m = TwoHeads().eval()
+    ids = torch.randint(0, 50, (2, 7))
+    with tempfile.TemporaryDirectory() as d:
+        assert export_onnx(m, ids, os.path.join(d, "m.onnx")) < 1e-4
+
+
 def test_fold_rejects_non_teacher_and_wrong_shapes():
     """Folding a plain module, or a teacher whose parameters were swapped for wrong shapes, fails clearly."""
     m = small_resnet()
