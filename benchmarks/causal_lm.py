@@ -115,7 +115,8 @@ def run_seed(seed: int, train: torch.Tensor, val: torch.Tensor, vocab: int, args
     dt = gpd_fx.expand(plain, args.ratio, (probe,), seed=seed)
     plain_seconds = train_plain(plain, train, args, args.steps, seed)
     long_seconds = train_plain(long, train, args, args.long * args.steps, seed)
-    opt_gpd = torch.optim.AdamW(gpd_fx.param_groups(dt, lr=args.lr, update="adam"), lr=args.lr)
+    groups = gpd_fx.param_groups(dt, lr=args.lr, update="adam") if args.param_groups == "gpd" else dt.parameters()
+    opt_gpd = torch.optim.AdamW(groups, lr=args.lr)
     cfg = GPDLossConfig()
     dt.train()
     t0 = time.perf_counter()
@@ -149,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=2, help="student layers (default 2)")
     p.add_argument("--ratio", type=int, default=2, help="expansion ratio (default 2)")
     p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (default 3e-3)")
+    p.add_argument("--param-groups", choices=["gpd", "plain"], default="gpd",
+                   help="GPD optimiser groups: width-aware (gpd_fx.param_groups) or one lr for every "
+                        "teacher tensor (default: gpd)")
     p.add_argument("--json", type=Path, default=Path("benchmarks/measured/causal_lm.json"),
                    help="where to write the results (default benchmarks/measured/causal_lm.json)")
     args = p.parse_args(argv)
