@@ -203,8 +203,13 @@ def expand_scoped(model: nn.Module, ratio: int, inputs: tuple, scope, *, verify_
         try:
             err = compare_tree(got, reference, _Named(f"whole-model output with scopes {names}"), tol)
         except VerificationError as e:
-            raise VerificationError(f"{e}. Each scope verified on its own inputs; the rest of the model "
-                                    "amplifies their rounding (or depends on something the scopes changed)") from e
+            scoped = ", ".join(f"{n!r} {dt.report.max_rel_error:.1e}" for n, dt in teachers.items())
+            hint = ("Post-processing that selects (top-k, NMS, score thresholds) is discontinuous: rounding of "
+                    f"the scopes' outputs in {str(probe_dtype).replace('torch.', '')} can change which boxes are "
+                    "kept. Verify with verify_dtype=torch.float64") if probe_dtype != torch.float64 else \
+                "Report this as a bug with the model"
+            raise VerificationError(f"{e}. Each scope's own outputs agree with the student's (max rel. error "
+                                    f"{scoped}); the rest of the model amplifies the difference. {hint}") from e
     if verify_dtype is not None:
         # the shell is the user's own tensors again; only the scopes come from the probe copy
         shell = copy.deepcopy(model, {id(model.get_submodule(n)): None for n in names})
