@@ -320,14 +320,28 @@ def _capture_scope_inputs(model: nn.Module, names: list[str], inputs: tuple):
                              "inputs; a scope must run exactly once per forward. Name a submodule that "
                              "does (its parent, or each called part separately)")
         args, kwargs = seen[0]
-        bad = [type(a).__name__ for a in list(args) + list(kwargs.values()) if not isinstance(a, Tensor)]
+        bad = [type(a).__name__ for a in list(args) + list(kwargs.values()) if not _tensors_only(a)]
         if kwargs or bad:
             raise ScopeError(f"scope {n!r} is called with {'keyword arguments ' + str(list(kwargs)) if kwargs else ''}"
                              f"{' and ' if kwargs and bad else ''}{'non-tensor arguments ' + str(bad) if bad else ''}; "
-                             "a scope takes positional tensors only. Name the submodule inside it that "
+                             "a scope takes positional tensors (or lists/tuples of them) only. Name the "
+                             "submodule inside it that "
                              "does, or wrap the call so that the scope's forward takes tensors")
-        captured[n] = tuple(a.detach().clone() for a in args)
+        captured[n] = tuple(_clone(a) for a in args)
     return captured, out, float(counter.get_total_flops())
+
+
+def _tensors_only(value) -> bool:
+    """A tensor, or a (nested) list/tuple of tensors (a detection head takes the FPN's levels)."""
+    if isinstance(value, (list, tuple)):
+        return all(_tensors_only(v) for v in value)
+    return isinstance(value, Tensor)
+
+
+def _clone(value):
+    if isinstance(value, (list, tuple)):
+        return type(value)(_clone(v) for v in value)
+    return value.detach().clone()
 
 
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:

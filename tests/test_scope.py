@@ -183,3 +183,26 @@ def test_leaf_module_instances_of_the_users_model_reach_their_scope():
     net, x = _net(), torch.randn(1, 3, 8, 8)
     dt = gpd_fx.expand(net, 2, (x,), scope=["body"], leaf_modules=[net.body[2], net.head])
     assert dt.report.max_rel_error < 1e-3
+
+
+class Scaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x, scale):
+        return self.conv(x) * scale
+
+
+class CallsWithAFloat(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.part = Scaled()
+
+    def forward(self, x):
+        return self.part(x, 2.0)
+
+
+def test_scope_called_with_a_non_tensor_is_refused():
+    with pytest.raises(ScopeError, match="'part' is called with non-tensor arguments"):
+        gpd_fx.expand(CallsWithAFloat(), 2, (torch.randn(1, 3, 4, 4),), scope="part")
