@@ -15,21 +15,37 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 import gpd_fx
 from gpd_fx.param_groups import ParamGroupsError, width_factors
-from strategies import cnn_cases, vit_cases
+from strategies import build_cnn, cnn_cases, vit_cases
 
 # float64 throughout. Each step changes a student entry by a sum of m identical teacher updates
-# (m <= 4) instead of one: a few ulps per step, amplified through <= ~20 layers of O(1)
-# activations in the loss gradient of the next step (BN's 1/std up to ~1e2). After 3 steps the
-# worst case is ~1e-12 relative; 1e-9 keeps headroom while the unfixed rule (steps r times too
-# large) is off by O(lr * |g|) ~ 1e-3..1e-1 and cannot pass.
+# (m <= 4) instead of one: a few ulps per step. How far that carries after STEPS steps is the
+# conditioning of the plain trajectory itself, not a property of the rule. On an ordinary
+# trajectory (O(1) weights and gradients) it stays ~1e-14..1e-12 relative and TOL = 1e-9 holds
+# with headroom, while the unfixed rule (steps r times too large) is off by O(lr * |g|) ~
+# 1e-3..1e-1 and cannot pass.
+#
+# Some random cases are not ordinary: plain SGD at lr 0.1 on a BN/LayerNorm net can blow up
+# (_blowup_case, sgd_momentum: max |grad| 2e1 -> 3e2 -> 9e9 over the 3 steps, weights ~9e8).
+# There a one-ulp nudge of the plain copy alone moves it 5.9e-9..2.7e-8 relative (6 seeds), as
+# far as the teacher's student drifts (1.7e-8), while its gradient chain is exact (directional
+# derivatives of dt.student and the plain net agree to 1e-17 at step 0). So when a case misses
+# TOL, the property tests measure that conditioning -- the drift of a plain copy nudged by one
+# ulp (random sign, every entry, before every step), worst of NUDGES seeds -- and accept a
+# drift within SAFETY x it: the teacher's perturbation is a few ulps per step, not one, and a
+# nudge's effect varies ~5x between seeds. A case whose nudged drift is so large that SAFETY x it exceeds MAX_TOL is
+# left out (`assume`): rounding alone decides its trajectory at a level where the r x rule
+# (>= ~1e-3 off) could no longer be told apart.
 TOL = 1e-9
 STEPS = 3
+SAFETY = 100.0
+NUDGES = 2
+MAX_TOL = 1e-4
 
 FAST = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
@@ -60,9 +76,47 @@ def _loss(out: torch.Tensor, seed: int) -> torch.Tensor:
     return (out * w).sum() + 0.1 * out.pow(2).mean()
 
 
+def _plain_trajectory(model: nn.Module, x: torch.Tensor, opt_name: str, steps: int,
+                      nudge_seed: int | None = None) -> dict[str, torch.Tensor]:
+    """Parameters of a copy of ``model`` after ``steps`` plain steps on the batches of
+    :func:`_run_equivalence`; with ``nudge_seed``, every entry is first moved by one ulp (random
+    sign) before every step -- a rounding-size perturbation, to measure the conditioning."""
+    make, _, lr, wd = OPTIMIZERS[opt_name]
+    m = copy.deepcopy(model)
+    opt = make(m.parameters(), lr, wd)
+    gen = torch.Generator().manual_seed(7)
+    nudge = None if nudge_seed is None else torch.Generator().manual_seed(nudge_seed)
+    for k in range(steps):
+        xb = x + 0.1 * torch.randn(x.shape, generator=gen, dtype=x.dtype)
+        if nudge is not None:
+            with torch.no_grad():
+                for p in m.parameters():
+                    up = torch.rand(p.shape, generator=nudge) < 0.5
+                    p.copy_(torch.nextafter(p, torch.where(up, torch.inf, -torch.inf).to(p.dtype)))
+        opt.zero_grad()
+        _loss(m(xb), k).backward()
+        opt.step()
+    return {n: p.detach() for n, p in m.named_parameters()}
+
+
+def _gap(got: dict, ref: dict) -> float:
+    """Max over tensors of max |got - ref| / max(1, max |ref|) (tensors in both)."""
+    worst = 0.0
+    for name, r in ref.items():
+        if name not in got:
+            continue
+        err = (got[name].detach() - r).abs().max().item()
+        worst = max(worst, err / max(1.0, r.abs().max().item()))
+    return worst
+
+
 def _run_equivalence(model: nn.Module, x: torch.Tensor, ratio: int, opt_name: str, *, branches=(),
-                     groups: bool = True, steps: int = STEPS) -> float:
-    """Max relative gap between ``dt.student_parameters()`` and a plain copy after ``steps``."""
+                     groups: bool = True, steps: int = STEPS, conditioning: bool = False):
+    """Max relative gap between ``dt.student_parameters()`` and a plain copy after ``steps``.
+
+    With ``conditioning``, returns ``(gap, nudged)``: ``nudged`` is the worst gap between the
+    plain copy and plain copies nudged by one ulp (see TOL), measured only when ``gap > TOL``
+    (0.0 otherwise)."""
     make, update, lr, wd = OPTIMIZERS[opt_name]
     model = model.double().train()
     # at least 8 samples: BatchNorm over 2 values per channel (a batch of 2 at a 1x1 map) makes
@@ -70,29 +124,37 @@ def _run_equivalence(model: nn.Module, x: torch.Tensor, ratio: int, opt_name: st
     # differs between any two evaluation orders (plain vs teacher: 1e-2 apart, measured)
     reps = -(-8 // x.shape[0])
     x = x.double().repeat(reps, *([1] * (x.dim() - 1)))
-    plain = copy.deepcopy(model)
+    pristine = copy.deepcopy(model)
+    ref = _plain_trajectory(pristine, x, opt_name, steps)
     dt = gpd_fx.expand(model, ratio=ratio, example_inputs=(x,), branches=branches, seed=1)
     dt.train()
-    opt_p = make(plain.parameters(), lr, wd)
     opt_t = make(gpd_fx.param_groups(dt, lr, wd, update=update) if groups else dt.parameters(), lr, wd)
     gen = torch.Generator().manual_seed(7)
     for k in range(steps):
         xb = x + 0.1 * torch.randn(x.shape, generator=gen, dtype=x.dtype)
-        opt_p.zero_grad()
-        _loss(plain(xb), k).backward()
-        opt_p.step()
         opt_t.zero_grad()
         _loss(dt.student(xb), k).backward()
         opt_t.step()
-    mapped = dt.student_parameters()
-    worst = 0.0
-    for name, p in plain.named_parameters():
-        if name not in mapped:
-            continue
-        ref = p.detach()
-        err = (mapped[name].detach() - ref).abs().max().item()
-        worst = max(worst, err / max(1.0, ref.abs().max().item()))
-    return worst
+    worst = _gap(dt.student_parameters(), ref)
+    if not conditioning:
+        return worst
+    nudged = 0.0
+    if worst > TOL:
+        nudged = max(_gap(_plain_trajectory(pristine, x, opt_name, steps, nudge_seed=s), ref)
+                     for s in range(NUDGES))
+    return worst, nudged
+
+
+def _assert_student_tracks_plain(model: nn.Module, x: torch.Tensor, ratio: int, opt_name: str) -> None:
+    """The property: within TOL, or within SAFETY x the plain trajectory's own drift under a
+    one-ulp nudge when the case is ill-conditioned (see TOL); hopeless cases are left out."""
+    err, nudged = _run_equivalence(model, x, ratio, opt_name, conditioning=True)
+    if err <= TOL:
+        return
+    tol = SAFETY * nudged
+    assume(tol <= MAX_TOL)  # rounding alone moves the plain trajectory too far to test the rule
+    assert err <= tol, (f"student drifted {err:.2e} from the plain trajectory (TOL {TOL:.0e}; a plain "
+                        f"copy nudged by one ulp drifts {nudged:.2e}, x{SAFETY:g} = {tol:.2e})")
 
 
 # ----------------------------------------------------------------------------- hand-written nets
@@ -206,19 +268,43 @@ def test_plain_groups_move_student_r_times(opt_name):
 # ----------------------------------------------------------------------------- properties
 
 
+def _blowup_case():
+    """Found by the dev profile: plain SGD (lr 0.1) on this net blows up (weights ~9e8 after 3
+    steps), and the student drifts 1.7e-8 > TOL -- as far as a plain copy nudged by one ulp."""
+    cna = dict(stride=1, dilation=1, groups=1, norm="bn", act="relu", gn_groups=1, padding_mode="zeros",
+               same=False, pad=None)
+    return build_cnn(dict(
+        seed=0, batch=2, in_ch=1, size=9, classes=2,
+        stem=dict(cna, cin=1, cout=9, k=3, stride=2, bias=False, raw=False),
+        blocks=(dict(kind="cna", conv=dict(cna, cin=9, cout=4, k=3, bias=True, raw=True)),
+                dict(kind="perm_mix", groups=2, op="add", arg=0),
+                dict(kind="convnext", k=3, hidden=4, raw=False)),
+        head=dict(kind="flatten_linear", how="module")))
+
+
+def test_blowup_case_is_conditioning_and_still_catches_the_unfixed_rule():
+    """On the blow-up case the nudged-plain tolerance is earned (the student is within it) and
+    not vacuous: plain ``dt.parameters()`` (steps r x too large) is far outside it."""
+    case = _blowup_case()
+    err, nudged = _run_equivalence(case.model, case.x, 2, "sgd_momentum", conditioning=True)
+    assert TOL < err <= SAFETY * nudged <= MAX_TOL
+    case = _blowup_case()
+    bad, bad_nudged = _run_equivalence(case.model, case.x, 2, "sgd_momentum", groups=False, conditioning=True)
+    assert bad > 1e3 * SAFETY * bad_nudged
+
+
 @FAST
 @given(case=cnn_cases(max_blocks=3), ratio=st.integers(1, 4), opt_name=st.sampled_from(sorted(OPTIMIZERS)))
+@example(case=_blowup_case(), ratio=2, opt_name="sgd_momentum")
 def test_property_random_cnn(case, ratio, opt_name):
     assume(case.dynamic_batch)  # the batch is grown to 8 (see _run_equivalence)
-    err = _run_equivalence(case.model, case.x, ratio, opt_name)
-    assert err <= TOL, f"student drifted {err:.2e} from the plain trajectory"
+    _assert_student_tracks_plain(case.model, case.x, ratio, opt_name)
 
 
 @FAST
 @given(case=vit_cases(), ratio=st.integers(1, 4), opt_name=st.sampled_from(sorted(OPTIMIZERS)))
 def test_property_random_vit(case, ratio, opt_name):
-    err = _run_equivalence(case.model, case.x, ratio, opt_name)
-    assert err <= TOL, f"student drifted {err:.2e} from the plain trajectory"
+    _assert_student_tracks_plain(case.model, case.x, ratio, opt_name)
 
 
 # ----------------------------------------------------------------------------- CBR, API
