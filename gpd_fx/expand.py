@@ -14,11 +14,11 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from gpd_fx.errors import ExpandInputError, TraceError
+from gpd_fx.errors import ExpandInputError, TraceError, VerificationError
 from gpd_fx.passes import rules as _rules  # noqa: F401  (registers the built-in rules)
 from gpd_fx.passes.registry import has_module_rule, has_user_module_rule, load_lazy_rules, make_registry
 from gpd_fx.passes.trace import MODE_ATTR, shape_guard, trace
-from gpd_fx.passes.export_front import ExportInfo, export_graph, restore_call_convention
+from gpd_fx.passes.export_front import ExportInfo, export_graph, graph_signature, restore_call_convention
 from gpd_fx.passes.share import own_tensors, share_with, tie_shared_parameters
 from gpd_fx.passes.widen import Builder, rng_untouched
 from gpd_fx.passes.widen_verify import TOL, verify_output
@@ -246,10 +246,20 @@ def _expand(model, ratio, inputs, noise, seed, strict, leaf_modules, concrete_ar
             result = builder.run(probe, progress=progress)
         if front.export_info is not None:
             restore_call_convention(result.graph_module, front.export_info)
-        train_result = None
+        train_result = train_gm = None
         if gm.meta.get("gpd_root_mode_dependent"):
             train_result = _build_train_graph(work, model, leaf_modules, concrete_args, ratio, noise, seed,
                                               strict, tol, extra, probe)
+        elif front.export_info is not None:
+            train_gm = _export_train_graph(work, probe, extra, gm)
+            if train_gm is not None:
+                front.notes.append("the model's Python differs in train mode (stochastic depth, attention dropout): "
+                                   "a second capture in train mode serves dt.train()")
+                builder = Builder(train_gm, ratio, noise=float(noise), seed=seed, strict=strict, tol=tol,
+                                  extra_rules=extra)
+                with torch.no_grad():
+                    train_result = builder.run(probe)
+                restore_call_convention(train_result.graph_module, front.export_info)
     teacher = result.graph_module
     tie_shared_parameters(model, teacher, result.sources)
     n_branch = 0
@@ -266,10 +276,29 @@ def _expand(model, ratio, inputs, noise, seed, strict, leaf_modules, concrete_ar
         verify_output(teacher, work, probe, tol)
     train_teacher = None
     if train_result is not None:
-        train_teacher = share_with(train_result.graph_module, teacher, result.sources, train_result.sources)
+        # tied parameters: one source per student parameter in the train graph too
+        tie_shared_parameters(model, train_result.graph_module, train_result.sources)
+    if train_result is not None and train_gm is not None:
+        try:
+            train_teacher = share_with(train_result.graph_module, teacher, result.sources, train_result.sources)
+        except VerificationError as e:
+            # the two captures widened a layer differently: one teacher cannot serve both; the
+            # eval-mode capture (its mode flags live) serves dt.train() too, and the report says so
+            front.notes[-1] = (f"a train-mode capture differs but could not share the teacher's parameters "
+                               f"({_first_line(e)}); dt.train() follows the eval-mode capture")
+            train_result = train_gm = None
+    if train_result is not None:
+        if train_teacher is None:
+            train_teacher = share_with(train_result.graph_module, teacher, result.sources, train_result.sources)
         with _eval_mode(model):
-            work.training = True   # the root's own branch only; submodules stay in eval mode
-            verify_output(train_teacher, work, probe, tol)
+            if train_gm is not None:
+                # the train capture's Python-level train behaviour (random ops included) is baked
+                # into both graphs: compare them on the same random stream
+                restore_call_convention(train_gm, front.export_info)
+                verify_output(train_teacher, train_gm, probe, tol, seed=0)
+            else:
+                work.training = True   # the root's own branch only; submodules stay in eval mode
+                verify_output(train_teacher, work, probe, tol)
         train_teacher = train_teacher.to(orig_dtype)
     teacher = teacher.to(orig_dtype)
     own_tensors(model, teacher, train_teacher)
@@ -425,6 +454,26 @@ def _graph_tolerance(tol: float, probe_dtype, dtypes) -> tuple[float, str | None
     low = [str(d).replace("torch.", "") for d in dtypes if TOL.get(d, tol) > tol]
     return worst, (f"the model computes in {', '.join(sorted(low))} inside a "
                    f"{str(probe_dtype).replace('torch.', '')} probe: verified to {worst:g}")
+
+
+def _export_train_graph(work, probe, extra, eval_gm):
+    """The model captured by ``torch.export`` in train mode, or ``None`` when it computes the
+    same ops as the eval-mode capture (its mode flags are live, so one graph serves both).
+    Export runs on fake tensors; buffers are restored all the same (BN running statistics)."""
+    saved = {n: b.detach().clone() for n, b in work.named_buffers()}
+    flags = [(m, m.training) for m in work.modules()]
+    work.train()
+    try:
+        train_gm, _ = export_graph(work, probe, has_rule=lambda m: has_module_rule(m, extra))
+    finally:
+        for m, f in flags:
+            m.training = f
+        with torch.no_grad():
+            for n, b in work.named_buffers():
+                b.copy_(saved[n])
+    if graph_signature(train_gm) == graph_signature(eval_gm):
+        return None
+    return train_gm
 
 
 def _first_line(e: BaseException) -> str:

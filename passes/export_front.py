@@ -48,7 +48,7 @@ from .registry import RULES
 from .trace import MODE_ATTR
 from .widen_verify import TOL, close
 
-__all__ = ["export_graph", "restore_call_convention", "ExportInfo"]
+__all__ = ["export_graph", "graph_signature", "restore_call_convention", "ExportInfo"]
 
 _aten = torch.ops.aten
 
@@ -104,12 +104,13 @@ def export_graph(model: nn.Module, inputs: tuple, *, has_rule: Callable[[nn.Modu
                          f"{type(e).__name__}: {_first_lines(e)}") from e
     src = ep.module()
     graph = copy.deepcopy(src.graph)
+    training = model.training
     info_tree = graph._codegen.pytree_info if isinstance(graph._codegen, fx.graph._PyTreeCodeGen) else None
     graph._codegen = fx.graph.CodeGen()
     _drop_checks(graph)
     _functionalize(graph)
     lifted = _lift_modules(graph, model, has_rule)
-    rebound = _rebind(graph)
+    rebound = _rebind(graph, training)
     _flatten_output(graph, info_tree)
     targets: dict[str, Any] = {}
     for node in graph.nodes:
@@ -119,7 +120,7 @@ def export_graph(model: nn.Module, inputs: tuple, *, has_rule: Callable[[nn.Modu
     mode.training = model.training
     targets[MODE_ATTR] = mode
     gm = fx.GraphModule(targets, graph, type(model).__name__)
-    with torch.no_grad():
+    with torch.no_grad(), torch.random.fork_rng():
         kept, dtypes = _check_rebinding(gm, inputs, rebound)
     gm.graph.eliminate_dead_code()    # the ops of lifted calls and reverted rewrites nobody reads
     gm.recompile()
@@ -385,7 +386,7 @@ class _Original:
     kwargs: dict
 
 
-def _rebind(graph: fx.Graph) -> dict[fx.Node, _Original]:
+def _rebind(graph: fx.Graph, training: bool) -> dict[fx.Node, _Original]:
     """Route every ATen op to the registered binding of the same op; returns the rebound nodes
     with what they were (:func:`_check_rebinding` reverts any that does not compute the same)."""
     rebound: dict[fx.Node, _Original] = {}
@@ -395,7 +396,7 @@ def _rebind(graph: fx.Graph) -> dict[fx.Node, _Original]:
             continue
         op = node.target
         if op in (_aten.dropout.default, _aten.batch_norm.default):
-            mode = _live_mode(graph, node, mode)
+            mode = _live_mode(graph, node, mode, training)
         original = _Original(node.op, op, node.args, dict(node.kwargs))
         try:
             if op in _REWRITES:
@@ -435,8 +436,11 @@ def _check_rebinding(gm: fx.GraphModule, inputs: tuple, rebound: dict[fx.Node, _
         if was is None:
             value = _run(node.op, node.target, node.args, node.kwargs, env, modules)
         else:
+            # both on the same random stream: a train-mode capture has random ops (dropout)
+            torch.manual_seed(len(env))
             ref = _run(was.op, was.target, was.args, was.kwargs, env, modules)
             try:
+                torch.manual_seed(len(env))
                 value = _run(node.op, node.target, node.args, node.kwargs, env, modules)
                 same = _same(value, ref)
             except Exception:   # the binding does not take this overload's arguments
@@ -480,10 +484,11 @@ def _same(value, ref) -> bool:
     return value == ref
 
 
-def _live_mode(graph: fx.Graph, node: fx.Node, mode: fx.Node | None) -> fx.Node:
-    """Make the baked ``training=False`` of a functional dropout / batch norm read the mode."""
+def _live_mode(graph: fx.Graph, node: fx.Node, mode: fx.Node | None, training: bool) -> fx.Node:
+    """Make the baked mode flag (``training`` at capture) of a functional dropout / batch norm
+    read the graph's mode at run time."""
     pos = 2 if node.target is _aten.dropout.default else 5
-    if len(node.args) <= pos or node.args[pos] is not False:
+    if len(node.args) <= pos or node.args[pos] is not training:
         return mode
     if node.target is _aten.batch_norm.default and (node.args[3] is None or node.args[4] is None):
         return mode      # no running statistics: batch statistics in both modes
@@ -499,6 +504,13 @@ def _live_mode(graph: fx.Graph, node: fx.Node, mode: fx.Node | None) -> fx.Node:
 
 
 # -- 4. the calling convention ----------------------------------------------------------------
+
+def graph_signature(gm: fx.GraphModule) -> list[tuple[str, str]]:
+    """The ops of a captured graph in order: two captures compute the same thing when their
+    signatures agree (the mode flags they differ in are live)."""
+    return [(n.op, str(n.target)) for n in gm.graph.nodes
+            if n.op in ("call_function", "call_method", "call_module")]
+
 
 def _flatten_output(graph: fx.Graph, info) -> None:
     """A single-tensor output is returned as itself (not as a 1-tuple)."""

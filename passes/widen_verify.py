@@ -135,14 +135,20 @@ class _Named:
 
 
 def verify_output(teacher, student, inputs: tuple, tol: float,
-                  what: str = "output (after multi-branch rewrite)") -> float:
+                  what: str = "output (after multi-branch rewrite)", seed: int | None = None) -> float:
     """Run the finished ``teacher`` and the ``student`` once on ``inputs`` and compare outputs.
 
     The lockstep check saw each node as it was built; this catches anything a later pass
-    changed (a module widened again, the multi-branch rewrite). Returns the max relative error;
-    raises :class:`~gpd_fx.errors.VerificationError` naming ``what`` when they differ.
+    changed (a module widened again, the multi-branch rewrite). ``seed``: run each on that
+    random stream (the caller's is left as it was). Returns the max relative error; raises
+    :class:`~gpd_fx.errors.VerificationError` naming ``what`` when they differ.
     """
-    with torch.no_grad():
+    with torch.no_grad(), torch.random.fork_rng():
+        # with ``seed``, both see the same random stream (graphs with random ops in them)
+        if seed is not None:
+            torch.manual_seed(seed)
         t = teacher(*inputs)
+        if seed is not None:
+            torch.manual_seed(seed)
         s = student(*inputs)
     return compare_tree(t, s, _Named(what), tol)

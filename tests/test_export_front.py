@@ -247,3 +247,42 @@ def test_raft_is_captured_by_export_and_expands_exactly():
     with torch.no_grad():
         ref = m(a, b, 2)[-1]
         assert _rel(dt(a, b, 2)[-1], ref) <= TOL[torch.float32]
+
+
+class _StochasticDepthNet(nn.Module):
+    """``if not self.training: return x`` (torchvision's StochasticDepth): the eval capture
+    bakes the identity, so train mode needs a capture of its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.drop = torchvision.ops.StochasticDepth(0.5, "row")
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        h = h + self.drop(self.b(h))
+        return self.head(h.mean((2, 3)))
+
+
+def test_train_mode_python_gets_its_own_capture():
+    torch.manual_seed(0)
+    m = _StochasticDepthNet().to(F64)
+    x = torch.randn(8, 3, 6, 6, dtype=F64)
+    dt = gpd_fx.expand(m.eval(), 2, (x,), frontend="export")
+    assert dt.teacher_train is not None
+    assert any("train mode" in n for n in dt.report.frontend_notes)
+    m.train()
+    dt.train()
+    with torch.no_grad():
+        torch.manual_seed(3)
+        ref = m(x)
+        torch.manual_seed(3)
+        out = dt(x)
+        torch.manual_seed(3)
+        stu = dt.student(x)
+        torch.manual_seed(4)
+        other = m(x)
+    assert not torch.allclose(ref, other)        # the rows dropped depend on the random stream
+    assert _rel(out, ref) <= TOL64 and _rel(stu, ref) <= TOL64
