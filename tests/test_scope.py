@@ -211,3 +211,12 @@ class CallsWithAFloat(nn.Module):
 def test_scope_called_with_a_non_tensor_is_refused():
     with pytest.raises(ScopeError, match="'part' is called with non-tensor arguments"):
         gpd_fx.expand(CallsWithAFloat(), 2, (torch.randn(1, 3, 4, 4),), scope="part")
+
+
+def test_fold_fuse_bn_fuses_inside_each_scope():
+    net, x = _net(), torch.randn(2, 3, 8, 8)
+    dt = gpd_fx.expand(net, 2, (x,), scope=["body"])
+    plain, fused = gpd_fx.fold(dt, fuse_bn=True)
+    assert type(fused) is Net and not any(isinstance(m, nn.BatchNorm2d) for m in fused.body.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x)["logits"], plain(x)["logits"], rtol=1e-4, atol=1e-5)
