@@ -163,23 +163,14 @@ def _drop_checks(graph: fx.Graph) -> None:
 
 def _functionalize(graph: fx.Graph) -> None:
     """``aten.X_.overload(a, ...)`` -> ``aten.X.overload(a, ...)``. Exact when nothing reads ``a``
-    after the op (export's graphs read the result); an in-place op on a view of another live
-    tensor would change that tensor too, which this rewrite cannot express: it is refused."""
+    after the op (export's graphs read the result). An in-place op seen through another alias
+    (a write into a slice whose base is read later) stays in place when that base is a tensor
+    the graph creates from sizes alone (Swin's attention-mask image): it is never widened, the
+    teacher runs the same ops on it, and the lockstep verification checks every later reader.
+    Any other such write cannot be expressed and is refused."""
     order = {n: i for i, n in enumerate(graph.nodes)}
     for node in list(graph.nodes):
-        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
-            continue
-        schema = node.target._schema
-        if not schema.arguments or schema.arguments[0].alias_info is None \
-                or not schema.arguments[0].alias_info.is_write:
-            continue
-        name = node.target.__name__.split(".")[0]
-        if not name.endswith("_"):
-            continue     # out= variants and copy_-like ops: kept, reported by _rebind
-        packet = getattr(_aten, name[:-1], None)
-        overload = node.target._overloadname
-        pure = getattr(packet, overload, None) if packet is not None else None
-        if pure is None:
+        if not _mutates(node):
             continue
         target = node.args[0]
         # export already points later readers of the mutated tensor at the in-place op's result;
@@ -187,10 +178,36 @@ def _functionalize(graph: fx.Graph) -> None:
         # reader of any tensor that shares memory with the mutated one (its view base, other
         # views of that base, or the old node itself)
         if isinstance(target, fx.Node) and _read_after(_aliases(target), node, order):
+            if _created(_base(target)):
+                continue
             raise TraceError(f"the exported graph mutates a view in place at {node.format_node()}; "
                              "the export front end cannot express it. Fix: use the out-of-place op in the "
                              "model (e.g. x = x + y instead of x += y on a slice), or frontend='fx'")
-        node.target = pure
+        name = node.target.__name__.split(".")[0]
+        if not name.endswith("_"):
+            continue     # out= variants and copy_-like ops: kept as ATen calls
+        packet = getattr(_aten, name[:-1], None)
+        pure = getattr(packet, node.target._overloadname, None) if packet is not None else None
+        if pure is not None:
+            node.target = pure
+
+
+def _mutates(node: fx.Node) -> bool:
+    """An ATen call that writes its first argument."""
+    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+        return False
+    args = node.target._schema.arguments
+    return bool(args) and args[0].alias_info is not None and args[0].alias_info.is_write
+
+
+# ops that create a tensor from sizes and constants only (no input values, no input shapes)
+_CREATED = {"zeros", "ones", "empty", "full", "new_zeros", "new_ones", "new_empty", "new_full", "arange",
+            "scalar_tensor", "lift_fresh_copy"}
+
+
+def _created(node: fx.Node) -> bool:
+    return node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload) \
+        and node.target.__name__.split(".")[0] in _CREATED
 
 
 _VIEW_OPS = {"view", "reshape", "transpose", "permute", "select", "slice", "expand", "unsqueeze",
@@ -198,11 +215,16 @@ _VIEW_OPS = {"view", "reshape", "transpose", "permute", "select", "slice", "expa
              "diagonal", "alias", "detach"}
 
 
+def _base(node: fx.Node) -> fx.Node:
+    """The tensor ``node`` is a (chain of) view(s) of."""
+    while _is_view(node) and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
+
+
 def _aliases(node: fx.Node) -> set[fx.Node]:
     """``node``, the base it is a view of, and every view derived from that base."""
-    base = node
-    while _is_view(base) and isinstance(base.args[0], fx.Node):
-        base = base.args[0]
+    base = _base(node)
     found, todo = {base}, [base]
     while todo:
         for user in todo.pop().users:
@@ -395,6 +417,8 @@ def _rebind(graph: fx.Graph, training: bool) -> dict[fx.Node, _Original]:
         if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
             continue
         op = node.target
+        if _mutates(node):
+            continue     # left in place on purpose (_functionalize): run as the ATen op itself
         if op in (_aten.dropout.default, _aten.batch_norm.default):
             mode = _live_mode(graph, node, mode, training)
         original = _Original(node.op, op, node.args, dict(node.kwargs))

@@ -7,4 +7,4 @@ claim is an error at import rather than a silent override.
 from ..registry import builtin_rules
 
 with builtin_rules():
-    from . import attention, elementwise, guards, linear_ops, norm, recurrent, reduce, shape, stochastic, timm_layers, video  # noqa: F401
+    from . import attention, creation, elementwise, guards, linear_ops, norm, recurrent, reduce, shape, stochastic, timm_layers, video  # noqa: F401
