@@ -361,6 +361,14 @@ def _to(graph: fx.Graph, node: fx.Node) -> None:
     node.op, node.target, node.kwargs = "call_method", "to", k
 
 
+def _batch_norm(graph: fx.Graph, node: fx.Node) -> None:
+    """``aten.batch_norm(x, w, b, mean, var, training, momentum, eps, cudnn)`` ->
+    ``F.batch_norm(x, mean, var, w, b, training, momentum, eps)`` (timm's BatchNormAct2d calls
+    the functional form; its module has children, so it is not lifted)."""
+    x, w, b, mean, var, training, momentum, eps = node.args[:8]
+    node.target, node.args, node.kwargs = F.batch_norm, (x, mean, var, w, b, training, momentum, eps), {}
+
+
 def _method(name: str):
     def rewrite(graph: fx.Graph, node: fx.Node) -> None:
         node.op, node.target = "call_method", name
@@ -381,6 +389,7 @@ _REWRITES: dict[Any, Callable[[fx.Graph, fx.Node], None]] = {
     _aten.slice.Tensor: _slice,
     _aten.select.int: _select,
     _aten.to.dtype_layout: _to,
+    _aten.batch_norm.default: _batch_norm,
     _aten.addmm.default: _addmm,
     _aten.sym_size.int: _method("size"),
     _aten.mm.default: _function(torch.matmul),
