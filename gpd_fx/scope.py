@@ -207,7 +207,10 @@ def expand_scoped(model: nn.Module, ratio: int, inputs: tuple, scope, *, verify_
             hint = ("Post-processing that selects (top-k, NMS, score thresholds) is discontinuous: rounding of "
                     f"the scopes' outputs in {str(probe_dtype).replace('torch.', '')} can change which boxes are "
                     "kept. Verify with verify_dtype=torch.float64") if probe_dtype != torch.float64 else \
-                "Report this as a bug with the model"
+                ("If the scopes' errors above are at rounding level, the difference comes after them: a selection "
+                 "among exactly tied scores (constant image regions, score thresholds of 0) can flip on a 1e-16 "
+                 "difference; verify on inputs without ties (e.g. distinct random images at the model's size). "
+                 "Otherwise report this as a bug with the model")
             raise VerificationError(f"{e}. Each scope's own outputs agree with the student's (max rel. error "
                                     f"{scoped}); the rest of the model amplifies the difference. {hint}") from e
     if verify_dtype is not None:
