@@ -471,16 +471,7 @@ def test_joint_equals_separate_teacher_and_student(mode, mid):
     ref = copy.deepcopy(dt)
     x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
     t, s = dt.joint(x)
-    t_ref, s_ref = ref(x), ref.student(x)
-    assert_close(t, t_ref, atol=1e-12, rtol=0)   # float64, same ops up to summation order
-    assert_close(s, s_ref, atol=1e-12, rtol=0)
-    wt, ws = torch.randn_like(t), torch.randn_like(s)
-    ((t * wt).sum() + (s * ws).sum()).backward()
-    ((t_ref * wt).sum() + (s_ref * ws).sum()).backward()
-    for (n, p), q in zip(dt.named_parameters(), ref.parameters()):
-        assert (p.grad is None) == (q.grad is None), n
-        if p.grad is not None:
-            assert_close(p.grad, q.grad, atol=1e-11, rtol=1e-12, msg=n)
+    _assert_joint_matches_separate_calls(dt, ref, x, t, s)
 
 
 def test_bad_mid_is_a_typed_error_naming_the_layer():
@@ -670,16 +661,7 @@ def test_joint_student_kernel_of_live_taps_is_exact(mode, monkeypatch):
     x = torch.randn(4, 3, 4, 4, dtype=torch.float64)
     t, s = dt.joint(x)
     assert len(boxes) >= 2, boxes        # c2 and c3 (and c5) at least
-    t_ref, s_ref = ref(x), ref.student(x)
-    assert_close(t, t_ref, atol=1e-12, rtol=0)
-    assert_close(s, s_ref, atol=1e-12, rtol=0)
-    wt, ws = torch.randn_like(t), torch.randn_like(s)
-    ((t * wt).sum() + (s * ws).sum()).backward()
-    ((t_ref * wt).sum() + (s_ref * ws).sum()).backward()
-    for (n, p), q in zip(dt.named_parameters(), ref.parameters()):
-        assert (p.grad is None) == (q.grad is None), n
-        if p.grad is not None:
-            assert_close(p.grad, q.grad, atol=1e-11, rtol=1e-12, msg=n)
+    _assert_joint_matches_separate_calls(dt, ref, x, t, s)
 
 
 def test_student_kernel_of_live_taps_at_call_is_exact(monkeypatch):
@@ -726,3 +708,18 @@ def test_student_kernel_of_live_taps_at_call_is_exact(monkeypatch):
     with torch.no_grad():
         assert_close(dt.student(x), functional_call(ref.template, ref.student_state_dict(), (x,),
                                                     tie_weights=True, strict=False), atol=1e-12, rtol=0)
+
+
+def _assert_joint_matches_separate_calls(dt, ref, x, t, s):
+    """``(t, s) = dt.joint(x)`` equals ``ref(x), ref.student(x)`` on an unchanged copy ``ref`` of
+    ``dt``, in value and in every teacher gradient (float64: the same ops up to summation order)."""
+    t_ref, s_ref = ref(x), ref.student(x)
+    assert_close(t, t_ref, atol=1e-12, rtol=0)
+    assert_close(s, s_ref, atol=1e-12, rtol=0)
+    wt, ws = torch.randn_like(t), torch.randn_like(s)
+    ((t * wt).sum() + (s * ws).sum()).backward()
+    ((t_ref * wt).sum() + (s_ref * ws).sum()).backward()
+    for (n, p), q in zip(dt.named_parameters(), ref.parameters()):
+        assert (p.grad is None) == (q.grad is None), n
+        if p.grad is not None:
+            assert_close(p.grad, q.grad, atol=1e-11, rtol=1e-12, msg=n)
