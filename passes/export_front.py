@@ -152,13 +152,37 @@ _CHECKS = {_aten._assert_tensor_metadata.default, _aten._assert_scalar.default,
 
 
 def _drop_checks(graph: fx.Graph) -> None:
-    """Remove export's own guards (``_guards_fn``, metadata asserts): the teacher has its own
-    shape guards, and the verification runs the captured graph."""
+    """Replace export's own checks (``_guards_fn``, metadata asserts) by one
+    :func:`input_shape_guard` per tensor input: the shapes the capture fixed, which the teacher
+    graph keeps (a reshape to a captured sequence length would otherwise silently mix samples)."""
     for node in list(graph.nodes):
         if (node.op == "call_module" and node.target == "_guards_fn") or \
                 (node.op == "call_function" and node.target in _CHECKS):
-            node.replace_all_uses_with(None) if node.users else None
-            graph.erase_node(node)
+            graph.erase_node(node)     # their results are never read
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    if not placeholders:
+        return
+    with graph.inserting_after(placeholders[-1]):
+        for p in reversed(placeholders):
+            val = p.meta.get("val")
+            if not isinstance(val, torch.Tensor):
+                continue
+            shape = tuple(d if isinstance(d, int) else None for d in val.shape)
+            graph.call_function(input_shape_guard, (p, shape, p.name))
+
+
+@fx.node.has_side_effect
+def input_shape_guard(x, shape: tuple, name: str) -> None:
+    """The teacher's check that an input has the shape the ``torch.export`` capture fixed
+    (``None``: a dimension the capture kept dynamic, the batch)."""
+    if not isinstance(x, torch.Tensor):
+        return
+    if x.dim() != len(shape) or any(s is not None and x.shape[i] != s for i, s in enumerate(shape)):
+        fixed = tuple("N" if s is None else s for s in shape)
+        raise RuntimeError(
+            f"gpd_fx: the teacher was captured by torch.export with input {name!r} of shape {fixed} "
+            f"(only N may change), got {tuple(x.shape)}. Expand with example inputs of the shape you "
+            "run the model on.")
 
 
 def _functionalize(graph: fx.Graph) -> None:

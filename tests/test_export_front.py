@@ -286,3 +286,15 @@ def test_train_mode_python_gets_its_own_capture():
         other = m(x)
     assert not torch.allclose(ref, other)        # the rows dropped depend on the random stream
     assert _rel(out, ref) <= TOL64 and _rel(stu, ref) <= TOL64
+
+
+def test_the_teacher_refuses_an_input_shape_the_capture_fixed():
+    """Only the batch dimension is dynamic in an export capture; any other change of shape
+    would run reshapes sized for the example (silently mixing samples), so it is refused."""
+    torch.manual_seed(0)
+    m = torchvision.models.resnet18(num_classes=10).eval()
+    dt = gpd_fx.expand(m, 2, (torch.randn(2, 3, 32, 32),), frontend="export")
+    with torch.no_grad():
+        dt(torch.randn(3, 3, 32, 32))
+        with pytest.raises(RuntimeError, match=r"captured by torch.export with input 'x' of shape \('N', 3, 32, 32\)"):
+            dt(torch.randn(2, 3, 64, 64))
