@@ -278,18 +278,17 @@ def _expand(model, ratio, inputs, noise, seed, strict, leaf_modules, concrete_ar
     if train_result is not None:
         # tied parameters: one source per student parameter in the train graph too
         tie_shared_parameters(model, train_result.graph_module, train_result.sources)
-    if train_result is not None and train_gm is not None:
         try:
             train_teacher = share_with(train_result.graph_module, teacher, result.sources, train_result.sources)
         except VerificationError as e:
-            # the two captures widened a layer differently: one teacher cannot serve both; the
-            # eval-mode capture (its mode flags live) serves dt.train() too, and the report says so
+            if train_gm is None:
+                raise
+            # the two export captures widened a layer differently: one teacher cannot serve both;
+            # the eval-mode capture (its mode flags live) serves dt.train() too, and the report says so
             front.notes[-1] = (f"a train-mode capture differs but could not share the teacher's parameters "
                                f"({_first_line(e)}); dt.train() follows the eval-mode capture")
             train_result = train_gm = None
     if train_result is not None:
-        if train_teacher is None:
-            train_teacher = share_with(train_result.graph_module, teacher, result.sources, train_result.sources)
         with _eval_mode(model):
             if train_gm is not None:
                 # the train capture's Python-level train behaviour (random ops included) is baked

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import copy
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -46,6 +46,7 @@ from gpd_fx.errors import TraceError
 from .module_paths import get_path
 from .registry import RULES
 from .trace import MODE_ATTR
+from .widen_emit import execute
 from .widen_verify import TOL, close
 
 __all__ = ["export_graph", "graph_signature", "restore_call_convention", "ExportInfo"]
@@ -60,10 +61,9 @@ class ExportInfo:
 
     pytree_info: Any
     kept_aten: dict[str, int]
-    lifted_modules: int
     # floating dtypes the graph computes in: a float64 model whose code casts to float32
     # (Llama's RMSNorm and rotary embedding) is only as exact as float32
-    float_dtypes: set = None
+    float_dtypes: set = field(default_factory=set)
 
 
 def _dynamic_batch(inputs: tuple):
@@ -109,7 +109,7 @@ def export_graph(model: nn.Module, inputs: tuple, *, has_rule: Callable[[nn.Modu
     graph._codegen = fx.graph.CodeGen()
     _drop_checks(graph)
     _functionalize(graph)
-    lifted = _lift_modules(graph, model, has_rule)
+    _lift_modules(graph, model, has_rule)
     rebound = _rebind(graph, training)
     _flatten_output(graph, info_tree)
     targets: dict[str, Any] = {}
@@ -126,8 +126,7 @@ def export_graph(model: nn.Module, inputs: tuple, *, has_rule: Callable[[nn.Modu
     gm.recompile()
     gm.meta["gpd_leaf_instances"] = []
     gm.meta["gpd_root_mode_dependent"] = False
-    gm.meta["gpd_frontend"] = "export"
-    return gm, ExportInfo(info_tree, kept, lifted, dtypes)
+    return gm, ExportInfo(info_tree, kept, dtypes)
 
 
 def _first_lines(e: BaseException, n: int = 6) -> str:
@@ -279,7 +278,7 @@ def _innermost(node: fx.Node) -> str | None:
     return list(stack.keys())[-1]
 
 
-def _lift_modules(graph: fx.Graph, model: nn.Module, has_rule: Callable[[nn.Module], bool]) -> int:
+def _lift_modules(graph: fx.Graph, model: nn.Module, has_rule: Callable[[nn.Module], bool]) -> None:
     """Replace each call of a leaf module with a module rule by one ``call_module`` node."""
     groups: dict[str, list[fx.Node]] = {}
     for node in graph.nodes:
@@ -287,7 +286,6 @@ def _lift_modules(graph: fx.Graph, model: nn.Module, has_rule: Callable[[nn.Modu
             key = _innermost(node)
             if key is not None:
                 groups.setdefault(key, []).append(node)
-    lifted = 0
     for key, nodes in groups.items():
         path = nodes[0].meta["nn_module_stack"][key][0]
         try:
@@ -308,8 +306,6 @@ def _lift_modules(graph: fx.Graph, model: nn.Module, has_rule: Callable[[nn.Modu
         for n in reversed(nodes):
             if not n.users:
                 graph.erase_node(n)
-        lifted += 1
-    return lifted
 
 
 def _single_call(nodes: list[fx.Node], owned: Callable[[str], bool]) -> tuple[fx.Node, fx.Node] | None:
@@ -517,13 +513,9 @@ def _check_rebinding(gm: fx.GraphModule, inputs: tuple, rebound: dict[fx.Node, _
 
 
 def _run(op, target, args, kwargs, env, modules):
-    a = fx.node.map_arg(args, lambda n: env[n])
-    k = fx.node.map_arg(kwargs, lambda n: env[n])
-    if op == "call_function":
-        return target(*a, **k)
-    if op == "call_method":
-        return getattr(a[0], target)(*a[1:], **k)
-    return modules[target](*a, **k)
+    """One node on the values in ``env`` (the builder's own executor)."""
+    return execute(op, target, fx.node.map_arg(args, env.__getitem__), fx.node.map_arg(kwargs, env.__getitem__),
+                   modules.__getitem__)
 
 
 def _same(value, ref) -> bool:

@@ -797,3 +797,16 @@ class GenViT(nn.Module):
         else:
             x = x.mean(dim=1)
         return self.head(self.fc_norm(x))
+
+
+def randomize_branch_scales(dt, seed: int = 1) -> None:
+    """Move every multi-branch layer's scale vectors ``v_<kind>`` away from their init (zero for
+    the extra branches), so that every branch carries value and gradient in a test."""
+    from gpd_fx.passes.branches import _Branched
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in dt.teacher.modules():
+            if isinstance(m, _Branched):
+                for v in m._scales().values():
+                    v.normal_(generator=g)

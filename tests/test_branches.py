@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.testing import assert_close
 
+from nets import randomize_branch_scales
+
 from gpd_fx.errors import GPDError
 from gpd_fx.passes.branches import (
     BRANCH_KINDS_CONV,
@@ -463,11 +465,7 @@ def test_joint_equals_separate_teacher_and_student(mode, mid):
     net = _Net().double()
     dt = gpd_fx.expand(net, ratio=2, example_inputs=(torch.randn(2, 3, 8, 8, dtype=torch.float64),),
                        branches={"mid": mid, "mode": mode}).train()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for n, p in dt.named_parameters():
-            if ".v_" in n:
-                p.normal_(generator=g)
+    randomize_branch_scales(dt)
     ref = copy.deepcopy(dt)
     x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
     t, s = dt.joint(x)
@@ -647,11 +645,7 @@ def test_joint_student_kernel_of_live_taps_is_exact(mode, monkeypatch):
     net = _SmallMaps().double()
     dt = gpd_fx.expand(net, ratio=2, example_inputs=(torch.randn(2, 3, 4, 4, dtype=torch.float64),),
                        branches={"mode": mode}).train()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for n, p in dt.named_parameters():
-            if ".v_" in n:
-                p.normal_(generator=g)
+    randomize_branch_scales(dt)
     cut = {n: m.__dict__.get("_student_cut") for n, m in dt.teacher.named_modules() if isinstance(m, BranchConvNd)}
     assert cut["c4"] is False and cut["c3"] is True and cut["c2"] is True, cut
     boxes = []
@@ -679,11 +673,7 @@ def test_student_kernel_of_live_taps_at_call_is_exact(monkeypatch):
     net = _SmallMaps().double()
     dt = gpd_fx.expand(net, ratio=2, example_inputs=(torch.randn(2, 3, 4, 4, dtype=torch.float64),),
                        branches=None).train()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for n, p in dt.named_parameters():
-            if ".v_" in n:
-                p.normal_(generator=g)
+    randomize_branch_scales(dt)
     ref = copy.deepcopy(dt)
     boxes = []
     orig = BranchConvNd._unbox

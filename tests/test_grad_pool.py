@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from torch.testing import assert_close
 
+from nets import randomize_branch_scales
+
 import gpd_fx
 from gpd_fx.passes.student_map import _GradPool
 
@@ -41,11 +43,7 @@ def _dt(branches):
     net = _Net().double()
     dt = gpd_fx.expand(net, ratio=2, example_inputs=(torch.randn(2, 3, 8, 8, dtype=torch.float64),),
                        branches=branches).train()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for n, p in dt.named_parameters():
-            if ".v_" in n:   # scales away from their init, so every branch carries gradient
-                p.normal_(generator=g)
+    randomize_branch_scales(dt)
     return dt
 
 

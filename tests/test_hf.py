@@ -14,6 +14,7 @@ import torch
 
 import gpd_fx
 from gpd_fx.passes.widen_verify import TOL
+from gpd_fx.testing.hf import SEQ_LEN, VOCAB, build_hf
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
@@ -22,26 +23,16 @@ F64 = torch.float64
 
 
 def _ids(batch=2):
-    return torch.randint(0, 100, (batch, 16), generator=torch.Generator().manual_seed(batch))
+    return torch.randint(0, VOCAB, (batch, SEQ_LEN), generator=torch.Generator().manual_seed(batch))
 
 
 def _image(batch=2):
     return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(batch), dtype=F64)
 
 
-CASES = {
-    "bert": (lambda T: T.BertModel(T.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
-                                                num_attention_heads=4, intermediate_size=64)), _ids),
-    "gpt2": (lambda T: T.GPT2LMHeadModel(T.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4,
-                                                      use_cache=False, bos_token_id=0, eos_token_id=0)), _ids),
-    # grouped-query attention: 4 heads share 2 key/value heads
-    "llama": (lambda T: T.LlamaForCausalLM(T.LlamaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
-                                                         num_attention_heads=4, num_key_value_heads=2,
-                                                         intermediate_size=64, use_cache=False)), _ids),
-    "vit": (lambda T: T.ViTForImageClassification(T.ViTConfig(image_size=32, patch_size=8, hidden_size=32,
-                                                              num_hidden_layers=2, num_attention_heads=4,
-                                                              intermediate_size=64, num_labels=10)), _image),
-}
+# the zoo's own small configs (gpd_fx.testing.hf): BERT, GPT-2, Llama with grouped-query
+# attention (4 heads share 2 key/value heads), ViT; name -> example-input maker
+CASES = {"bert": _ids, "gpt2": _ids, "llama": _ids, "vit": _image}
 
 
 def _main(out):
@@ -59,9 +50,9 @@ def _tolerance(dt) -> float:
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_hf_model_expands_exactly_trains_and_folds(name):
-    build, make_input = CASES[name]
+    make_input = CASES[name]
     torch.manual_seed(0)
-    model = build(transformers).to(F64).eval()
+    model = build_hf(name).to(F64).eval()
     x = make_input()
     dt = gpd_fx.expand(model, 2, (x,))
     r = dt.report
@@ -98,8 +89,8 @@ def test_hf_model_expands_exactly_trains_and_folds(name):
 
 
 def test_tied_embeddings_stay_tied_through_fold():
-    build, make_input = CASES["gpt2"]
-    model = build(transformers).to(F64).eval()
+    make_input = CASES["gpt2"]
+    model = build_hf("gpt2").to(F64).eval()
     assert model.lm_head.weight is model.transformer.wte.weight
     dt = gpd_fx.expand(model, 2, (make_input(),))
     folded = gpd_fx.fold(dt)
@@ -107,24 +98,23 @@ def test_tied_embeddings_stay_tied_through_fold():
 
 
 def test_forcing_fx_on_a_hf_model_says_why():
-    build, make_input = CASES["bert"]
+    make_input = CASES["bert"]
     with pytest.raises(gpd_fx.errors.TraceError, match="torch.fx could not trace BertModel"):
-        gpd_fx.expand(build(transformers).eval(), 2, (make_input(),), frontend="fx")
+        gpd_fx.expand(build_hf("bert").eval(), 2, (make_input(),), frontend="fx")
 
 
 @pytest.mark.parametrize("name", ["bert_mask", "t5_encoder"])
 def test_attention_masks_and_position_bias_expand_without_boundaries(name):
     """A padding mask (BERT) and T5's relative position bias (an Embedding with one column per
     head, added as a float mask) reach attention; neither may cut it to student width."""
-    T = transformers
     ids = _ids()
     if name == "bert_mask":
-        model = CASES["bert"][0](T)
+        model = build_hf("bert")
         mask = torch.ones_like(ids)
         mask[1, 10:] = 0
         inputs = (ids, mask)
     else:
-        model = T.T5EncoderModel(T.T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4))
+        model = build_hf("t5_encoder")
         inputs = (ids,)
     model = model.to(F64).eval()
     dt = gpd_fx.expand(model, 2, inputs)
@@ -146,9 +136,9 @@ def test_llama_is_float64_exact_once_its_norm_stays_in_float64(monkeypatch):
         return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
 
     monkeypatch.setattr(modeling_llama.LlamaRMSNorm, "forward", rms_norm_in_input_dtype)
-    build, make_input = CASES["llama"]
+    make_input = CASES["llama"]
     torch.manual_seed(0)
-    model = build(transformers).to(F64).eval()
+    model = build_hf("llama").to(F64).eval()
     dt = gpd_fx.expand(model, 2, (make_input(),))
     x3 = make_input(3)
     with torch.no_grad():
