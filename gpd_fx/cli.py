@@ -67,7 +67,7 @@ def _positive_int(text: str) -> int:
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
-    from gpd_fx.compile import COMPILE_MODES
+    from gpd_fx.compile import COMPILE_MODE_HELP, COMPILE_MODES
     from gpd_fx.losses import KD_LOSSES, GPDLossConfig
     from gpd_fx.trainer import AMP_MODES, OPTIMIZERS, PARAM_GROUPS, SCHEDULES, TrainConfig
 
@@ -156,9 +156,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--overwrite", action="store_true",
                    help="replace a run already in --out (its checkpoint, metrics, plot, student and cached "
                         "static-teacher files are deleted first; other files are kept) (default: refuse)")
-    g.add_argument("--compile", choices=COMPILE_MODES, help="compile the training step: none (eager), inductor "
-                                                            "(torch.compile), gpd (our AOTAutograd backend: no "
-                                                            f"Triton, CUDA graphs on CUDA) (default: {d.compile})")
+    g.add_argument("--compile", choices=COMPILE_MODES,
+                   help="compile the training step: " + "; ".join(f"{k} = {v}" for k, v in COMPILE_MODE_HELP.items())
+                        + f" (default: {d.compile})")
     g.add_argument("--device", help=f"auto, cpu, cuda or cuda:N (default: {d.device})")
     g.add_argument("--amp", choices=AMP_MODES, help=f"mixed precision autocast (default: {d.amp})")
     g.add_argument("--threads", type=int, help="intra-op CPU threads; 0 = PyTorch's default (all cores). Default: "

@@ -43,6 +43,17 @@ def test_help_documents_every_option(command, capsys):
             assert option in text, option
 
 
+def test_compile_help_says_what_each_mode_is_for():
+    """--compile's help carries the one description per mode (gpd_fx.compile.COMPILE_MODE_HELP),
+    so a CPU user reads that the gpd backend runs at eager speed there and Inductor is the choice."""
+    from gpd_fx.compile import COMPILE_MODE_HELP, COMPILE_MODES
+    (action,) = [a for a in _subparsers(cli.build_parser())["train"]._actions if "--compile" in a.option_strings]
+    assert set(COMPILE_MODE_HELP) == set(COMPILE_MODES)
+    for mode, text in COMPILE_MODE_HELP.items():
+        assert f"{mode} = {text}" in action.help
+    assert "prefer inductor" in COMPILE_MODE_HELP["gpd"]
+
+
 def test_console_script_user_error_is_one_line_without_traceback():
     """The installed `gpd-fx` (or `python -m gpd_fx.cli`) exits 1 with one 'gpd-fx: error:' line."""
     exe = shutil.which("gpd-fx")
