@@ -172,30 +172,42 @@ def _trailing_dims_rule(count):
     return rule
 
 
-def _pool_dims(ctx, node, nd):
-    m = ctx.module() if node.op == "call_module" else None
-    name = type(m).__name__ if m is not None else getattr(node.target, "__name__", "")
-    for k in (3, 2, 1):
-        if f"{k}d" in name:
-            return k
-    return nd - 2
-
-
-_POOL_MODULES = [nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-                 nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
-                 nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
-                 nn.LPPool1d, nn.LPPool2d, nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d]
-_POOL_FUNCTIONS = [F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
-                   F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
-                   F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
-                   F.lp_pool1d, F.lp_pool2d, F.interpolate, F.upsample, F.upsample_nearest,
-                   F.upsample_bilinear, torch.max_pool2d, torch.avg_pool1d, torch.adaptive_avg_pool1d,
-                   F.max_pool2d_with_indices]
+# Spatial rank of each pooling / resampling op: the op acts on that many trailing dims, and the
+# dim before them is the channel dim (batched or not). Ops whose rank follows the input
+# (nn.Upsample, F.interpolate) are not listed: they act on every dim after (N, C).
+_POOL_RANK: dict = {}
+for _rank, _ops in {
+    1: [nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d, nn.LPPool1d,
+        F.max_pool1d, F.avg_pool1d, F.adaptive_avg_pool1d, F.adaptive_max_pool1d, F.lp_pool1d,
+        torch.avg_pool1d, torch.adaptive_avg_pool1d],
+    2: [nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.LPPool2d,
+        nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d,
+        F.adaptive_max_pool2d, F.lp_pool2d, F.upsample_bilinear, torch.max_pool2d, F.max_pool2d_with_indices],
+    3: [nn.MaxPool3d, nn.AvgPool3d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool3d,
+        F.max_pool3d, F.avg_pool3d, F.adaptive_avg_pool3d, F.adaptive_max_pool3d],
+}.items():
+    _POOL_RANK.update(dict.fromkeys(_ops, _rank))
 # the ATen resampling ops behind F.interpolate, by their Python bindings: what the torch.export
 # front end sees where torch.fx sees F.interpolate
-_UPSAMPLE_BINDINGS = [getattr(torch._C._nn, f"upsample_{kind}") for kind in (
-    "nearest1d", "nearest2d", "nearest3d", "linear1d", "bilinear2d", "bicubic2d", "trilinear3d")
-    if hasattr(torch._C._nn, f"upsample_{kind}")]
+_UPSAMPLE_BINDINGS = []
+for _kind, _rank in (("nearest1d", 1), ("nearest2d", 2), ("nearest3d", 3), ("linear1d", 1), ("bilinear2d", 2),
+                     ("bicubic2d", 2), ("trilinear3d", 3)):
+    if hasattr(torch._C._nn, f"upsample_{_kind}"):
+        _UPSAMPLE_BINDINGS.append(getattr(torch._C._nn, f"upsample_{_kind}"))
+        _POOL_RANK[_UPSAMPLE_BINDINGS[-1]] = _rank
+_RANK_OF_INPUT = [nn.Upsample, F.interpolate, F.upsample, F.upsample_nearest]
+
+
+def _pool_dims(ctx, node, nd):
+    """Number of trailing dims the pooling / resampling op of ``node`` acts on (from its type or
+    function, never its name); ``nd - 2`` for ops whose rank follows the (N, C, ...) input."""
+    keys = type(ctx.module()).__mro__ if node.op == "call_module" else (node.target,)
+    return next((_POOL_RANK[k] for k in keys if k in _POOL_RANK), nd - 2)
+
+
+_POOL_MODULES = [k for k in _POOL_RANK if isinstance(k, type)] + [nn.Upsample]
+_POOL_FUNCTIONS = [k for k in _POOL_RANK if not isinstance(k, type) and k not in _UPSAMPLE_BINDINGS] + \
+    [f for f in _RANK_OF_INPUT if not isinstance(f, type)]
 register(*_POOL_MODULES, *_POOL_FUNCTIONS, *_UPSAMPLE_BINDINGS, transparent=True)(_trailing_dims_rule(_pool_dims))
 
 
