@@ -19,11 +19,12 @@ from ..layout import Layout, gpd_sum_correction, interleaved
 from ..registry import CannotExpand, register, register_when_imported
 from ..weights import widen_per_channel
 from ._common import arg, clone_module
+from .linear_ops import _expand_output
 
 
 def _matmul_param(ctx, node, a, b, la, lb):
     """``x @ P`` with ``P`` a parameter used as a weight (in, out): apply the weight rule."""
-    from .linear_ops import _expand_output, weight_arg
+    from .linear_ops import weight_arg
 
     pv = ctx.sval(b)
     out_lay = interleaved(pv.shape[-1], ctx.r, ctx.out.dim() - 1) if _expand_output(ctx, pv.shape[-1]) else None
@@ -193,19 +194,55 @@ def _stacked(lay: Layout, parts: int, dim: int) -> Layout:
 
 
 def _install_torchvision_rules() -> None:
-    from torchvision.models.swin_transformer import shifted_window_attention
+    # torchvision wraps these with ``torch.fx.wrap`` (the 2-D Swin and the 3-D video Swin each
+    # have their own copies), so each is one ``call_function`` node the rule replaces whole
+    from torchvision.models import swin_transformer as swin2d
+    from torchvision.models.video import swin_transformer as swin3d
 
-    register(shifted_window_attention)(swin_window_attention)
+    register(swin2d.shifted_window_attention, swin3d.shifted_window_attention_3d)(swin_window_attention)
+    register(swin2d._get_relative_position_bias, swin3d._get_relative_position_bias)(relative_position_bias)
 
 
 register_when_imported("torchvision", _install_torchvision_rules)
 
 
+def relative_position_bias(ctx, node):
+    """torchvision Swin's ``_get_relative_position_bias(table, index, window_size)`` (2-D and 3-D):
+    gathers the ``(L, H)`` table by ``index`` into the ``(1, H, N, N)`` bias added per head.
+
+    The bias is read by an attention with r*H heads (:func:`swin_window_attention`), head
+    ``h*r + k`` a copy of head ``h``: a parameter table is widened in place along its head
+    column, interleaved, so each teacher head has its own bias (equal at initialisation, free to
+    differ in training) and nothing is repeated at run time. A computed table (Swin V2's MLP of
+    the coordinates) keeps the layout it arrives in; the gather only moves positions."""
+    table = node.args[0]
+    lay = ctx.layout(table)
+    heads = ctx.sval(table).shape[1]
+    if lay is None:
+        if table.op != "get_attr" or not _expand_output(ctx, heads):
+            return ctx.emit_same(), None
+        wide = ctx.to_layout(table, interleaved(heads, ctx.r, 1))
+        lay = interleaved(heads, ctx.r, 1)
+    elif lay.dim != 1:
+        raise CannotExpand("relative position table widened along its positions, not its heads")
+    else:
+        wide = ctx.dt(table)
+    return ctx.call_function(node.target, wide, *ctx.dt(node.args[1:]), **ctx.dt(node.kwargs)), lay
+
+
 def swin_window_attention(ctx, node):
-    """torchvision's ``shifted_window_attention`` (an fx-wrapped function) with r*H heads."""
+    """torchvision's shifted-window attention, 2-D ``shifted_window_attention`` and 3-D
+    ``shifted_window_attention_3d`` (fx-wrapped functions with the same parameter names; only the
+    2-D one has V2's ``logit_scale``), run with r*H heads of the student's head dim.
+
+    The input ``(B, *spatial, C)`` is widened on its channels; q/k/v and the projection weights
+    are widened in place by the weight rule into the head-major layout, the relative position
+    bias (and V2's per-head logit scale) gets one copy per head copy, and the function itself
+    partitions windows and computes ``head_dim = C / heads`` from the widened sizes: the same
+    head dim, so the softmax scale needs no correction."""
     import inspect
 
-    from .linear_ops import _expand_output, weight_arg
+    from .linear_ops import weight_arg
 
     sig = inspect.signature(node.target)
     bound = sig.bind(*node.args, **node.kwargs)
@@ -226,8 +263,8 @@ def swin_window_attention(ctx, node):
                 "num_heads"}
     # map only what is passed through: mapping a parameter would pin it at student width
     new = {k: ctx.dt(v) for k, v in a.items() if k not in replaced}
-    for k in ("qkv_bias", "proj_bias", "logit_scale"):
-        if a.get(k) is None:
+    for k in replaced & a.keys():
+        if a[k] is None:
             new[k] = None
     new["qkv_weight"] = weight_arg(ctx, a["qkv_weight"], 0, 1, qkv_lay, lay.index, c)
     new["proj_weight"] = weight_arg(ctx, a["proj_weight"], 0, 1, out_lay, hm.index, c)
@@ -264,7 +301,7 @@ def multihead_attention(ctx, node):
     r = ctx.r
     hm = head_major(e, m.num_heads, r, 0)
     qkv_lay = _stacked(hm, 3, 0)
-    from .linear_ops import _expand_output, widen_linear_weight
+    from .linear_ops import widen_linear_weight
     from ..weights import widen_per_channel
 
     out_lay = interleaved(e, r, 0) if _expand_output(ctx, e) else None
