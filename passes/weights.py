@@ -52,10 +52,11 @@ def widen_weight(w: Tensor, *, out_dim: int, out_index: Tensor | None, in_dim: i
     if noise > 0 and r > 1 and std > 0:
         full = torch.empty(shape, dtype=w.dtype)
         _uniform_(full, generator)
-        # unit variance, scaled, then centred over the copies of each input channel
-        full.sub_(0.5).mul_(noise * std * 12 ** 0.5)
-        full.sub_(full.mean(in_dim + 1, keepdim=True))
-        full.add_(x)
+        # unit variance (U[0, 1) has variance 1/12), scaled, then centred over the copies of each
+        # input channel, and the student's share x added: u*c - (mean(u*c) - x) in two passes over
+        # the teacher-sized tensor (no separate "- 0.5": centring removes any constant)
+        full.mul_(noise * std * 12 ** 0.5)
+        full.sub_(full.mean(in_dim + 1, keepdim=True).sub_(x))
     else:
         full = x.expand(shape)
     full = full.flatten(in_dim, in_dim + 1)
