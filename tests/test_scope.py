@@ -220,3 +220,61 @@ def test_fold_fuse_bn_fuses_inside_each_scope():
     assert type(fused) is Net and not any(isinstance(m, nn.BatchNorm2d) for m in fused.body.modules())
     with torch.no_grad():
         torch.testing.assert_close(fused(x)["logits"], plain(x)["logits"], rtol=1e-4, atol=1e-5)
+
+
+def _small_faster_rcnn():
+    from torchvision.models.detection import FasterRCNN
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+
+    torch.manual_seed(0)
+    return FasterRCNN(resnet_fpn_backbone(backbone_name="resnet18", weights=None, trainable_layers=5),
+                      num_classes=3, min_size=64, max_size=64, box_score_thresh=0.0)   # boxes to compare
+
+
+def _targets(n, size=64):
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(n):
+        xy = torch.rand(2, 2, generator=g) * size / 2
+        wh = 8 + torch.rand(2, 2, generator=g) * size / 3
+        out.append({"boxes": torch.cat([xy, xy + wh], 1), "labels": torch.tensor([1, 2])})
+    return out
+
+
+def test_detector_train_mode_losses_equal_the_models_then_gpd_steps_fold_to_the_student():
+    """Train mode of a detector needs targets: with the same seed (the RPN and box samplers draw
+    from the global RNG) the scoped teacher's loss dict equals the model's (float64), and a few GPD
+    steps on teacher + student losses train both; fold(dt) then equals dt.student."""
+    pytest.importorskip("torchvision")
+    model = _small_faster_rcnn().double()
+    images = [torch.rand(3, 64, 64, dtype=torch.float64) for _ in range(2)]
+    targets = [{k: v.double() if v.is_floating_point() else v for k, v in t.items()} for t in _targets(2)]
+    dt = gpd_fx.expand(model.eval(), 2, (images,), scope=["backbone"], noise=0.1)
+    dt.train(), model.train()
+    torch.manual_seed(5)
+    ref = model(images, targets)
+    torch.manual_seed(5)
+    got = dt(images, targets)
+    torch.manual_seed(5)
+    stu = dt.student(images, targets)
+    assert got.keys() == ref.keys() and len(ref) == 4
+    for k in ref:   # float64: losses are sums of O(1e3) terms of O(1): 1e-9 relative is ~1e4 ulps
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-9, atol=1e-12, msg=k)
+        torch.testing.assert_close(stu[k], ref[k], rtol=1e-9, atol=1e-12, msg=k)
+    opt = torch.optim.SGD(gpd_fx.param_groups(dt, lr=0.01), momentum=0.9)
+    for _ in range(2):
+        t, s = dt.joint(images, targets)
+        loss = sum(t.values()) + sum(s.values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert all(torch.isfinite(v) for v in t.values())
+    plain = gpd_fx.fold(dt)
+    assert type(plain) is type(model) and plain.state_dict().keys() == model.state_dict().keys()
+    assert not torch.equal(plain.backbone.body.conv1.weight, model.backbone.body.conv1.weight)
+    dt.eval()
+    plain.eval()
+    with torch.no_grad():
+        s_out, f_out = dt.student(images), plain(images)
+    assert all(len(r["boxes"]) for r in f_out)
+    _compare_detections(f_out, s_out, atol=1e-9)
