@@ -8,6 +8,12 @@ hooks), so it is verified on exactly the values it sees inside the model. A scop
 outputs keep student width (as a whole-model teacher's do), so the rest of the model runs
 unchanged around it and is shared: the teacher run and the student run both use and train it.
 
+The whole model is verified as :class:`ScopeCheck` says: its outputs against the model's, and
+where a discontinuous selection (top-k, NMS, thresholds among scores tied to within rounding)
+makes them differ, each scope's output exactly and the rest of the model bit for bit on the
+teachers' scope outputs (``dt.verification``; :meth:`ScopedTeacher.compare_with` runs the same
+check on other inputs, modes or the student).
+
 The result, :class:`ScopedTeacher`, is used like a :class:`~gpd_fx.DynamicTeacher`:
 ``dt(x)``, ``dt.student(x)``, ``dt.joint(x)``, ``dt.report``, ``gpd_fx.fold(dt)`` and
 ``gpd_fx.param_groups(dt, lr)``.
@@ -19,17 +25,20 @@ import contextlib
 import copy
 import difflib
 import functools
+import math
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import keystr, tree_flatten, tree_flatten_with_path, tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
 from gpd_fx.errors import ExpandInputError, VerificationError
-from gpd_fx.passes.widen_verify import TOL, compare_tree
+from gpd_fx.passes.widen_verify import TOL, close
 from gpd_fx.teacher import DynamicTeacher, ExpansionReport
 
-__all__ = ["ScopeError", "ScopedTeacher", "expand_scoped"]
+__all__ = ["ScopeCheck", "ScopeError", "ScopedTeacher", "compare_scoped", "expand_scoped"]
 
 
 class ScopeError(ExpandInputError):
@@ -79,6 +88,7 @@ class ScopedTeacher(nn.Module):
         self.report = report
         self.expand_config = dict(expand_config)
         self.ratio = report.ratio
+        self.verification: ScopeCheck | None = None   # expand's own whole-model check
 
     @property
     def scopes(self) -> dict[str, DynamicTeacher]:
@@ -115,6 +125,18 @@ class ScopedTeacher(nn.Module):
         """``(dt(x), dt.student(x))``: two runs of the model, since the parts outside the scopes
         see different values in each (a scope's output differs once training starts)."""
         return self(*args, **kwargs), self.student(*args, **kwargs)
+
+    def compare_with(self, model: nn.Module, *inputs, tol: float | None = None, seed: int | None = None,
+                     student: bool = False, always_rest: bool = False) -> ScopeCheck:
+        """:func:`compare_scoped` of this model (the scopes' teachers, or with ``student`` their
+        students) against ``model`` (the user's model) on ``inputs``, both run in their current
+        modes. ``tol`` defaults to the project's tolerance for the parameters' dtype."""
+        if tol is None:
+            dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+            tol = TOL.get(dtype, 1e-3)
+        with self._students(student):
+            return compare_scoped(self.model, model, self.scope_names, inputs, tol, seed=seed,
+                                  always_rest=always_rest)
 
     def student_state_dict(self) -> dict[str, Tensor]:
         """The student's tensors keyed like the user's model: the scopes' mapped parameters and
@@ -161,6 +183,168 @@ class ScopedTeacher(nn.Module):
         return f"ratio={self.ratio}, scopes={self.scope_names}"
 
 
+@dataclass
+class ScopeCheck:
+    """How a model with expanded (or folded) scopes compares with the reference model on one input.
+
+    A scope's teacher is exact up to rounding; what the rest of the model does with a
+    rounding-level difference is the rest's own business. Post-processing that selects (top-k,
+    NMS, score thresholds) is discontinuous: where scores tie to within rounding (e.g. a backbone
+    whose signal has faded below float64 resolution, so that many anchors score the same to a
+    few ulp), any reordering of the sums picks other boxes, and the selection then cascades
+    (NMS keeps other neighbours). Comparing permutations among tied scores does not cover that.
+    What is checked instead, and is what "the scoped model is the model" means up to rounding:
+
+    * ``direct``: the whole outputs against the reference's; enough when it passes;
+    * ``scopes``: each scope's output in the whole run against the reference's scope output
+      (same containers, keys and order; tensors within ``tol``): the expanded part is exact;
+    * ``rest``: the reference model run with each scope's output replaced by the candidate's
+      (forward hooks), against the candidate's own outputs: the rest of the model computes the
+      same function of the scopes' outputs (no side effect of a scope, no parameter tied across
+      a scope's edge, and the slot returns what the rest expects).
+
+    ``ok``: every scope within ``tol``, and ``direct`` or ``rest`` within ``tol``.
+    Errors are max |a - b| / max |b| per tensor (integer tensors, e.g. labels, must be equal;
+    ``inf`` when shapes or structure differ, with the place in ``*_why``).
+    """
+
+    tol: float
+    direct: float
+    direct_why: str = ""
+    scopes: dict = field(default_factory=dict)
+    scopes_why: dict = field(default_factory=dict)
+    rest: float | None = None       # None: not run (``direct`` passed and it was not asked for)
+    rest_why: str = ""
+
+    @property
+    def scopes_ok(self) -> bool:
+        return all(e <= self.tol for e in self.scopes.values())
+
+    @property
+    def ok(self) -> bool:
+        return self.scopes_ok and (self.direct <= self.tol or (self.rest is not None and self.rest <= self.tol))
+
+    @property
+    def error(self) -> float:
+        """The largest error of what was verified: the scopes and the direct comparison when it
+        passed, else the scopes and the rest."""
+        whole = self.direct if self.direct <= self.tol or self.rest is None else self.rest
+        return max([whole] + list(self.scopes.values()))
+
+    def summary(self) -> str:
+        """One line: each part's error (and where it differs)."""
+        def part(e, why):
+            return f"{e:.2g}" + (f" ({why})" if why and e > self.tol else "")
+        scopes = ", ".join(f"{n!r} {part(e, self.scopes_why.get(n, ''))}" for n, e in self.scopes.items())
+        line = f"direct {part(self.direct, self.direct_why)}; scope outputs {scopes}"
+        if self.rest is not None:
+            line += f"; rest of the model on the scopes' outputs {part(self.rest, self.rest_why)}"
+        line += f" (tol {self.tol:g})"
+        if self.ok and self.direct > self.tol:
+            line += ("; the whole outputs differ only after the rest of the model amplifies rounding-level "
+                     "differences of the scopes' outputs (discontinuous selection: top-k, NMS, thresholds)")
+        elif not self.scopes_ok:
+            line += "; a scope's output differs inside the whole model: report this as a bug with the model"
+        elif self.rest is not None and self.rest > self.tol:
+            line += ("; the rest of the model does not compute the same function of the scopes' outputs: a "
+                     "scope with side effects, a parameter tied across a scope's edge, or a slot returning "
+                     "other containers")
+        return line
+
+
+def compare_scoped(candidate: nn.Module, reference: nn.Module, names: Sequence[str], inputs: tuple, tol: float,
+                   *, seed: int | None = None, always_rest: bool = False, reference_run=None) -> ScopeCheck:
+    """Compare ``candidate`` (the model with each scope in ``names`` replaced: by its teacher, its
+    student or its folded student) with ``reference`` (the model itself) on ``inputs``; see
+    :class:`ScopeCheck` for what is compared and why.
+
+    Args:
+        candidate, reference: models with the same submodule names at ``names``, each called once
+            per forward; run as they are (set eval/train mode before).
+        names: the scopes.
+        inputs: the whole model's positional inputs (a tuple), e.g. ``(images,)`` or
+            ``(images, targets)`` in train mode.
+        tol: relative tolerance.
+        seed: ``torch.manual_seed(seed)`` before each forward (train mode samples proposals).
+        always_rest: also run the ``rest`` check when ``direct`` passes.
+        reference_run: ``(output, {scope: output})`` of ``reference`` on ``inputs`` if already run.
+    """
+    names = list(names)
+    ref_out, ref_scopes = reference_run if reference_run is not None else _record(reference, names, inputs, seed)
+    out, scopes = _record(candidate, names, inputs, seed)
+    check = ScopeCheck(tol, *_tree_error(out, ref_out))
+    for n in names:
+        check.scopes[n], why = _tree_error(scopes[n], ref_scopes[n])
+        if why:
+            check.scopes_why[n] = why
+    if always_rest or check.direct > tol:
+        again, _ = _record(reference, names, inputs, seed, replace=scopes)
+        check.rest, check.rest_why = _tree_error(out, again)
+    return check
+
+
+def _record(root: nn.Module, names: list[str], inputs: tuple, seed: int | None, replace: dict | None = None):
+    """``root(*inputs)`` without grad, with each scope's output recorded (a copy), and replaced by
+    a copy of ``replace[name]`` when given. Returns ``(output, {name: scope output})``."""
+    seen: dict[str, Any] = {}
+
+    def hook(name, module, args, out):
+        if name in seen:
+            raise ScopeError(f"scope {name!r} is called more than once in one forward of {type(root).__name__}")
+        seen[name] = _clone(out)
+        return _clone(replace[name]) if replace is not None else None
+
+    hooks = [root.get_submodule(n).register_forward_hook(functools.partial(hook, n)) for n in names]
+    try:
+        if seed is not None:
+            torch.manual_seed(seed)
+        with torch.no_grad():
+            out = root(*inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    missing = [n for n in names if n not in seen]
+    if missing:
+        raise ScopeError(f"scope(s) {missing} not called in one forward of {type(root).__name__}")
+    return out, seen
+
+
+def _plain(value):
+    """``value`` with every ``OrderedDict`` a plain ``dict`` (same keys, same order): a traced
+    scope returns a dict where the module returned an OrderedDict, and both read the same."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+        return type(value)(_plain(v) for v in value)
+    return value
+
+
+def _tree_error(got, ref) -> tuple[float, str]:
+    """max |got - ref| / max |ref| per tensor over two nested outputs, and where they differ first
+    (``inf`` when the containers, keys, shapes or integer tensors differ)."""
+    g_leaves, g_spec = tree_flatten(_plain(got))
+    r_paths, r_spec = tree_flatten_with_path(_plain(ref))
+    if g_spec != r_spec:
+        return math.inf, f"structure differs: {type(got).__name__} vs {type(ref).__name__} ({g_spec} vs {r_spec})"[:400]
+    err, why = 0.0, ""
+    for g, (path, r) in zip(g_leaves, r_paths):
+        if not isinstance(r, Tensor):
+            if g != r:
+                return math.inf, f"{keystr(path)}: {g!r} vs {r!r}"[:300]
+            continue
+        if not isinstance(g, Tensor) or g.shape != r.shape or g.dtype != r.dtype:
+            gs = tuple(g.shape) if isinstance(g, Tensor) else type(g).__name__
+            return math.inf, f"{keystr(path)}: {gs} vs {tuple(r.shape)}"
+        if not r.is_floating_point() and not r.is_complex():
+            if not torch.equal(g, r):
+                return math.inf, f"{keystr(path)}: values differ ({int((g != r).sum())} of {r.numel()})"
+            continue
+        _, rel = close(g, r, 0.0)
+        if rel > err:
+            err, why = rel, keystr(path)
+    return err, why
+
+
 def expand_scoped(model: nn.Module, ratio: int, inputs: tuple, scope, *, verify_dtype=None,
                   **expand_kwargs) -> ScopedTeacher:
     """Expand the named submodules of ``model`` in place (in a copy); see :func:`gpd_fx.expand`.
@@ -176,7 +360,10 @@ def expand_scoped(model: nn.Module, ratio: int, inputs: tuple, scope, *, verify_
     Raises:
         ScopeError: a name is unknown (the closest names are listed), repeated, nested in another
             scope, or its submodule is not called exactly once with tensor arguments.
-        VerificationError: the whole model's outputs with the teachers differ from the model's.
+        VerificationError: the whole model's outputs with the teachers differ from the model's,
+            and the difference is not explained by rounding at the scopes' outputs (see
+            :class:`ScopeCheck`: a scope's output differs, or the rest of the model run on the
+            teachers' scope outputs does not give the teachers' whole outputs).
     """
     from gpd_fx.expand import _eval_mode, expand
 
@@ -190,43 +377,37 @@ def expand_scoped(model: nn.Module, ratio: int, inputs: tuple, scope, *, verify_
         work = work.to(verify_dtype)
         probe = _cast(inputs, verify_dtype)
     with _eval_mode(work):
-        scope_inputs, reference, total_flops = _capture_scope_inputs(work, names, probe)
+        scope_inputs, reference, total_flops, ref_scopes = _capture_scope_inputs(work, names, probe)
         # each scope is built in the probe dtype (verify_dtype=None: work is converted already)
         teachers = {}
         for n in names:
             kwargs = dict(expand_kwargs, leaf_modules=_scope_leaves(model, work, n, expand_kwargs.get("leaf_modules")))
             teachers[n] = expand(work.get_submodule(n), ratio, scope_inputs[n], verify_dtype=None, **kwargs)
-        for n, dt in teachers.items():
-            _set_submodule(work, n, _ScopeSlot(dt))
-        with torch.no_grad():
-            got = work(*probe)
-        try:
-            err = compare_tree(got, reference, _Named(f"whole-model output with scopes {names}"), tol)
-        except VerificationError as e:
-            scoped = ", ".join(f"{n!r} {dt.report.max_rel_error:.1e}" for n, dt in teachers.items())
-            hint = ("Post-processing that selects (top-k, NMS, score thresholds) is discontinuous: rounding of "
-                    f"the scopes' outputs in {str(probe_dtype).replace('torch.', '')} can change which boxes are "
-                    "kept. Verify with verify_dtype=torch.float64") if probe_dtype != torch.float64 else \
-                ("If the scopes' errors above are at rounding level, the difference comes after them: a selection "
-                 "among exactly tied scores (constant image regions, score thresholds of 0) can flip on a 1e-16 "
-                 "difference; verify on inputs without ties (e.g. distinct random images at the model's size). "
-                 "Otherwise report this as a bug with the model")
-            raise VerificationError(f"{e}. Each scope's own outputs agree with the student's (max rel. error "
-                                    f"{scoped}); the rest of the model amplifies the difference. {hint}") from e
+        # the model with each scope's slot (a copy of the shell: `work` stays the reference)
+        candidate = copy.deepcopy(work, {id(work.get_submodule(n)): _ScopeSlot(dt) for n, dt in teachers.items()})
+        check = compare_scoped(candidate, work, names, probe, tol, reference_run=(reference, ref_scopes))
+    if not check.ok:
+        hint = ("" if probe_dtype == torch.float64 else " Float32 rounding inside a scope can exceed its "
+                "tolerance after deep stacks; verify with verify_dtype=torch.float64.")
+        raise VerificationError(f"whole-model output with scopes {names}: {check.summary()}.{hint}")
+    err = check.error
     if verify_dtype is not None:
         # the shell is the user's own tensors again; only the scopes come from the probe copy
         shell = copy.deepcopy(model, {id(model.get_submodule(n)): None for n in names})
         for n, dt in teachers.items():
             _set_submodule(shell, n, _ScopeSlot(dt.to(orig_dtype)))
     else:
-        shell = work
+        shell = candidate
     report = _merged_report(ratio, teachers, total_flops, err, probe_dtype, names)
+    if check.direct > tol:
+        report.frontend_notes.append(f"whole-model check through the scopes: {check.summary()}")
     # parameter counts of the whole model: the student's, and the teacher's (scopes + shared rest)
     report.student_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     report.teacher_params = sum(p.numel() for p in shell.parameters() if p.requires_grad)
     config = dict(ratio=ratio, scope=list(names), **{k: v for k, v in expand_kwargs.items()
                                                    if k in ("noise", "seed", "strict", "branches", "frontend")})
     dt = ScopedTeacher(shell, names, report, config)
+    dt.verification = check
     dt.train(model.training)
     # modules whose own flag differs from the root's (frozen parts in eval mode) keep it
     flags = dict(model.named_modules())
@@ -265,11 +446,6 @@ def _cast(value, dtype):
     return value
 
 
-class _Named:
-    def __init__(self, name: str):
-        self.name = name
-
-
 def _check_scope_names(model: nn.Module, scope) -> list[str]:
     """The scope names as a list, each an existing, distinct, non-nested submodule."""
     names = [scope] if isinstance(scope, str) else list(scope)
@@ -294,15 +470,20 @@ def _check_scope_names(model: nn.Module, scope) -> list[str]:
 
 def _capture_scope_inputs(model: nn.Module, names: list[str], inputs: tuple):
     """One no-grad run of ``model`` on ``inputs``: each scope's positional tensor inputs, the
-    model's output, and its FLOPs. Raises :class:`ScopeError` for a scope not called exactly
+    model's output, its FLOPs, and each scope's output. Raises :class:`ScopeError` for a scope not called exactly
     once with tensors only."""
     calls: dict[str, list] = {n: [] for n in names}
+    outputs: dict[str, Any] = {}
 
     def record(name, module, args, kwargs):
         calls[name].append((args, kwargs))
 
+    def record_output(name, module, args, out):
+        outputs[name] = _clone(out)
+
     hooks = [model.get_submodule(n).register_forward_pre_hook(functools.partial(record, n), with_kwargs=True)
              for n in names]
+    hooks += [model.get_submodule(n).register_forward_hook(functools.partial(record_output, n)) for n in names]
     counter = FlopCounterMode(display=False)
     try:
         with torch.no_grad(), counter:
@@ -331,7 +512,7 @@ def _capture_scope_inputs(model: nn.Module, names: list[str], inputs: tuple):
                              "submodule inside it that "
                              "does, or wrap the call so that the scope's forward takes tensors")
         captured[n] = tuple(_clone(a) for a in args)
-    return captured, out, float(counter.get_total_flops())
+    return captured, out, float(counter.get_total_flops()), outputs
 
 
 def _tensors_only(value) -> bool:
@@ -342,9 +523,8 @@ def _tensors_only(value) -> bool:
 
 
 def _clone(value):
-    if isinstance(value, (list, tuple)):
-        return type(value)(_clone(v) for v in value)
-    return value.detach().clone()
+    """A detached copy of every tensor in ``value`` (same containers; other leaves as they are)."""
+    return tree_map(lambda v: v.detach().clone() if isinstance(v, Tensor) else v, value)
 
 
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -278,3 +279,76 @@ def test_detector_train_mode_losses_equal_the_models_then_gpd_steps_fold_to_the_
         s_out, f_out = dt.student(images), plain(images)
     assert all(len(r["boxes"]) for r in f_out)
     _compare_detections(f_out, s_out, atol=1e-9)
+
+
+class Thresholded(nn.Module):
+    """The rest of the model keeps the body's values at or above a cut-off (a buffer): a
+    discontinuous selection, like a detector's score threshold, top-k or NMS."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.body = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                                  nn.Conv2d(16, 8, 3, padding=1))
+        self.register_buffer("cut", torch.tensor(-math.inf, dtype=torch.float64))
+
+    def forward(self, x):
+        y = self.body(self.stem(x))
+        keep = y >= self.cut
+        return {"keep": keep, "kept": torch.where(keep, y, torch.zeros_like(y))}
+
+
+def _thresholded():
+    torch.manual_seed(0)
+    return Thresholded().double().eval()
+
+
+def test_a_selection_at_a_rounding_level_tie_is_verified_through_the_scope():
+    """The teacher's body agrees with the model's to rounding (1e-16), but a cut-off placed exactly
+    between the two roundings of one value keeps it in one and drops it in the other: no
+    comparison of the whole outputs can pass (a boolean differs), and none should be asked for.
+    expand verifies instead that the body is exact and that the rest of the model, run on the
+    teacher body's output, gives the teacher's output bit for bit (before: VerificationError)."""
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    net = _thresholded()
+    dt = gpd_fx.expand(net, 2, (x,), scope=["body"])
+    with torch.no_grad():
+        h = net.stem(x)
+        y_s, y_t = net.body(h), dt.scopes["body"](h)
+    differ = (y_s != y_t).nonzero()
+    assert len(differ), "the teacher's rounding differs from the student's somewhere"
+    i = tuple(differ[0])
+    net.cut.fill_(max(y_s[i], y_t[i]))          # keeps the larger rounding, drops the smaller
+    dt = gpd_fx.expand(net, 2, (x,), scope=["body"])   # same seed: the same teacher, the same roundings
+    check = dt.verification
+    assert check.ok and math.isinf(check.direct) and "['keep']" in check.direct_why
+    assert check.scopes["body"] < 1e-15 and check.rest == 0.0
+    assert dt.report.max_rel_error < 1e-15
+    assert any("discontinuous selection" in n for n in dt.report.frontend_notes)
+    with torch.no_grad():
+        assert not torch.equal(dt(x)["keep"], net(x)["keep"])     # the whole outputs do differ
+    # the same check from outside, in both modes of comparison
+    assert dt.compare_with(net, x).ok and dt.compare_with(net, x, student=True, always_rest=True).ok
+
+
+def test_compare_scoped_names_the_part_that_differs():
+    """A changed scope or a changed rest of the model is not excused as rounding."""
+    from gpd_fx.scope import compare_scoped
+
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    net = _thresholded()
+    net.cut.fill_(0.0)
+    same = compare_scoped(copy.deepcopy(net), net, ["body"], (x,), 1e-9)
+    assert same.ok and same.direct == 0.0 and same.rest is None
+    scope_changed = copy.deepcopy(net)
+    with torch.no_grad():
+        scope_changed.body[3].bias.add_(1e-3)
+    check = compare_scoped(scope_changed, net, ["body"], (x,), 1e-9)
+    assert not check.ok and check.scopes["body"] > 1e-6 and "a scope's output differs" in check.summary()
+    rest_changed = copy.deepcopy(net)
+    rest_changed.cut.fill_(0.1)
+    check = compare_scoped(rest_changed, net, ["body"], (x,), 1e-9)
+    assert not check.ok and check.scopes["body"] == 0.0 and check.rest == math.inf
+    assert "does not compute the same function" in check.summary()
+    with pytest.raises(ScopeError, match="'body' is called more than once"):
+        compare_scoped(Twice(), Twice(), ["body"], (torch.randn(1, 3, 8, 8),), 1e-9)
