@@ -348,6 +348,58 @@ def test_unfold_windows_over_spatial_dims():
     exact(M(), torch.randn(2, 3, 5, 6))
 
 
+def test_im2col_unfold_carries_the_channel_map_tap_by_tap():
+    """``F.unfold``/``nn.Unfold`` (ATen im2col): output channel ``c*k*k + j`` is tap ``j`` of
+    channel ``c``, so the widened input's map carries over tap by tap. A convolution written as
+    unfold + linear then reads the unfolded channels with the widened weight (no boundary)."""
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 4, 1)
+            self.lin = nn.Linear(4 * 9, 5)                    # a 3x3 conv as im2col + GEMM
+            self.unf = nn.Unfold((2, 3), dilation=(1, 2), stride=2)
+            self.b = nn.Conv1d(4 * 6, 2, 1)
+
+        def forward(self, x):
+            y = self.a(x)
+            cols = F.unfold(y, 3, padding=1)                  # (N, 36, H*W)
+            p = self.lin(cols.transpose(1, 2)).mean(1)
+            q = self.b(self.unf(y)).mean(-1)                  # (N, 24, L) -> (N, 2)
+            return torch.cat([p, q], 1)
+
+    torch.manual_seed(0)
+    dt = exact(M(), torch.randn(2, 3, 7, 8), ratio=2)
+    assert dt.report.runtime_widenings == 0
+    lin = [m for m in dt.teacher.modules() if isinstance(m, nn.Linear)]
+    assert [m.in_features for m in lin] == [2 * 4 * 9]
+
+
+def test_raft_convex_upsampling_of_a_widened_flow():
+    """RAFT's ``upsample_flow`` (torchvision): unfold of the flow, viewed as (N, 2, 9, 1, 1, h, w)
+    and weighted by a softmaxed mask. Exact with no boundary at the unfold; the mask keeps its
+    copies on a sub-pixel dim, so the flow is narrowed at the product (see the im2col rule)."""
+    from torchvision.models.optical_flow._utils import upsample_flow
+
+    class Up(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.flow = nn.Conv2d(4, 2, 3, padding=1)
+            self.mask = nn.Conv2d(4, 9 * 4 * 4, 1)
+
+        def forward(self, x):
+            return upsample_flow(self.flow(x), self.mask(x), factor=4)
+
+    torch.manual_seed(0)
+    exact(Up(), torch.randn(2, 4, 5, 6), ratio=2)
+    # through torch.export the op is ATen im2col, bound to torch._C._nn.im2col (the same rule)
+    m, x = Up().double(), torch.randn(2, 4, 5, 6, dtype=torch.float64)
+    dt = gpd_fx.expand(m, 2, (x,), branches=(), frontend="export")
+    assert dt.report.frontend == "export" and len(dt.report.boundaries) == 0, dt.report.boundary_reasons
+    with torch.no_grad():
+        assert float((dt(x) - m(x)).abs().max() / m(x).abs().max()) < TOL
+
+
 def test_builtin_rule_key_registered_twice_is_an_error():
     """A built-in key claimed twice (``"masked_fill"`` was in two lists, the later silently won)
     is an error at import; aliases inside one call (``F.linear`` / ``torch._C._nn.linear``) and

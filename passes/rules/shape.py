@@ -14,6 +14,7 @@ import operator
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..layout import Layout, interleaved
@@ -247,6 +248,39 @@ def unfold(ctx, node):
     if d == lay.dim:
         raise CannotExpand("unfold along the channel dim")
     return ctx.emit_same(), lay
+
+
+@register(F.unfold, torch._C._nn.im2col, nn.Unfold, transparent=True)
+def im2col(ctx, node):
+    """``F.unfold``/``nn.Unfold`` (ATen ``im2col``, what the export front end binds it to):
+    ``(N, C, H, W) -> (N, C*k*k, L)``, output channel ``c*k*k + j`` is tap ``j`` of input
+    channel ``c``.
+
+    Channels are never mixed, so the widened input's map carries over tap by tap: teacher
+    output channel ``t*k*k + j`` holds student channel ``index[t]*k*k + j``. This is one
+    :class:`Layout` on the output's channel dim (the input's map times ``k*k``, not interleaved
+    even for an interleaved input); a reshape back to ``(N, C, k*k, L)`` or a weight layer
+    reading it uses the map as it is.
+
+    RAFT's convex upsampling (``torchvision.models.optical_flow``) is a case where widening
+    the unfold buys the teacher nothing: it unfolds the 2-channel flow, views it as
+    ``(N, 2, 9, 1, 1, h, w)`` and multiplies it with a softmaxed mask ``(N, 1, 9, 8, 8, h, w)``
+    whose copies lie on a sub-pixel dim. A product is widened on one dim only, so the elementwise
+    rule narrows the flow there (the mean of its copies); upsampling is linear in the flow with
+    weights shared by its copies, so this gives what narrowing before the unfold gave (the
+    boundary RAFT had without this rule): same values, same teacher capacity, a few more
+    small ops on a (N, 2r*9, h*w) tensor."""
+    x = node.args[0]
+    lay = ctx.layout(x)
+    if lay is None:
+        return ctx.emit_same(), None
+    sx = ctx.sval(x)
+    cdim = sx.dim() - 3          # (N, C, H, W) or unbatched (C, H, W)
+    if lay.dim != cdim:
+        raise CannotExpand(f"unfold of a tensor expanded on dim {lay.dim}, not its channel dim {cdim}")
+    kk = ctx.out.shape[cdim] // sx.shape[cdim]
+    index = (lay.index[:, None] * kk + torch.arange(kk)[None, :]).reshape(-1)
+    return ctx.emit_same(), Layout(cdim, index, ctx.r)
 
 
 @register("unsqueeze", torch.unsqueeze, transparent=True)
