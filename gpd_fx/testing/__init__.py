@@ -25,10 +25,10 @@ from gpd_fx.passes.widen_verify import TOL
 from .checks import model_kind, randomize_constants, rel_error, tree_tensors, zero_dropout
 from .measurement import (CNN_SHARE, TRANSFORMER_SHARE, UNDER_WIDENED, Row, activation_numel, estimate_gib,
                       measure, timm_fx_check)
-from .specs import (BATCH, DEFAULT_IMAGE, DETECTION_SKIP, TASKS, Spec, family, timm_param_counts, timm_specs,
+from .specs import (BATCH, DEFAULT_IMAGE, DETECTION_IMAGE, TASKS, Spec, family, timm_param_counts, timm_specs,
                     torchvision_specs)
 
-__all__ = ["BATCH", "CNN_SHARE", "DEFAULT_IMAGE", "DETECTION_SKIP", "TASKS", "TOL", "TRANSFORMER_SHARE",
+__all__ = ["BATCH", "CNN_SHARE", "DEFAULT_IMAGE", "DETECTION_IMAGE", "TASKS", "TOL", "TRANSFORMER_SHARE",
            "UNDER_WIDENED", "Row", "Spec", "activation_numel", "estimate_gib", "family", "measure",
            "model_kind", "randomize_constants", "rel_error", "timm_fx_check", "timm_param_counts",
            "timm_specs", "torchvision_specs", "tree_tensors", "zero_dropout"]

@@ -26,6 +26,7 @@ from .checks import model_kind, randomize_constants, rel_error, tree_tensors, ze
 from .specs import BATCH, DEFAULT_IMAGE, Spec
 
 __all__ = ["CNN_SHARE", "TRANSFORMER_SHARE", "UNDER_WIDENED", "Row", "activation_numel", "estimate_gib",
+           "estimate_scoped_gib",
            "mem_available_gib", "measure", "timm_fx_check"]
 
 GIB = 2 ** 30
@@ -90,6 +91,15 @@ class Row:
     error_where: str = ""
     repro: str = ""
     note: str = ""
+    # detection (expand's scope=): the scopes, their own expanded FLOP share (``share`` is the
+    # whole model's), the whole outputs compared directly (``err_*`` is the check through the
+    # scopes, gpd_fx.scope.ScopeCheck), and the model's detections per image in eval mode
+    scope: str = ""
+    scope_share: float | None = None
+    direct_eval: float | None = None
+    direct_train: float | None = None
+    boxes: list | None = None
+    scope_params: list | None = None    # [student, teacher] parameters inside the scopes
 
     @property
     def exact(self) -> bool:
@@ -99,9 +109,10 @@ class Row:
     def under_widened(self) -> bool:
         """Teacher has < UNDER_WIDENED * r^2 the student's parameters (e.g. weights kept at student
         size and widened at run time: tied copies, no extra capacity)."""
-        if not self.teacher_params or not self.student_params:
+        student, teacher = self.scope_params if self.scope_params else (self.student_params, self.teacher_params)
+        if not teacher or not student:
             return False
-        return self.teacher_params < UNDER_WIDENED * self.ratio ** 2 * self.student_params
+        return teacher < UNDER_WIDENED * self.ratio ** 2 * student
 
 
 
@@ -123,6 +134,23 @@ def estimate_gib(model_meta: nn.Module, ratio: int, itemsize: int, branches: boo
     teacher = ratio ** 2 * (p_all + (BRANCH_FACTOR * p_kxk if branches else 0))
     bytes_ = itemsize * (2 * p_all + WEIGHT_FACTOR * teacher + ratio ** 2 * p_max + (1 + ratio) * act_numel)
     return bytes_ / GIB + BASE_GIB
+
+
+def estimate_scoped_gib(model_meta: nn.Module, scopes: list[nn.Module], ratio: int, itemsize: int,
+                        branches: bool) -> float:
+    """Peak memory (GiB) of ``expand(..., scope=...)`` + checks, from parameter counts on the meta
+    device: the model, expand's working copy and the teacher's copy of the rest (3x the model),
+    the scopes' teachers (r^2 x their weights, with CBR branches) * WEIGHT_FACTOR plus one more
+    teacher-sized copy of their largest weight, and BASE_GIB. Activations are not counted (a
+    detector does not run on the meta device; the zoo's detector inputs are small)."""
+    p_all = sum(p.numel() for p in model_meta.parameters())
+    ps = [p for m in scopes for p in m.parameters()]
+    p_scope = sum(p.numel() for p in ps)
+    p_max = max((p.numel() for p in ps), default=0)
+    p_kxk = sum(m.weight.numel() for s in scopes for m in s.modules()
+                if isinstance(m, nn.modules.conv._ConvNd) and math.prod(m.kernel_size) > 1)
+    teacher = ratio ** 2 * (p_scope + (BRANCH_FACTOR * p_kxk if branches else 0))
+    return itemsize * (3 * p_all + WEIGHT_FACTOR * teacher + ratio ** 2 * p_max) / GIB + BASE_GIB
 
 
 def activation_numel(model_meta: nn.Module, x_shape: tuple | list[tuple]) -> int:
@@ -187,6 +215,12 @@ def _repro(spec: Spec, ratio: int, size: int, dtype: torch.dtype) -> str:
                  + "".join(f", {k}={v!r}" for k, v in spec.kwargs.items()) + ")")
         imp = "import torch, timm, gpd_fx"
     d = "double" if dtype == torch.float64 else "float"
+    if spec.scope:
+        return (f"import torch, torchvision, gpd_fx; from gpd_fx.testing import randomize_constants; "
+                f"from gpd_fx.testing.detection import prepare_detector, detection_images; "
+                f"m = prepare_detector({build}, {size}).{d}().eval(); randomize_constants(m); "
+                f"dt = gpd_fx.expand(m, {ratio}, (detection_images({BATCH}, {size}, torch.{str(dtype)[6:]}),), "
+                f"scope={list(spec.scope)}); print(dt.report, dt.verification.summary())")
     xs = ", ".join(f"torch.randn{s}.{d}()" for s in spec.input_shapes(size))
     return (f"{imp}; m = {build}.{d}(); xs = ({xs},); "
             f"dt = gpd_fx.expand(m, ratio={ratio}, example_inputs=xs); print(dt.report)")
@@ -353,8 +387,11 @@ def measure(spec: Spec, ratio: int, *, dtype: str = "auto", max_gib: float = 20.
         if row.status == "skipped":
             return row
         model, xs = _build(spec, size, ratio, row, at, model, tdtype, est32, timm_fx)
-        dt = _expand(model, xs, ratio, branches, row, at, frontend)
-        _check_exact(model, dt, xs, row, at, do_fold)
+        dt = _expand(model, xs, ratio, branches, row, at, frontend, spec.scope)
+        if spec.scope:
+            _check_detection(model, dt, xs, size, row, at, do_fold)
+        else:
+            _check_exact(model, dt, xs, row, at, do_fold)
     except Exception as e:
         row.status = "error"
         row.reason = f"{at.name}: {_first_line(e)}"
@@ -390,11 +427,25 @@ def _memory_gate(spec: Spec, size: int, ratio: int, row: Row, at: _Stage, model:
         at.name = "build"
         model = model if model is not None else spec.build()
         meta = model
-    acts = activation_numel(meta, spec.input_shapes(size)) if meta is not model else 0
-    est64 = estimate_gib(meta, ratio, 8, use_branches, acts)
-    est32 = estimate_gib(meta, ratio, 4, use_branches, acts)
+    if spec.scope:
+        # a detector cannot run on the meta device (box selection is data-dependent): count the
+        # scopes' parameters, and probe the scopes for attention on the batch they see
+        from .detection import scope_input_side
+
+        scopes = [meta.get_submodule(n) for n in spec.scope]
+        acts = 0
+        est64 = estimate_scoped_gib(meta, scopes, ratio, 8, use_branches)
+        est32 = estimate_scoped_gib(meta, scopes, ratio, 4, use_branches)
+        side = scope_input_side(meta, size)
+        kinds = [model_kind(m, [(BATCH, 3, side, side)]) for m in scopes]
+        row.kind = "transformer" if any(k == "transformer" for k, _ in kinds) else kinds[0][0]
+        row.kind_evidence = "; ".join(e for _, e in kinds if e)
+    else:
+        acts = activation_numel(meta, spec.input_shapes(size)) if meta is not model else 0
+        est64 = estimate_gib(meta, ratio, 8, use_branches, acts)
+        est32 = estimate_gib(meta, ratio, 4, use_branches, acts)
+        row.kind, row.kind_evidence = model_kind(meta, spec.input_shapes(size))
     row.student_params = sum(p.numel() for p in meta.parameters() if p.requires_grad)
-    row.kind, row.kind_evidence = model_kind(meta, spec.input_shapes(size))
     del meta
     if dtype == "auto":
         tdtype = torch.float64 if est64 <= max_gib else torch.float32
@@ -444,13 +495,17 @@ def _build(spec: Spec, size: int, ratio: int, row: Row, at: _Stage, model: nn.Mo
 
 
 def _expand(model: nn.Module, xs: tuple[Tensor, ...], ratio: int, branches: str, row: Row, at: _Stage,
-            frontend: str = "auto"):
-    """``gpd_fx.expand`` as the zoo runs it (noise 0.1, seed 0, not strict); the report goes to ``row``."""
+            frontend: str = "auto", scope: tuple[str, ...] = ()):
+    """``gpd_fx.expand`` as the zoo runs it (noise 0.1, seed 0, not strict; ``scope=`` when given);
+    the report goes to ``row``."""
     import gpd_fx
 
     at.name = "expand"
     kwargs: dict[str, Any] = dict(ratio=ratio, example_inputs=xs, noise=0.1, seed=0, strict=False,
                                   frontend=frontend)
+    if scope:
+        kwargs["scope"] = list(scope)
+        row.scope = "+".join(scope)
     if branches != "default":
         kwargs["branches"] = () if branches == "none" else None
     model.eval()
@@ -478,6 +533,12 @@ def _expand(model: nn.Module, xs: tuple[Tensor, ...], ratio: int, branches: str,
     row.runtime_widenings = getattr(rep, "runtime_widenings", None)
     row.teacher_params = int(rep.teacher_params)
     row.student_params = int(rep.student_params)
+    if scope:
+        reps = list(dt.reports.values())
+        flops = sum(r.student_flops for r in reps)
+        row.scope_share = float(sum(r.expanded_flop_fraction * r.student_flops for r in reps) / flops) if flops else 1.0
+        # teacher_params/student_params are the whole model's (the rest is shared); these the scopes'
+        row.scope_params = [sum(r.student_params for r in reps), sum(r.teacher_params for r in reps)]
     return dt
 
 
@@ -510,6 +571,46 @@ def _check_exact(model: nn.Module, dt, xs: tuple[Tensor, ...], row: Row, at: _St
     row.exact_train = row.err_train <= row.tol
     if why:
         row.train_note = (row.train_note + "; " if row.train_note else "") + f"train: {why}"
+    row.check_s = round(time.perf_counter() - t0, 3)
+    if not row.exact:
+        row.reason = (f"not exact: eval {row.err_eval:.2e}, train {row.err_train:.2e} "
+                      f"(tol {row.tol:g}) {row.train_note}").strip()
+
+
+def _check_detection(model: nn.Module, dt, xs: tuple, size: int, row: Row, at: _Stage, do_fold: bool) -> None:
+    """A detector through ``scope=``: teacher and student in eval mode, fold, and train mode with
+    seeded targets (:func:`gpd_fx.testing.detection.check_detector`)."""
+    from .detection import check_detector, detection_targets, scope_input_side
+
+    at.name = "detection checks"
+    t0 = time.perf_counter()
+    images = xs[0]
+    targets = detection_targets(model, len(images), size, images[0].dtype)
+    res = check_detector(model, dt, images, targets, row.tol, do_fold=do_fold)
+    ev, tr, st = res["eval"], res["train"], res["student"]
+    row.boxes = res["boxes"]
+    side = scope_input_side(model, size)
+    row.note = "; ".join(x for x in (row.note, f"backbone input {BATCH}x3x{side}x{side}") if x)
+    row.err_eval, row.direct_eval, row.exact_eval = ev.error, ev.direct, ev.ok
+    row.err_train, row.direct_train, row.exact_train = tr.error, tr.direct, tr.ok
+    row.err_student = st.error
+    notes = []
+    if not row.boxes or not all(row.boxes):
+        notes.append(f"vacuous: detections per image {row.boxes}")
+        row.exact_eval = False
+    for label, c in (("eval", ev), ("train", tr), ("student", st)):
+        if not c.ok or c.direct > row.tol:
+            notes.append(f"{label}: {c.summary()}")
+    if do_fold:
+        fo = res["fold"]
+        row.fold_exact = bool(res["fold_same_class"] and fo.ok)
+        if not res["fold_same_class"]:
+            row.fold_note = "fold: not the model's class or other state-dict keys"
+        if not fo.ok or fo.direct > row.tol:
+            row.fold_note = "; ".join(x for x in (row.fold_note, f"fold: {fo.summary()}") if x)
+        row.fold_note = "; ".join(x for x in (row.fold_note, "no torch.export/ONNX: a detector is not "
+                                              "capturable whole") if x)
+    row.train_note = " | ".join(notes)
     row.check_s = round(time.perf_counter() - t0, 3)
     if not row.exact:
         row.reason = (f"not exact: eval {row.err_eval:.2e}, train {row.err_train:.2e} "

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from gpd_fx.checkpoint import atomic_write
 
-__all__ = ["BATCH", "DEFAULT_IMAGE", "DETECTION_SKIP", "TASKS", "Spec", "cache_dir", "family", "hf_specs",
+__all__ = ["BATCH", "DEFAULT_IMAGE", "DETECTION_IMAGE", "TASKS", "Spec", "cache_dir", "family", "hf_specs",
            "timm_param_counts", "timm_specs", "torchvision_specs"]
 
 
@@ -50,6 +50,7 @@ class Spec:
     n_inputs: int = 1               # optical flow: two frames, each (N, C, H, W)
     skip: str = ""                  # why this model is not run (a skipped row, never built)
     vocab: int | None = None        # token-id input (batch, image_size) with ids < vocab (hf text)
+    scope: tuple[str, ...] = ()     # detection: expand only these submodules (expand's scope=)
 
     def build(self) -> nn.Module:
         if self.source == "hf":
@@ -62,7 +63,11 @@ class Spec:
                 kw.setdefault("num_classes", 10)
             if self.task in ("segmentation", "detection"):
                 kw.setdefault("weights_backbone", None)   # no download of ImageNet backbones
-            return torchvision.models.get_model(self.name, weights=None, **kw)
+            model = torchvision.models.get_model(self.name, weights=None, **kw)
+            if self.task == "detection":
+                from .detection import prepare_detector
+                prepare_detector(model, self.image_size or DETECTION_IMAGE)
+            return model
         import timm
         return timm.create_model(self.name, pretrained=False, num_classes=10, **self.kwargs)
 
@@ -75,11 +80,16 @@ class Spec:
         return [(BATCH, self.in_chans, size, size)] * self.n_inputs
 
     def input_label(self, size: int) -> str:
+        if self.task == "detection":   # a list of BATCH images
+            return f"[{BATCH}*3x{size}x{size}]"
         shapes = ["x".join(map(str, s)) for s in self.input_shapes(size)]
         return shapes[0] if len(shapes) == 1 else f"{len(shapes)}*{shapes[0]}"
 
     def make_inputs(self, size: int, dtype: torch.dtype) -> tuple[Tensor, ...]:
         """Seeded random inputs (the same on every run)."""
+        if self.task == "detection":   # a list of images in [0, 1], as the detectors' transform expects
+            from .detection import detection_images
+            return (detection_images(BATCH, size, dtype),)
         g = torch.Generator().manual_seed(0)
         if self.vocab is not None:
             return tuple(torch.randint(0, self.vocab, s, generator=g) for s in self.input_shapes(size))
@@ -87,14 +97,18 @@ class Spec:
 
 
 TASKS = ("classification", "segmentation", "video", "optical_flow", "detection")
-# Detectors take lists of images and branch on them in Python (transform, anchors, NMS): plain FX
-# cannot trace them whole; they need partial expansion of the backbone or the export front end.
-DETECTION_SKIP = "needs scope= / export front end"
+# Detectors take lists of images and branch on them in Python (transform, anchors, NMS): neither
+# front end captures them whole, so the zoo expands their backbone (+ FPN) with scope= (see
+# gpd_fx.testing.detection). 64: the R-CNN/RetinaNet/FCOS transforms resize to it (the ResNet's
+# 1/32 map is 2x2, the FPN's pooled level 1x1); the SSDs keep their fixed 300/320.
+DETECTION_IMAGE = 64
 
 
-def torchvision_specs(image_size: int | None = None, tasks: tuple[str, ...] = ("classification",)) -> list[Spec]:
+def torchvision_specs(image_size: int | None = None, tasks: tuple[str, ...] = ("classification",),
+                      scope: tuple[str, ...] | None = None) -> list[Spec]:
     """torchvision's models of the given tasks (``torchvision.models.list_models(module=...)``),
-    each with the smallest input that works in both modes."""
+    each with the smallest input that works in both modes; detection models expand ``scope``
+    (default :data:`gpd_fx.testing.detection.DEFAULT_SCOPE`, the backbone + FPN)."""
     import torchvision
 
     specs: list[Spec] = []
@@ -111,8 +125,10 @@ def torchvision_specs(image_size: int | None = None, tasks: tuple[str, ...] = ("
             specs.append(Spec("torchvision", name, {}, image_size or 128, task="optical_flow", n_inputs=2,
                               note="two frames (image1, image2)"))
     if "detection" in tasks:
+        from .detection import DEFAULT_SCOPE
         for name in torchvision.models.list_models(module=torchvision.models.detection):
-            specs.append(Spec("torchvision", name, {}, image_size or 64, task="detection", skip=DETECTION_SKIP))
+            specs.append(Spec("torchvision", name, {}, image_size or DETECTION_IMAGE, task="detection",
+                              scope=tuple(scope or DEFAULT_SCOPE), note="score thresholds 0"))
     return specs
 
 

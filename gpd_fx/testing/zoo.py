@@ -5,7 +5,8 @@
     python benchmarks/zoo.py --source timm --ratio 2          # one model per timm family
     python benchmarks/zoo.py --models resnet18,swin_t --ratio 2 --json /tmp/zoo.json
     python benchmarks/zoo.py --tasks segmentation,video,optical_flow --ratio 2 --max-gib 6
-    python benchmarks/zoo.py --tasks all        # + detection rows, skipped (need scope= / export)
+    python benchmarks/zoo.py --tasks detection --ratio 2 --max-gib 6 --fold   # detectors, scope=["backbone"]
+    python benchmarks/zoo.py --tasks all        # every torchvision task
 
 Results go to ``--json`` (default: ``zoo_<source>.json`` in the current directory, never into
 the source tree); the timm parameter-count cache goes to ``$XDG_CACHE_HOME/gpd_fx`` (default
@@ -33,9 +34,19 @@ Measurement, independent of expand's own self-verification:
   too (``weights=None, weights_backbone=None``: nothing is downloaded).
 * tasks (``--tasks``): torchvision's classification, segmentation (FCN/DeepLabV3 with their aux
   head, output ``{"out", "aux"}``), video (``(N, 3, T, H, W)`` clips) and optical flow (RAFT on
-  two frames) models, each at the smallest input it takes (``gpd_fx.testing.specs``);
-  detection models are skipped rows (they need partial expansion or the export front end). A model that fails in float64 although it runs in float32 (RAFT builds its
-  coordinate grids in float32) is measured in float32, and the row says why.
+  two frames) models, each at the smallest input it takes (``gpd_fx.testing.specs``).
+  A model that fails in float64 although it runs in float32 (RAFT builds its coordinate grids
+  in float32) is measured in float32, and the row says why.
+* detection: neither front end captures a detector whole, so its backbone (+ FPN) is expanded
+  with ``expand(model, r, (images,), scope=["backbone"])`` (``--scope`` for others) on a list of
+  two images (64x64; the SSDs resize to their fixed 300/320), score thresholds 0 so that there
+  are boxes to compare. Exact = each scope's output within tolerance, and the whole detections
+  equal or, where a discontinuous selection (top-k, NMS) among scores tied to within rounding
+  picks other boxes, reproduced bit for bit by the model run on the teacher's scope outputs
+  (``gpd_fx.scope.ScopeCheck``; the row keeps the direct comparison too). Train mode runs with
+  seeded targets and the same ``torch.manual_seed`` before each forward (the samplers draw
+  from it) and compares the loss dicts. share = the whole model's expanded FLOP share; the
+  scope's own share is in the row.
 * parameters that the zoo initialises to a constant (torchvision's ViT head is all zeros, BN
   affine 1/0, layer scale 1e-6) get seeded noise and BN running statistics are randomised
   (``gpd_fx.testing.randomize_constants``), so no check passes vacuously: with a zero head
@@ -69,7 +80,8 @@ import torch
 from gpd_fx.checkpoint import atomic_write
 
 from .measurement import CNN_SHARE, GIB, TRANSFORMER_SHARE, UNDER_WIDENED, Row, measure
-from .specs import BATCH, DETECTION_SKIP, TASKS, Spec, family, hf_specs, timm_specs, torchvision_specs
+from .detection import DEFAULT_SCOPE
+from .specs import BATCH, TASKS, Spec, family, hf_specs, timm_specs, torchvision_specs
 
 __all__ = ["build_parser", "main", "run_one", "summarize"]
 
@@ -165,6 +177,13 @@ def format_row(r: Row, fold: bool) -> str:
         extra = f"FALLBACKS {list(r.fallbacks)[:3]} " + extra
     if r.status == "ok" and r.exact and r.share is not None and r.share < 1 and r.boundary_reasons:
         extra = "boundaries: " + ", ".join(sorted({v.split(":")[0] for v in r.boundary_reasons.values()}))[:120]
+    if r.scope and r.status == "ok":
+        # detection: the scope's own share, the whole outputs compared directly, and the boxes
+        def e(x):
+            return "-" if x is None else f"{x:.1e}"
+        det = (f"scope {r.scope} share {r.scope_share:.3f}; direct e/t {e(r.direct_eval)}/{e(r.direct_train)}; "
+               f"boxes {r.boxes}")
+        extra = det + (f"  {extra}" if extra else "")
     if r.under_widened and not r.branch_layers:
         extra += (f"  teacher/student params {r.teacher_params / r.student_params:.2f} < {UNDER_WIDENED} r^2 "
                   f"({r.runtime_widenings} run-time widenings)")
@@ -200,6 +219,19 @@ def summarize(rows: list[Row], source: str) -> dict:
             "skipped": {r.name: r.reason for r in skipped},
             "not_exact": {r.name: r.reason for r in ran if not (r.status == "ok" and r.exact)},
         }
+        if rs and all(r.scope for r in rs):
+            ok = [r for r in ran if r.status == "ok"]
+            shares = sorted(r.share for r in ok if r.share is not None)
+            s["detection"] = {
+                "scopes": sorted({r.scope for r in rs}),
+                "fold_exact": sum(1 for r in ran if r.fold_exact),
+                "fold_checked": sum(1 for r in ran if r.fold_exact is not None),
+                "scope_share_ok": sum(1 for r in ok if (r.scope_share or 0) >= CNN_SHARE),
+                "whole_share": ([shares[0], statistics.median(shares), shares[-1]] if shares else None),
+                "direct_equal_eval": sum(1 for r in ok if r.direct_eval is not None and r.direct_eval <= r.tol),
+                "direct_equal_train": sum(1 for r in ok if r.direct_train is not None and r.direct_train <= r.tol),
+                "dtypes": dict(collections.Counter(r.dtype for r in ok)),
+            }
         if source == "torchvision":
             cnn = [r for r in ran if r.kind == "cnn"]
             tr = [r for r in ran if r.kind == "transformer"]
@@ -237,7 +269,20 @@ def summary_lines(summary: dict, source: str) -> list[str]:
         r = key.split("_")[1]
         skip_why = collections.Counter(re.sub(r"~?[\d.]+ GiB", "N GiB", v) for v in s["skipped"].values())
         skips = "; ".join(f"{n}x {w}" for w, n in skip_why.items()) or "none"
-        if source == "torchvision":
+        if "detection" in s:
+            d = s["detection"]
+            share = ("whole-model share {:.3f} / {:.3f} / {:.3f} (min / median / max)".format(*d["whole_share"])
+                     if d["whole_share"] else "whole-model share -")
+            dtypes = ", ".join(f"{k} {v}" for k, v in sorted(d["dtypes"].items())) or "-"
+            lines.append(
+                f"SUMMARY ratio {r}: {s['exact']}/{s['ran']} run detectors exact through scope "
+                f"{'/'.join(d['scopes'])} (eval+train; eval {s['exact_eval']}, train {s['exact_train']}; {dtypes}), "
+                f"fold to their class with the same keys and detections {d['fold_exact']}/{d['fold_checked']}; "
+                f"scope share >= {CNN_SHARE}: {d['scope_share_ok']}/{s['ran']}; {share}; whole outputs equal "
+                f"directly: eval {d['direct_equal_eval']}, train {d['direct_equal_train']} (the others differ only "
+                f"after a selection among scores tied to rounding); fallbacks in {len(s['with_fallbacks'])}; "
+                f"skipped {len(s['skipped'])} ({skips})")
+        elif source == "torchvision":
             lines.append(
                 f"SUMMARY ratio {r}: {s['exact']}/{s['ran']} run models exact (eval+train; "
                 f"eval {s['exact_eval']}, train {s['exact_train']}), traced {s['traced']}/{s['ran']}; "
@@ -396,8 +441,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frontend", choices=["auto", "fx", "export"], default="auto",
                    help="expand's capture: torch.fx, torch.export, or FX then export (default: %(default)s)")
     p.add_argument("--tasks", default="classification",
-                   help="torchvision: comma-separated tasks out of " + ", ".join(TASKS) + ", or 'all'; "
-                        f"detection rows are reported as skipped ({DETECTION_SKIP}) (default: %(default)s)")
+                   help="torchvision: comma-separated tasks out of " + ", ".join(TASKS) + ", or 'all' "
+                        "(default: %(default)s)")
+    p.add_argument("--scope", nargs="+", default=list(DEFAULT_SCOPE),
+                   help="detection: the submodules expand widens (expand's scope=), e.g. backbone head "
+                        "for RetinaNet/FCOS (default: %(default)s)")
     p.add_argument("--ratio", type=_positive_int, nargs="+", default=[2, 3],
                    help="expansion ratios r >= 1 (default: 2 3)")
     p.add_argument("--models", default="", help="comma-separated model names (timm: names or families) "
@@ -468,7 +516,7 @@ def main(argv=None) -> int:
     tasks = _parse_tasks(args.tasks)
     if args.source == "torchvision":
         # named models are looked up in every task, so `--models r3d_18` needs no --tasks
-        specs = torchvision_specs(args.image_size, TASKS if args.models else tasks)
+        specs = torchvision_specs(args.image_size, TASKS if args.models else tasks, scope=tuple(args.scope))
     elif args.source == "hf":
         specs = hf_specs()
     else:
