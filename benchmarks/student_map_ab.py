@@ -1,14 +1,23 @@
 """Within-process A/B of the issue-9 student-map changes on ResNet-18 32x32 batch 16.
 
-    python benchmarks/student_map_ab.py 2 5     # ratio 2, 5 rounds
-    python benchmarks/student_map_ab.py 3 5
+    python benchmarks/student_map_ab.py 2 5          # ratio 2, 5 rounds, session-5 changes
+    python benchmarks/student_map_ab.py 3 5 s4       # the session-4 changes instead
+    python benchmarks/student_map_ab.py 2 9 s5 fb    # forward+backward cases only (no GPD step)
 
-'new' is the code as it is; 'old' switches off, at run time and only around its own cases, the
-three changes of issue 9 session 4: the pooled gradient buffers of the student map
-(``_GradPool``: a fresh tensor per step instead), ``scale_rows`` (the plain broadcast product)
-and the live-tap student kernel of ``dt.joint`` (``_student_cut`` off). Both run in one process,
-1 thread, interleaved in a shuffled order per round, so a loaded machine shifts both alike;
-ratios are per round, median [min, max]. Writes benchmarks/results/student_map_ab_r<ratio>.json.
+'new' is the code as it is; 'old' switches off, at run time and only around its own cases, one
+set of changes:
+
+- ``s5`` (default): the session-5 map kernels: the zero rows of a reused gradient buffer only
+  checked, not rewritten; the input copies written as r plain copies instead of one broadcast
+  copy; the map's student-sized output on pooled storage ('old' puts back the previous
+  ``_adjoint_fast`` / ``_map_fast``, copied below);
+- ``s4``: the three changes of session 4: the pooled gradient buffers of the student map
+  (``_GradPool``: a fresh tensor per step instead), ``scale_rows`` (the plain broadcast
+  product) and the live-tap student kernels (``_student_cut`` off).
+
+Both run in one process, 1 thread, interleaved in a shuffled order per round, so a loaded
+machine shifts both alike; ratios are per round, median [min, max]. Writes
+benchmarks/results/student_map_ab_r<ratio>[_s4].json.
 """
 import contextlib, json, os, random, statistics, sys, time
 import torch, torchvision, torch.nn.functional as F
@@ -19,11 +28,65 @@ from gpd_fx.passes import branches as B, student_map as SM
 torch.set_num_threads(1)
 rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 5
 ratio = int(sys.argv[1])
+which = sys.argv[3] if len(sys.argv) > 3 else "s5"
+only_fb = "fb" in sys.argv[4:]   # only the forward+backward cases (no GPD step)
 _take, _scale = SM._GradPool.take, B.scale_rows
+_adjoint, _mapfast = SM._adjoint_fast, SM._map_fast
+
+
+def _map_fast_s4(t, src, pool=None):
+    """``student_map._map_fast`` before session 5 (fresh output)."""
+    _, in_r = SM._stride_of(src)
+    t = SM._select_out(t, src)
+    if src.inp is not None:
+        dim, _, width = src.inp
+        v = t.unflatten(dim, (width, in_r))
+        t = v.select(dim + 1, 0)
+        if in_r > 1:
+            t = t + v.select(dim + 1, 1)
+            for j in range(2, in_r):
+                t.add_(v.select(dim + 1, j))
+    t = t.contiguous()
+    return t * src.scale if src.scale != 1.0 else t
+
+
+def _adjoint_fast_s4(gs, src, shape, pool=None):
+    """``student_map._adjoint_fast`` before session 5 (zero fill always, one broadcast copy)."""
+    out_r, in_r = SM._stride_of(src)
+    if src.scale != 1.0:
+        gs = gs * src.scale
+    g = (pool or SM._grad_pool(src)).take(shape, gs.dtype, gs.device)
+    target = g
+    if src.out is not None:
+        dim, first = src.out
+        if out_r == 0:
+            g.narrow(dim, 1, g.shape[dim] - 1).zero_()
+            target = g.narrow(dim, 0, 1)
+        elif out_r > 1:
+            v = g.unflatten(dim, (first.numel(), out_r))
+            v.narrow(dim + 1, 1, out_r - 1).zero_()
+            target = v.select(dim + 1, 0)
+    if src.inp is not None:
+        dim, _, width = src.inp
+        target.unflatten(dim, (width, in_r)).copy_(gs.unsqueeze(dim + 1))
+    else:
+        target.copy_(gs)
+    return g
+
 
 @contextlib.contextmanager
 def old(dts):
-    SM._GradPool.take = lambda self, shape, dtype, device: torch.empty(tuple(shape), dtype=dtype, device=device)
+    if which == "s5":
+        SM._adjoint_fast, SM._map_fast = _adjoint_fast_s4, _map_fast_s4
+        try:
+            yield
+        finally:
+            SM._adjoint_fast, SM._map_fast = _adjoint, _mapfast
+        return
+    def fresh(self, shape, dtype, device, tag="grad"):
+        self.last_reused = False
+        return torch.empty(tuple(shape), dtype=dtype, device=device)
+    SM._GradPool.take = fresh
     B.scale_rows = lambda w, v: w * v.reshape((-1,) + (1,) * (w.dim() - 1))
     saved = [(m, m.__dict__.get("_student_cut")) for dt in dts for m in dt.teacher.modules() if isinstance(m, B._Branched)]
     for m, _ in saved:
@@ -65,31 +128,51 @@ cases = {
     "dt_student_mb_fb old": (step(mb, lambda: F.cross_entropy(mb.student(x), y), False), True),
 }
 def timed(name):
+    """(wall seconds, this thread's CPU seconds) of one step. On a machine shared with other
+    jobs the CPU time leaves out the time spent waiting for a core (memory-bandwidth contention
+    still shows in both)."""
     fn, is_old = cases[name]
     with (old([ir, mb]) if is_old else contextlib.nullcontext()):
-        t0 = time.perf_counter(); fn(); return time.perf_counter() - t0
+        t0, c0 = time.perf_counter(), time.thread_time(); fn()
+        return time.perf_counter() - t0, time.thread_time() - c0
+if only_fb:
+    cases = {n: c for n, c in cases.items() if "_fb" in n}
 for name in cases:   # warm-up, twice each
     timed(name); timed(name)
 times = {n: [] for n in cases}
+cpu = {n: [] for n in cases}
 load0 = os.getloadavg()
 rng = random.Random(0)
 for _ in range(rounds):
     order = list(cases); rng.shuffle(order)
     for n in order:
-        times[n].append(timed(n))
+        w, c = timed(n)
+        times[n].append(w); cpu[n].append(c)
 load1 = os.getloadavg()
 def stat(v):
     return f"{statistics.median(v):.2f} [{min(v):.2f}, {max(v):.2f}]"
-ratios = {}
-for tag in ("new", "old"):
-    ratios[f"gpd_mb {tag} / (teacher + student)"] = [g / (t + st) for g, t, st in zip(times[f"gpd_mb {tag}"], times["teacher"], times["student"])]
-    ratios[f"dt_student_fb {tag} / student_fb"] = [a / b for a, b in zip(times[f"dt_student_fb {tag}"], times["student_fb"])]
-    ratios[f"dt_student_mb_fb {tag} / student_fb"] = [a / b for a, b in zip(times[f"dt_student_mb_fb {tag}"], times["student_fb"])]
-print(f"resnet18 32x32 b16 r{ratio}, {rounds} rounds, load {load0[0]:.1f} -> {load1[0]:.1f}")
-for n, v in times.items():
-    print(f"  {n:24s} {statistics.median(v)*1e3:8.1f} ms  [{min(v)*1e3:.0f}, {max(v)*1e3:.0f}]")
-for n, v in ratios.items():
-    print(f"  {n:40s} {stat(v)}")
+def ratios_of(t):
+    r = {}
+    for tag in ("new", "old"):
+        if f"gpd_mb {tag}" in t:
+            r[f"gpd_mb {tag} / (teacher + student)"] = [g / (a + b) for g, a, b in zip(t[f"gpd_mb {tag}"], t["teacher"], t["student"])]
+        r[f"dt_student_fb {tag} / student_fb"] = [a / b for a, b in zip(t[f"dt_student_fb {tag}"], t["student_fb"])]
+        r[f"dt_student_mb_fb {tag} / student_fb"] = [a / b for a, b in zip(t[f"dt_student_mb_fb {tag}"], t["student_fb"])]
+    for case in ("dt_student_fb", "dt_student_mb_fb", "gpd_mb"):
+        if f"{case} new" in t:
+            r[f"{case} new / old"] = [a / b for a, b in zip(t[f"{case} new"], t[f"{case} old"])]
+    return r
+ratios, cpu_ratios = ratios_of(times), ratios_of(cpu)
+print(f"A/B {which}: resnet18 32x32 b16 r{ratio}, {rounds} rounds, load {load0[0]:.1f} -> {load1[0]:.1f}")
+print(f"  {'case':24s} {'wall ms':>8s}  [min, max]      {'CPU ms':>8s}  [min, max]")
+for n in times:
+    w, c = times[n], cpu[n]
+    print(f"  {n:24s} {statistics.median(w)*1e3:8.1f}  [{min(w)*1e3:.0f}, {max(w)*1e3:.0f}]"
+          f"   {statistics.median(c)*1e3:8.1f}  [{min(c)*1e3:.0f}, {max(c)*1e3:.0f}]")
+print(f"  {'per-round ratio':40s} {'wall':22s} CPU")
+for n in ratios:
+    print(f"  {n:40s} {stat(ratios[n]):22s} {stat(cpu_ratios[n])}")
 os.makedirs('benchmarks/results', exist_ok=True)
-json.dump({"ratio": ratio, "rounds": rounds, "load": [load0, load1], "times_s": times, "ratios": ratios},
-          open(f"benchmarks/results/student_map_ab_r{ratio}.json", "w"), indent=1)
+json.dump({"ratio": ratio, "rounds": rounds, "changes": which, "load": [load0, load1], "times_s": times,
+           "cpu_s": cpu, "ratios": ratios, "cpu_ratios": cpu_ratios},
+          open(f"benchmarks/results/student_map_ab_r{ratio}{'' if which == 's5' else '_s4'}.json", "w"), indent=1)

@@ -19,6 +19,7 @@ from torch.testing import assert_close
 from nets import randomize_branch_scales
 
 import gpd_fx
+from gpd_fx.passes import student_map as SM
 from gpd_fx.passes.student_map import _GradPool
 
 
@@ -133,3 +134,123 @@ def test_pool_reuses_only_free_storage():
     d = pool.take((1000,), torch.float32, cpu)   # a view still holds the storage
     assert d.data_ptr() != ptr
     del view
+
+
+class _ZeroFills(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the ``zero_`` / ``fill_`` calls (top-level ATen ops) made while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.zero_, torch.ops.aten.fill_):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_clean_zero_rows_of_a_reused_buffer_are_not_rewritten(monkeypatch):
+    """The teacher-sized gradient is zero outside the rows the student reads. On a reused buffer
+    those rows are only checked (still zero: nothing is written), on a fresh one filled."""
+    monkeypatch.setattr(SM, "_CHECK_ZERO_MIN_BYTES", 0)
+    dt = _dt(())
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    w = torch.randn(4, 5, dtype=torch.float64)
+    fills = []
+    for _ in range(2):
+        dt.zero_grad(set_to_none=True)
+        loss = (dt.student(x) * w).sum()
+        with _ZeroFills() as mode:
+            loss.backward()
+        fills.append(mode.count)
+    assert fills[0] > 0 and fills[1] == 0, fills
+
+
+@pytest.mark.parametrize("branches", BRANCHES, ids=["ir", "cbr"])
+@pytest.mark.parametrize("how", ["data", "inplace", "negzero", "nan"])
+def test_writes_into_zero_rows_between_steps_are_undone(monkeypatch, branches, how):
+    """Whatever the user writes into a gradient it then drops (through ``.data``, which the
+    version counter does not see, in place, a ``-0.0`` or a NaN) is gone from the next step's
+    gradient on the same buffer: bit for bit the gradient of a copy with fresh buffers."""
+    monkeypatch.setattr(SM, "_CHECK_ZERO_MIN_BYTES", 0)
+    dt = _dt(branches)
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    w = torch.randn(4, 5, dtype=torch.float64)
+    ref = copy.deepcopy(dt)
+    got = _student_grads(dt, x, w)
+    ptrs = {n: g.data_ptr() for n, g in got.items()}
+    for g in got.values():
+        if how == "data":
+            g.data.add_(1.0)
+        elif how == "inplace":
+            g.fill_(3.0)
+        elif how == "negzero":
+            g.data.copy_(torch.where(g == 0, torch.tensor(-0.0, dtype=g.dtype), g))
+        else:
+            g.data[..., -1:] = float("nan")
+    del got, g
+    dt.zero_grad(set_to_none=True)
+    got = _student_grads(dt, x, w)
+    want = _student_grads(ref, x, w)
+    assert any(got[n].data_ptr() == ptrs[n] for n in got), "no buffer was reused"
+    for n in want:
+        assert torch.equal(got[n].view(torch.int64), want[n].view(torch.int64)), n
+
+
+def test_mapped_values_reuse_free_storage_and_leave_held_ones_alone():
+    """The map's student-sized outputs go to pooled storage when nothing holds the last one; a
+    mapped tensor the user keeps is never overwritten, and values equal a fresh copy's."""
+    dt = _dt(())
+    ref = copy.deepcopy(dt)
+    first = dt.student_parameters()
+    saved = {n: t.detach().clone() for n, t in first.items()}
+    second = dt.student_parameters()           # ``first`` is alive: fresh storage
+    for n in first:
+        assert torch.equal(first[n], saved[n]) and torch.equal(second[n], saved[n]), n
+    teacher_ptrs = {q.untyped_storage().data_ptr() for q in dt.parameters()}
+    # maps that only select (no sum, contiguous) return a view of the teacher tensor itself
+    ptrs = {n: t.data_ptr() for n, t in first.items() if t.untyped_storage().data_ptr() not in teacher_ptrs}
+    assert ptrs and not any(ptrs[n] == second[n].data_ptr() for n in ptrs)
+    del first
+    third = dt.student_parameters()
+    assert any(ptrs[n] == third[n].data_ptr() for n in ptrs), "no value buffer was reused"
+    want = ref.student_parameters()
+    for n in want:
+        assert torch.equal(third[n], want[n]), n
+    third["c2.weight"].sum().backward()    # the pooled outputs stay differentiable
+    assert dt.teacher.get_parameter(dt.sources[[s.student_name for s in dt.sources].index("c2.weight")].teacher_name
+                                    ).grad is not None
+
+
+def _kernel_source(r, out=6, inp=5, k=(3, 3)):
+    """A conv weight's map at ratio ``r`` (output copy 0, sum of interleaved input copies)."""
+    src = SM.ParamSource("w", "", "w", out=(0, torch.arange(out) * r), inp=(1, torch.arange(inp * r) // r, inp))
+    t = torch.randn(out * r, inp * r, *k, dtype=torch.float64)
+    return src, t
+
+
+@pytest.mark.parametrize("r", [2, 3, 4])
+def test_tap_gemm_map_equals_the_elementwise_map(monkeypatch, r):
+    """The batched-GEMM form of the kernel map (forward sum over input copies, backward copies)
+    gives bit for bit what the elementwise adds and copies give, and passes gradcheck."""
+    src, t = _kernel_source(r)
+    assert SM._tap_gemm(t, src) is not None
+    gs = torch.randn(6, 5, 3, 3, dtype=torch.float64)
+    got_f, got_b = SM._map_fast(t, src, _GradPool()), SM._adjoint_fast(gs, src, t.shape, _GradPool())
+    monkeypatch.setattr(SM, "_tap_gemm", lambda t, src: None)
+    want_f, want_b = SM._map_fast(t, src), SM._adjoint_fast(gs, src, t.shape, _GradPool())
+    assert torch.equal(got_f.view(torch.int64), want_f.view(torch.int64))
+    assert torch.equal(got_b.view(torch.int64), want_b.view(torch.int64))
+    monkeypatch.undo()
+    src2, t2 = _kernel_source(r, out=2, inp=2)
+    torch.autograd.gradcheck(lambda w: SM.map_tensor(w, src2), (t2.requires_grad_(),))
+
+
+def test_tap_gemm_is_not_used_under_reduced_precision_matmuls(monkeypatch):
+    """A bf16/tf32 float32 matmul setting would round the kernel: the map falls back to adds."""
+    src, t = _kernel_source(3)
+    t32 = t.float()
+    assert SM._tap_gemm(t32, src) is not None
+    monkeypatch.setattr(torch.backends.mkldnn.matmul, "fp32_precision", "bf16")
+    assert SM._tap_gemm(t32, src) is None
+    assert SM._tap_gemm(t, src) is not None      # float64 matmuls are never reduced
