@@ -9,8 +9,10 @@ set of changes:
 
 - ``s5`` (default): the session-5 map kernels: the zero rows of a reused gradient buffer only
   checked, not rewritten; the input copies written as r plain copies instead of one broadcast
-  copy; the map's student-sized output on pooled storage ('old' puts back the previous
-  ``_adjoint_fast`` / ``_map_fast``, copied below);
+  copy (a batched GEMM for kernels); the map's student-sized output on pooled storage; the
+  live-box student kernel run with cut padding instead of zero-padded to full size ('old' puts
+  back the previous ``_adjoint_fast``, ``_map_fast`` and ``teacher._kernels_at_call``, copied
+  below);
 - ``s4``: the three changes of session 4: the pooled gradient buffers of the student map
   (``_GradPool``: a fresh tensor per step instead), ``scale_rows`` (the plain broadcast
   product) and the live-tap student kernels (``_student_cut`` off).
@@ -75,13 +77,48 @@ def _adjoint_fast_s4(gs, src, shape, pool=None):
 
 
 @contextlib.contextmanager
+def _kernels_at_call_s4(lazy):
+    """``teacher._kernels_at_call`` before session 5: the live-box kernel zero-padded back to
+    the full kernel size (the conv keeps its padding)."""
+    handles = []
+
+    def install(src, layer, conv):
+        original = conv._parameters["weight"]
+
+        def pre(module, args):
+            module._parameters["weight"] = layer.mapped_weight(src, layer._student_box(args[0] if args else None))
+
+        def post(module, args, out):
+            module._parameters["weight"] = original
+
+        handles.append(conv.register_forward_pre_hook(pre))
+        handles.append(conv.register_forward_hook(post, always_call=True))
+        return conv, original
+
+    restore = [install(*item) for item in lazy]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for conv, original in restore:
+            conv._parameters["weight"] = original
+
+
+TEACHER = sys.modules["gpd_fx.teacher"]
+_kernels_at_call = TEACHER._kernels_at_call
+
+
+@contextlib.contextmanager
 def old(dts):
     if which == "s5":
         SM._adjoint_fast, SM._map_fast = _adjoint_fast_s4, _map_fast_s4
+        TEACHER._kernels_at_call = _kernels_at_call_s4
         try:
             yield
         finally:
             SM._adjoint_fast, SM._map_fast = _adjoint, _mapfast
+            TEACHER._kernels_at_call = _kernels_at_call
         return
     def fresh(self, shape, dtype, device, tag="grad"):
         self.last_reused = False

@@ -357,23 +357,32 @@ def _mark_student_cuts(teacher: nn.Module, template: nn.Module, sources: list[Pa
 @contextlib.contextmanager
 def _kernels_at_call(lazy: list[tuple[ParamSource, nn.Module, nn.Module]]):
     """Within the block each student conv of ``lazy`` computes its weight when called: the map
-    of its teacher layer folded over the live taps at that input's size. Hooks are added for
-    the block only (copies of the teacher never share them) and the weight restored after."""
+    of its teacher layer folded over the live taps at that input's size, as a kernel of the live
+    box with the conv's padding cut to match where that padding stays symmetric (else zero-padded
+    back to full size). Hooks are added for the block only (copies of the teacher never share
+    them) and the weight and padding restored after."""
     handles = []
 
     def install(src, layer, conv):
-        original = conv._parameters["weight"]
+        original, padding = conv._parameters["weight"], conv.padding
 
         def pre(module, args):
-            x = args[0] if args else None
-            module._parameters["weight"] = layer.mapped_weight(src, layer._student_box(x))
+            cut = layer.student_cut(args[0] if args else None)
+            if cut is not None and all(left == right for left, right in cut[1]):
+                # the box-shaped kernel with the padding cut to match: the same output grid, minus
+                # products with zero padding (on a 1x1 map a 3x3 conv becomes a 1x1 one, and no
+                # full-size kernel is built, filled with zeros and sliced again in the backward)
+                module._parameters["weight"] = layer.mapped_weight(src, cut[0], unbox=False)
+                module.padding = tuple(left for left, _ in cut[1])
+            else:
+                module._parameters["weight"] = layer.mapped_weight(src, None if cut is None else cut[0])
 
         def post(module, args, out):
-            module._parameters["weight"] = original
+            module._parameters["weight"], module.padding = original, padding
 
         handles.append(conv.register_forward_pre_hook(pre))
         handles.append(conv.register_forward_hook(post, always_call=True))
-        return conv, original
+        return conv, original, padding
 
     restore = [install(*item) for item in lazy]
     try:
@@ -381,8 +390,8 @@ def _kernels_at_call(lazy: list[tuple[ParamSource, nn.Module, nn.Module]]):
     finally:
         for h in handles:
             h.remove()
-        for conv, original in restore:
-            conv._parameters["weight"] = original
+        for conv, original, padding in restore:
+            conv._parameters["weight"], conv.padding = original, padding
 
 
 def _holder(root: nn.Module, name: str) -> nn.Module:

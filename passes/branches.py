@@ -408,7 +408,7 @@ class _Branched(nn.Module, metaclass=abc.ABCMeta):
         # the branch factors are mapped separately: output map on dim 0, input map on dim 1
         return ((src.out is None or src.out[0] == 0) and (src.inp is None or src.inp[0] == 1))
 
-    def mapped_weight(self, src, box=None) -> Tensor:
+    def mapped_weight(self, src, box=None, unbox: bool = True) -> Tensor:
         """The student map of :meth:`effective_weight`, computed at student size.
 
         ``map(sum_b v_b * K_b) = sum_b map(v_b) * map(K_b)``: the map selects output copy 0 (so
@@ -417,7 +417,9 @@ class _Branched(nn.Module, metaclass=abc.ABCMeta):
         at student width: about 1/r (1/r^2 for 1x1->kxk) of folding the teacher's kernel.
         Inside a joint forward (:func:`shared_folds` with sources) the kernel computed during
         the teacher forward is returned. With ``box`` (from :meth:`_student_box`) only those
-        taps are folded and the rest of the kernel is zero.
+        taps are folded and the rest of the kernel is zero; with ``unbox=False`` too, the
+        box-shaped kernel itself (for a conv whose padding is cut to match, see
+        :meth:`BranchConvNd.student_cut`).
         """
         memo = self.__dict__.get("_fold_memo")
         if memo is not None and memo.get("src") is src and "student_w" in memo:
@@ -429,7 +431,7 @@ class _Branched(nn.Module, metaclass=abc.ABCMeta):
         parts = [self._part(src, part) for _, part in roles.values()]
         mapped = {role: map_tensor(t, p, self._grad_pool(role))
                   for role, t, p in zip(roles, own.values(), parts)}
-        return self._student_kernel(src, mapped, box)
+        return self._student_kernel(src, mapped, box, unbox)
 
     def _grad_pool(self, role: str):
         """The gradient-buffer pool of one role's map: roles share sources (1x1 and 1x1_avg
@@ -449,13 +451,14 @@ class _Branched(nn.Module, metaclass=abc.ABCMeta):
     def _part(self, src, part: str):
         return src if part == "full" else out_part(src) if part == "out" else inp_part(src)
 
-    def _student_kernel(self, src, mapped: dict[str, Tensor], box=None) -> Tensor:
+    def _student_kernel(self, src, mapped: dict[str, Tensor], box=None, unbox: bool = True) -> Tensor:
         vpart = out_part(src)
         v = {k: map_tensor(t, vpart) for k, t in self._scales().items()}
         if box is None:
             w = self._fold_kernel(self.branches, mapped, v, self._ident(src))
         else:
-            w = self._unbox(self._fold_kernel(self.branches, mapped, v, self._ident(src), box=box), box)
+            w = self._fold_kernel(self.branches, mapped, v, self._ident(src), box=box)
+            w = self._unbox(w, box) if unbox else w
         return w * src.scale if src.scale != 1.0 else w
 
     def _inputs(self, x: Tensor | None = None) -> dict[str, Tensor]:
@@ -479,6 +482,10 @@ class _Branched(nn.Module, metaclass=abc.ABCMeta):
     def _student_box(self, x: Tensor | None):
         """The box of kernel taps the student's own layer reads real input with at ``x``'s size,
         or ``None`` (fold every tap). Only convolutions override this."""
+        return None
+
+    def student_cut(self, x: Tensor | None):
+        """``(box, pads)`` of a live-tap cut at ``x``'s size, or ``None``; only convolutions cut."""
         return None
 
     def _unbox(self, kern: Tensor, box) -> Tensor:
@@ -736,6 +743,13 @@ class BranchConvNd(_Branched):
         provably applies this kernel to inputs of this size and nothing else reads it
         (``_student_cut``, set by the dynamic teacher from its graph), with zero padding.
         """
+        cut = self.student_cut(x)
+        return None if cut is None else cut[0]
+
+    def student_cut(self, x: Tensor | None):
+        """``(box, pads)``: :meth:`_student_box` and the (left, right) zero padding per spatial
+        dim under which a conv with only the box's taps gives the same output grid and sums
+        (the products dropped are those with padding); ``None`` where there is no cut."""
         if (x is None or not self.__dict__.get("_student_cut", False) or self.padding_mode != "zeros"
                 or isinstance(x, torch.fx.Proxy) or torch.compiler.is_compiling()):
             return None
@@ -743,7 +757,7 @@ class BranchConvNd(_Branched):
                      tuple(self.dilation))
         if plan is None:
             return None
-        return tuple(slice(a, b) for a, b in plan[0])
+        return tuple(slice(a, b) for a, b in plan[0]), plan[1]
 
     def _unbox(self, kern: Tensor, box) -> Tensor:
         """The box-shaped kernel ``kern`` zero-padded back to the full kernel."""

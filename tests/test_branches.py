@@ -675,14 +675,21 @@ def test_student_kernel_of_live_taps_at_call_is_exact(monkeypatch):
                        branches=None).train()
     randomize_branch_scales(dt)
     ref = copy.deepcopy(dt)
-    boxes = []
-    orig = BranchConvNd._unbox
-    monkeypatch.setattr(BranchConvNd, "_unbox", lambda self, k, box: boxes.append(box) or orig(self, k, box))
+    cuts, unboxed = [], []
+    orig_cut, orig_unbox = BranchConvNd.student_cut, BranchConvNd._unbox
+    monkeypatch.setattr(BranchConvNd, "student_cut", lambda self, x: cuts.append(orig_cut(self, x)) or cuts[-1])
+    monkeypatch.setattr(BranchConvNd, "_unbox", lambda self, k, box: unboxed.append(box) or orig_unbox(self, k, box))
     before = {n: p for n, p in dt.template.named_parameters()}
+    pads = {n: m.padding for n, m in dt.template.named_modules() if isinstance(m, nn.Conv2d)}
     x = torch.randn(4, 3, 4, 4, dtype=torch.float64)
     s = dt.student(x)
-    assert len(boxes) >= 2, boxes
+    cut = [c for c in cuts if c is not None]
+    assert len(cut) >= 2, cuts
+    # symmetric cuts run the box-shaped kernel with cut padding (no full kernel); others unbox
+    assert len(unboxed) == sum(1 for _, p in cut if any(left != right for left, right in p)), (cut, unboxed)
+    assert len(unboxed) < len(cut)
     assert {n: p for n, p in dt.template.named_parameters()} == before
+    assert {n: m.padding for n, m in dt.template.named_modules() if isinstance(m, nn.Conv2d)} == pads
     assert all(not m._forward_pre_hooks and not m._forward_hooks for m in dt.template.modules())
     s_ref = functional_call(ref.template, ref.student_state_dict(), (x,), tie_weights=True, strict=False)
     assert_close(s, s_ref, atol=1e-12, rtol=0)
