@@ -159,7 +159,8 @@ def expand(model: nn.Module, ratio: int = 2, example_inputs: Tensor | Sequence[A
         scope: expand only these submodules (names from ``model.named_modules()``), for models
             neither front end captures whole (torchvision detectors: ``scope=["backbone"]``).
             Each is expanded on the inputs it receives when the whole model runs on
-            ``example_inputs``; the whole model's outputs are verified. Returns a
+            ``example_inputs``; the whole model's outputs are verified. Where one scope reads
+            another's output (the same tensor), the teachers connect at teacher width. Returns a
             :class:`gpd_fx.scope.ScopedTeacher` (the user's model with each scope's teacher in
             place; ``dt.student``, ``dt.joint``, ``fold`` and ``param_groups`` work as for a
             whole teacher). The other arguments apply to every scope.
@@ -228,7 +229,11 @@ def _check_noise(noise) -> None:
 
 
 def _expand(model, ratio, inputs, noise, seed, strict, leaf_modules, concrete_args, extra_rules, branches,
-            verify_dtype, progress, frontend="auto") -> DynamicTeacher:
+            verify_dtype, progress, frontend="auto", wide_inputs=None, wide_outputs=False) -> DynamicTeacher:
+    """:func:`expand` after its argument checks. ``wide_inputs`` / ``wide_outputs`` (used by
+    ``scope=`` for connected scopes): ``{input tensor position: dim}`` taken widened through a
+    port (``passes/ports.py``), and whether another scope reads the outputs through one (see
+    ``Builder.run``)."""
     concrete_args = _none_defaults(model, inputs, concrete_args)
     load_lazy_rules()
     orig_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
@@ -243,13 +248,13 @@ def _expand(model, ratio, inputs, noise, seed, strict, leaf_modules, concrete_ar
             front.notes += [note] if note else []
         builder = Builder(gm, ratio, noise=float(noise), seed=seed, strict=strict, tol=tol, extra_rules=extra)
         with torch.no_grad():
-            result = builder.run(probe, progress=progress)
+            result = builder.run(probe, progress=progress, wide_inputs=wide_inputs, wide_outputs=wide_outputs)
         if front.export_info is not None:
             restore_call_convention(result.graph_module, front.export_info)
         train_result = train_gm = None
         if gm.meta.get("gpd_root_mode_dependent"):
             train_result = _build_train_graph(work, model, leaf_modules, concrete_args, ratio, noise, seed,
-                                              strict, tol, extra, probe)
+                                              strict, tol, extra, probe, wide_inputs, wide_outputs)
         elif front.export_info is not None:
             train_gm = _export_train_graph(work, probe, extra, gm)
             if train_gm is not None:
@@ -258,7 +263,7 @@ def _expand(model, ratio, inputs, noise, seed, strict, leaf_modules, concrete_ar
                 builder = Builder(train_gm, ratio, noise=float(noise), seed=seed, strict=strict, tol=tol,
                                   extra_rules=extra)
                 with torch.no_grad():
-                    train_result = builder.run(probe)
+                    train_result = builder.run(probe, wide_inputs=wide_inputs, wide_outputs=wide_outputs)
                 restore_call_convention(train_result.graph_module, front.export_info)
     teacher = result.graph_module
     tie_shared_parameters(model, teacher, result.sources)
@@ -480,7 +485,7 @@ def _first_line(e: BaseException) -> str:
 
 
 def _build_train_graph(work, model, leaf_modules, concrete_args, ratio, noise, seed, strict, tol,
-                       extra, probe):
+                       extra, probe, wide_inputs=None, wide_outputs=False):
     """The teacher of a model whose own forward depends on the mode (GoogLeNet/Inception-v3
     return aux logits in train mode): traced with the root in train mode, built like the other."""
     flag = work.training
@@ -495,7 +500,7 @@ def _build_train_graph(work, model, leaf_modules, concrete_args, ratio, noise, s
     work.training = True
     try:
         with torch.no_grad():
-            return builder.run(probe)
+            return builder.run(probe, wide_inputs=wide_inputs, wide_outputs=wide_outputs)
     finally:
         work.training = flag
 

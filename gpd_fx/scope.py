@@ -7,6 +7,10 @@ receives when the whole model runs on ``example_inputs`` (one eval-mode run with
 hooks), so it is verified on exactly the values it sees inside the model. A scope's inputs and
 outputs keep student width (as a whole-model teacher's do), so the rest of the model runs
 unchanged around it and is shared: the teacher run and the student run both use and train it.
+Where scopes connect (a scope's input tensor *is* another scope's output, as a detector's head
+reads the FPN's levels), the teacher passes that value at teacher width through a port
+(``passes/ports.py``): the consuming teacher's first layers read all ``r`` copies, while the
+model's own code between the scopes still sees student width.
 
 The whole model is verified as :class:`ScopeCheck` says: its outputs against the model's, and
 where a discontinuous selection (top-k, NMS, thresholds among scores tied to within rounding)
@@ -365,7 +369,7 @@ def expand_scoped(model: nn.Module, ratio: int, inputs: tuple, scope, *, verify_
             :class:`ScopeCheck`: a scope's output differs, or the rest of the model run on the
             teachers' scope outputs does not give the teachers' whole outputs).
     """
-    from gpd_fx.expand import _eval_mode, expand
+    from gpd_fx.expand import _eval_mode
 
     names = _check_scope_names(model, scope)
     orig_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
@@ -377,12 +381,19 @@ def expand_scoped(model: nn.Module, ratio: int, inputs: tuple, scope, *, verify_
         work = work.to(verify_dtype)
         probe = _cast(inputs, verify_dtype)
     with _eval_mode(work):
-        scope_inputs, reference, total_flops, ref_scopes = _capture_scope_inputs(work, names, probe)
-        # each scope is built in the probe dtype (verify_dtype=None: work is converted already)
-        teachers = {}
-        for n in names:
+        scope_inputs, reference, total_flops, ref_scopes, links = _capture_scope_inputs(work, names, probe)
+        # each scope is built in the probe dtype (verify_dtype=None: work is converted already),
+        # in the order the model calls them: a scope reading another's output takes it at teacher
+        # width through a port (passes/ports.py) where the producer's teacher has it widened
+        teachers, port_dims = {}, {}
+        for n in links.order:
             kwargs = dict(expand_kwargs, leaf_modules=_scope_leaves(model, work, n, expand_kwargs.get("leaf_modules")))
-            teachers[n] = expand(work.get_submodule(n), ratio, scope_inputs[n], verify_dtype=None, **kwargs)
+            wide = {i: port_dims[p][j] for i, (p, j) in links.inputs[n].items() if j in port_dims.get(p, {})}
+            teachers[n] = _expand_scope(work.get_submodule(n), ratio, scope_inputs[n], wide, kwargs,
+                                        wide_outputs=n in links.producers())
+            if n in links.producers():
+                port_dims[n] = _open_ports(teachers[n], scope_inputs[n])
+        teachers = {n: teachers[n] for n in names}
         # the model with each scope's slot (a copy of the shell: `work` stays the reference)
         candidate = copy.deepcopy(work, {id(work.get_submodule(n)): _ScopeSlot(dt) for n, dt in teachers.items()})
         check = compare_scoped(candidate, work, names, probe, tol, reference_run=(reference, ref_scopes))
@@ -415,6 +426,65 @@ def expand_scoped(model: nn.Module, ratio: int, inputs: tuple, scope, *, verify_
         if name in flags and not isinstance(m, _ScopeSlot) and not name.startswith(tuple(n + "." for n in names)):
             m.training = flags[name].training
     return dt
+
+
+def _expand_scope(module: nn.Module, ratio: int, inputs: tuple, wide: dict[int, int], kwargs: dict,
+                  wide_outputs: bool = False) -> DynamicTeacher:
+    """:func:`gpd_fx.expand` of one scope on the inputs it receives (``wide``: its input tensors
+    taken at teacher width through a port; ``wide_outputs``: a later scope reads its outputs)."""
+    import time
+
+    from gpd_fx.expand import _expand
+
+    t0 = time.perf_counter()
+    k = dict(kwargs)
+    dt = _expand(module, ratio, inputs, k.pop("noise", 0.1), k.pop("seed", 0), k.pop("strict", False),
+                 k.pop("leaf_modules", None), k.pop("concrete_args", None), k.pop("extra_rules", None),
+                 k.pop("branches", ()), None, k.pop("progress", False), k.pop("frontend", "auto"),
+                 wide_inputs=wide or None, wide_outputs=wide_outputs)
+    if k:
+        raise TypeError(f"unexpected expand arguments for a scope: {sorted(k)}")
+    dt.report.seconds = time.perf_counter() - t0
+    if wide:
+        dt.report.frontend_notes.append(f"{len(wide)} input tensor(s) taken at teacher width from another scope "
+                                        "through a port")
+    return dt
+
+
+def _open_ports(dt: DynamicTeacher, inputs: tuple) -> dict[int, int]:
+    """Make the output narrowing of ``dt``'s teacher graphs ports (``gpd_port_narrow``) and
+    return ``{output tensor position: dim}`` of the outputs that now carry their teacher-width
+    value to a consuming scope (found by running the teacher once on ``inputs``)."""
+    from gpd_fx.passes import ports
+    from gpd_fx.passes.layout import gpd_narrow
+
+    for gm in {id(g): g for g in (dt.teacher, dt.teacher_train) if g is not None}.values():
+        out = next(n for n in gm.graph.nodes if n.op == "output")
+        changed = False
+
+        def swap(a):
+            nonlocal changed
+            if isinstance(a, torch.fx.Node) and a.op == "call_function" and a.target is gpd_narrow:
+                a.target = ports.gpd_port_narrow
+                changed = True
+            return a
+
+        torch.fx.node.map_aggregate(out.args, swap)
+        if changed:
+            gm.recompile()
+    training = dt.training
+    dt.eval()
+    try:
+        with torch.no_grad():
+            leaves = _tensor_leaves(dt(*inputs))
+    finally:
+        dt.train(training)
+    dims = {}
+    for j, leaf in enumerate(leaves):
+        entry = ports._PORTS.get(id(leaf))
+        if entry is not None and entry[0]() is leaf:
+            dims[j] = entry[2]
+    return dims
 
 
 def _scope_leaves(model: nn.Module, work: nn.Module, scope: str, leaves):
@@ -474,12 +544,23 @@ def _capture_scope_inputs(model: nn.Module, names: list[str], inputs: tuple):
     once with tensors only."""
     calls: dict[str, list] = {n: [] for n in names}
     outputs: dict[str, Any] = {}
+    produced: dict[int, tuple[str, int, Tensor]] = {}   # id(output tensor) -> (scope, position, it)
+    links: dict[str, dict[int, tuple[str, int]]] = {n: {} for n in names}
+    order: list[str] = []
 
     def record(name, module, args, kwargs):
         calls[name].append((args, kwargs))
+        # an input tensor that *is* an earlier scope's output: the scopes connect there
+        for i, leaf in enumerate(_tensor_leaves(args)):
+            hit = produced.get(id(leaf))
+            if hit is not None and hit[2] is leaf:
+                links[name][i] = hit[:2]
 
     def record_output(name, module, args, out):
         outputs[name] = _clone(out)
+        order.append(name)
+        for j, leaf in enumerate(_tensor_leaves(out)):
+            produced.setdefault(id(leaf), (name, j, leaf))   # holds the tensor: ids stay unique
 
     hooks = [model.get_submodule(n).register_forward_pre_hook(functools.partial(record, n), with_kwargs=True)
              for n in names]
@@ -512,7 +593,24 @@ def _capture_scope_inputs(model: nn.Module, names: list[str], inputs: tuple):
                              "submodule inside it that "
                              "does, or wrap the call so that the scope's forward takes tensors")
         captured[n] = tuple(_clone(a) for a in args)
-    return captured, out, float(counter.get_total_flops()), outputs
+    return captured, out, float(counter.get_total_flops()), outputs, _Links(order, links)
+
+
+class _Links:
+    """Where scopes connect: ``inputs[consumer][i] = (producer, j)`` when the consumer's i-th
+    input tensor (pytree order) is the producer's j-th output tensor, the same object, in the
+    run on the example inputs; ``order``: the scopes in the order they ran."""
+
+    def __init__(self, order: list[str], inputs: dict[str, dict[int, tuple[str, int]]]):
+        self.order = order
+        self.inputs = inputs
+
+    def producers(self) -> set[str]:
+        return {p for links in self.inputs.values() for p, _ in links.values()}
+
+
+def _tensor_leaves(value) -> list[Tensor]:
+    return [v for v in tree_flatten(value)[0] if isinstance(v, Tensor)]
 
 
 def _tensors_only(value) -> bool:

@@ -45,6 +45,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 from torch.fx.node import map_aggregate
+from torch.utils._pytree import tree_leaves
 
 from gpd_fx.errors import GPDError, UnsupportedOpError, VerificationError
 
@@ -184,14 +185,49 @@ class Builder:
         return d is None or (isinstance(d, fx.Node) and self.tvals.get(d, 0) is None)
 
     # --- the walk --------------------------------------------------------------------------
-    def run(self, example_inputs: tuple, progress: bool = False) -> WidenResult:
-        """Build the teacher on ``example_inputs`` (the probe); the global RNG is left as found."""
-        with rng_untouched():
-            return self._run(example_inputs, progress)
+    def run(self, example_inputs: tuple, progress: bool = False,
+            wide_inputs: dict[int, int] | None = None, wide_outputs: bool = False) -> WidenResult:
+        """Build the teacher on ``example_inputs`` (the probe); the global RNG is left as found.
 
-    def _run(self, example_inputs: tuple, progress: bool) -> WidenResult:
-        self._compute_kept_demand()
+        ``wide_inputs``: ``{position among the inputs' tensors (pytree order): dim}``, inputs the
+        teacher takes widened on ``dim`` (interleaved) through a port (``passes/ports.py``):
+        another scope's teacher-width output when it passes one, else ``repeat_interleave``.
+        ``wide_outputs``: another scope reads the outputs through a port, so the layers producing
+        them are widened too (an output that is only narrowed is otherwise computed at student
+        width, where widening would buy nothing)."""
+        with rng_untouched():
+            return self._run(example_inputs, progress, wide_inputs or {}, wide_outputs)
+
+    def _widen_placeholder(self, node: fx.Node, dt: fx.Node, val, first: int, wide: dict[int, int]) -> None:
+        """Give the placeholder ``node`` (value ``val``, whose tensors start at position ``first``)
+        a teacher counterpart widened through a port where ``wide`` asks for it."""
+        from .layout import interleaved
+        from .ports import gpd_port_widen
+
+        if isinstance(val, Tensor):
+            if first not in wide:
+                return
+            d = wide[first]
+            lay = interleaved(val.shape[d], self.ratio, d)
+            dims = d
+        elif isinstance(val, (list, tuple)) and not hasattr(val, "_fields") and \
+                all(isinstance(v, Tensor) for v in val):
+            dims = tuple(wide.get(first + i) for i in range(len(val)))
+            if all(d is None for d in dims):
+                return
+            lay = type(val)(None if d is None else interleaved(v.shape[d], self.ratio, d) for v, d in zip(val, dims))
+        else:
+            return   # nested containers: passed at student width
+        port = self.convert._emit("call_function", gpd_port_widen, (dt, dims, self.ratio), lay)
+        self.set_entry(node, port, lay)
+        # held to the end like the placeholder's own value: no visited node owns it, so the
+        # release after the next node would otherwise drop it while later nodes still read it
+        self.teacher.fresh.remove(port)
+
+    def _run(self, example_inputs: tuple, progress: bool, wide: dict[int, int], wide_outputs: bool) -> WidenResult:
+        self._compute_kept_demand(wide_outputs)
         inputs = list(example_inputs)
+        position = 0   # of the next input tensor, in pytree order (what ``wide`` counts)
         nodes = list(self.sgm.graph.nodes)
         iterator = nodes
         if progress:
@@ -209,6 +245,9 @@ class Builder:
                     dt.args = node.args
                 self.tvals[dt] = val
                 self.set_entry(node, dt, None)
+                if wide:
+                    self._widen_placeholder(node, dt, val, position, wide)
+                    position += len([v for v in tree_leaves(val) if isinstance(v, Tensor)])
                 self.verifier.source(node, val)
                 continue
             if node.op == "get_attr":
@@ -387,13 +426,16 @@ class Builder:
             self.fallbacks.append(Boundary(node.name, describe(node), f"the boundary differs from the student ({msg})"))
         self.set_entry(node, dt, None)
 
-    def _compute_kept_demand(self) -> None:
-        """A node is 'kept-demanded' when all its uses lead to the output through transparent ops."""
+    def _compute_kept_demand(self, wide_outputs: bool = False) -> None:
+        """A node is 'kept-demanded' when all its uses lead to the output through transparent ops
+        (with ``wide_outputs`` the output itself counts as a widened use)."""
         for node in reversed(list(self.sgm.graph.nodes)):
             if node.op == "output" or not node.users:
                 continue
-            ok = True
+            ok = not (wide_outputs and any(u.op == "output" for u in node.users))
             for u in node.users:
+                if not ok:
+                    break
                 if u.op == "output":
                     continue
                 entry = lookup(u, self.smods, self.extra)

@@ -352,3 +352,86 @@ def test_compare_scoped_names_the_part_that_differs():
     assert "does not compute the same function" in check.summary()
     with pytest.raises(ScopeError, match="'body' is called more than once"):
         compare_scoped(Twice(), Twice(), ["body"], (torch.randn(1, 3, 8, 8),), 1e-9)
+
+
+class Chain(nn.Module):
+    """Two scopes that connect (``b`` reads ``a``'s output), and Python code between them that
+    reads the same tensor (``side``): it must keep seeing student width."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.a = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(8, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 5, 1))
+
+    def forward(self, x):
+        f = self.a(self.stem(x))
+        if f.abs().sum() >= 0:          # data-dependent: the whole model is untraceable
+            side = f.mean((1, 2, 3))
+        return self.b(f).mean((2, 3)) + side[:, None]
+
+
+def test_connected_scopes_meet_at_teacher_width():
+    """scope=['a', 'b'] where b reads a's output: b's teacher takes a's teacher-width output
+    through a port (its first conv reads r*8 channels), the whole model is exact at init
+    (float64), the Python code between reads student width, and once a's copies differ b's
+    teacher sees them (not their mean); the student and fold are unaffected."""
+    torch.manual_seed(0)
+    net, x = Chain().eval(), torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    net = net.double()
+    dt = gpd_fx.expand(net, 2, (x,), scope=["a", "b"], noise=0.1)
+    assert dt.report.max_rel_error < 1e-9
+    assert dt.scopes["b"].teacher.get_submodule("0").in_channels == 16
+    assert any("through a port" in n for n in dt.report.frontend_notes)
+    dt.eval()
+    seen = {}
+    slot_b = dt.model.b
+    h1 = slot_b.register_forward_pre_hook(lambda m, args: seen.setdefault("in", args[0]))
+    h2 = slot_b.register_forward_hook(lambda m, args, out: seen.setdefault("out", out))
+    with torch.no_grad():
+        # copies of a's channels made different, as training does
+        conv = dt.scopes["a"].teacher.get_submodule("0")
+        conv.weight[1::2].mul_(1.5)
+        y = dt(x)
+    h1.remove(), h2.remove()
+    assert seen["in"].shape[1] == 8                     # the model's own code saw student width
+    with torch.no_grad():
+        via_port = slot_b.dt(seen["in"])                 # the same object: the port is still open
+        via_mean = slot_b.dt(seen["in"].clone())         # another tensor: widened from the mean
+    torch.testing.assert_close(via_port, seen["out"], rtol=0, atol=0)
+    assert (via_port - via_mean).abs().max() > 1e-3      # b's teacher saw the copies, not their mean
+    assert torch.isfinite(y).all()
+    with torch.no_grad():
+        torch.testing.assert_close(dt.student(x), net(x), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(gpd_fx.fold(dt)(x), net(x), rtol=1e-10, atol=1e-12)
+
+
+def test_connected_scopes_train_through_the_port():
+    """Gradients cross the port: b's loss reaches a's teacher through the teacher-width path."""
+    torch.manual_seed(0)
+    net, x = Chain(), torch.randn(4, 3, 8, 8)
+    dt = gpd_fx.expand(net, 2, (x,), scope=["a", "b"])
+    dt.train()
+    dt(x).pow(2).sum().backward()
+    g = dt.scopes["a"].teacher.get_submodule("0").weight.grad
+    assert g is not None and g.abs().sum() > 0
+
+
+def test_detector_backbone_and_rpn_head_connect_at_teacher_width():
+    """Faster R-CNN with scope=['backbone', 'rpn.head']: the RPN head reads the FPN's levels (the
+    same tensors, listed by the model's own code) at teacher width: its conv takes r*256 channels;
+    exact in float64 and folds back to the class."""
+    pytest.importorskip("torchvision")
+    model = _small_faster_rcnn().eval()
+    images = [torch.rand(3, 64, 64) for _ in range(2)]
+    dt = gpd_fx.expand(model, 2, (images,), scope=["backbone", "rpn.head"], verify_dtype=torch.float64)
+    assert dt.report.max_rel_error < 1e-9 and dt.report.boundaries == []
+    head_conv = next(m for m in dt.scopes["rpn.head"].teacher.modules() if isinstance(m, nn.Conv2d))
+    assert head_conv.in_channels == 2 * model.backbone.out_channels
+    plain = gpd_fx.fold(dt)
+    assert type(plain) is type(model) and plain.state_dict().keys() == model.state_dict().keys()
+    dt.eval()
+    with torch.no_grad():
+        ref = model(images)
+        _compare_detections(plain(images), ref, atol=1e-4)
+        _compare_detections(dt.student(images), ref, atol=1e-4)
