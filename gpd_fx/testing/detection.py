@@ -7,7 +7,8 @@ scope=["backbone"])``. What makes such a row meaningful, and is shared by the sw
 
 * :func:`prepare_detector`: the input side of the R-CNN/RetinaNet/FCOS transform set to the
   zoo's size (the SSDs keep their fixed 300/320), and every score threshold set to 0, because
-  random-init heads score below the defaults and would leave no boxes to compare;
+  random-init heads score below the defaults and would leave no boxes to compare (Mask and
+  Keypoint R-CNN keep 10 detections per image, which their per-detection heads then run on);
 * :func:`detection_images`, :func:`detection_targets`: seeded images in [0, 1] and seeded
   targets (boxes, labels, and masks or keypoints where the model has those heads), so that the
   train-mode forward (which needs targets) returns its loss dict;
@@ -31,6 +32,7 @@ __all__ = ["DEFAULT_SCOPE", "check_detector", "detection_images", "detection_tar
            "scope_input_side"]
 
 DEFAULT_SCOPE = ("backbone",)   # backbone + FPN (torchvision puts the FPN inside ``backbone``)
+MASK_KEYPOINT_DETECTIONS = 10   # detections per image kept by R-CNNs with a mask or keypoint head
 
 
 def prepare_detector(model: nn.Module, size: int) -> nn.Module:
@@ -40,6 +42,7 @@ def prepare_detector(model: nn.Module, size: int) -> nn.Module:
     Random-init heads give scores below the default thresholds (0.05 and more), so without this
     the detections are empty and any comparison of them passes vacuously.
     """
+    from torchvision.models.detection.roi_heads import RoIHeads
     from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
     for m in model.modules():
@@ -48,6 +51,11 @@ def prepare_detector(model: nn.Module, size: int) -> nn.Module:
         # RoIHeads, RegionProposalNetwork, RetinaNet, FCOS and SSD keep a float ``score_thresh``
         if isinstance(getattr(m, "score_thresh", None), float):
             m.score_thresh = 0.0
+        if isinstance(m, RoIHeads) and (m.has_mask() or m.has_keypoint()):
+            # these heads run on every detection: Keypoint R-CNN's 8 convs of 512 channels at
+            # 14x14 on 2 x 100 detections are ~1.5 TFLOP per forward (minutes in float64 on one
+            # core, and the check runs a dozen forwards); 10 per image still compares masks/points
+            m.detections_per_img = min(m.detections_per_img, MASK_KEYPOINT_DETECTIONS)
     return model
 
 
