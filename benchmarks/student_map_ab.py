@@ -10,8 +10,9 @@ set of changes:
 - ``s5`` (default): the session-5 map kernels: the zero rows of a reused gradient buffer only
   checked, not rewritten; the input copies written as r plain copies instead of one broadcast
   copy (a batched GEMM for kernels); the map's student-sized output on pooled storage; the
-  live-box student kernel run with cut padding instead of zero-padded to full size ('old' puts
-  back the previous ``_adjoint_fast``, ``_map_fast`` and ``teacher._kernels_at_call``, copied
+  live-box student kernel run with cut padding instead of zero-padded to full size; the box
+  slice of the branch tensors with one full-size gradient write ('old' puts back the previous
+  ``_adjoint_fast``, ``_map_fast``, ``teacher._kernels_at_call`` and plain indexing, copied
   below);
 - ``s4``: the three changes of session 4: the pooled gradient buffers of the student map
   (``_GradPool``: a fresh tensor per step instead), ``scale_rows`` (the plain broadcast
@@ -105,6 +106,12 @@ def _kernels_at_call_s4(lazy):
             conv._parameters["weight"] = original
 
 
+class _BoxSlice_s4:
+    """Before session 5: plain indexing (one ``SliceBackward`` per sliced dim)."""
+    apply = staticmethod(lambda w, box: w[box])
+
+
+_box_slice = B._BoxSlice
 TEACHER = sys.modules["gpd_fx.teacher"]
 _kernels_at_call = TEACHER._kernels_at_call
 
@@ -114,11 +121,13 @@ def old(dts):
     if which == "s5":
         SM._adjoint_fast, SM._map_fast = _adjoint_fast_s4, _map_fast_s4
         TEACHER._kernels_at_call = _kernels_at_call_s4
+        B._BoxSlice = _BoxSlice_s4
         try:
             yield
         finally:
             SM._adjoint_fast, SM._map_fast = _adjoint, _mapfast
             TEACHER._kernels_at_call = _kernels_at_call
+            B._BoxSlice = _box_slice
         return
     def fresh(self, shape, dtype, device, tag="grad"):
         self.last_reused = False

@@ -256,6 +256,24 @@ class _ScaleRows(torch.autograd.Function):
         return gw, gv
 
 
+class _BoxSlice(torch.autograd.Function):
+    """``w[box]`` as a contiguous tensor, whose backward writes the full-size gradient once (zeros
+    plus the box) instead of one zero fill and copy per sliced dimension (``SliceBackward`` per
+    dim: two full-size fills and copies for a 2-D box, 9.4 MB each for a 512x512x3x3 kernel)."""
+
+    @staticmethod
+    def forward(ctx, w, box):
+        ctx.shape, ctx.box = w.shape, box
+        return w[box].contiguous()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        full = g.new_zeros(ctx.shape)
+        full[ctx.box] = g
+        return full, None
+
+
 def scale_rows(w: Tensor, v: Tensor) -> Tensor:
     """``w * v`` broadcast over each output row of ``w`` (``v`` is 1-D, one entry per row).
 
@@ -784,7 +802,7 @@ class BranchConvNd(_Branched):
             cut = (slice(None), slice(None), *box)
             taps = tuple(sl.stop - sl.start for sl in box)
             centre = tuple(c - sl.start if sl.start <= c < sl.stop else None for c, sl in zip(centre, box))
-            t = dict(t, kxk=w[cut], **({"b": t["b"][cut]} if "b" in t else {}))
+            t = dict(t, kxk=_BoxSlice.apply(w, cut), **({"b": _BoxSlice.apply(t["b"], cut)} if "b" in t else {}))
             if isinstance(ident, Tensor):
                 ident = ident[cut]
             w = t["kxk"]

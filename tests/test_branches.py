@@ -720,3 +720,19 @@ def _assert_joint_matches_separate_calls(dt, ref, x, t, s):
         assert (p.grad is None) == (q.grad is None), n
         if p.grad is not None:
             assert_close(p.grad, q.grad, atol=1e-11, rtol=1e-12, msg=n)
+
+
+def test_box_slice_equals_indexing_in_value_and_gradient():
+    """``_BoxSlice`` (one full-size gradient write) is ``w[box]``: same values, same gradient
+    (zero outside the box), and gradcheck passes."""
+    from gpd_fx.passes.branches import _BoxSlice
+
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    for box in [(slice(None), slice(None), slice(1, 2), slice(1, 2)), (slice(None), slice(None), slice(0, 2), slice(1, 3))]:
+        got = _BoxSlice.apply(w, box)
+        assert torch.equal(got, w[box]) and got.is_contiguous()
+        g = torch.randn_like(got)
+        (gw,) = torch.autograd.grad(got, w, g)
+        (want,) = torch.autograd.grad(w[box], w, g)
+        assert torch.equal(gw, want)
+        torch.autograd.gradcheck(lambda t: _BoxSlice.apply(t, box), (w,))
