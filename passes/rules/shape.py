@@ -259,8 +259,12 @@ def im2col(ctx, node):
     Channels are never mixed, so the widened input's map carries over tap by tap: teacher
     output channel ``t*k*k + j`` holds student channel ``index[t]*k*k + j``. This is one
     :class:`Layout` on the output's channel dim (the input's map times ``k*k``, not interleaved
-    even for an interleaved input); a reshape back to ``(N, C, k*k, L)`` or a weight layer
-    reading it uses the map as it is.
+    even for an interleaved input); a weight layer reading it (a convolution written as
+    unfold + linear) uses the map as it is. A reshape that splits it again, ``(N, C, k*k, L)``,
+    follows the reshape rule's split policy: the copies go to the innermost factor (here the
+    taps) after a permutation to the interleaved layout. Exact, but a later contraction over
+    the taps then sums the copies (timm's VOLO outlook attention: its ``nn.Unfold`` boundary
+    is gone, share 0.9995 -> 1.0, and the widening of ``v`` ends at ``attn @ v``).
 
     RAFT's convex upsampling (``torchvision.models.optical_flow``) is a case where widening
     the unfold buys the teacher nothing: it unfolds the 2-channel flow, views it as
