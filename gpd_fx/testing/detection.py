@@ -83,7 +83,7 @@ def detection_targets(model: nn.Module, n: int, size: int, dtype: torch.dtype = 
                       seed: int = 1) -> list[dict[str, Tensor]]:
     """Seeded train-mode targets for ``n`` images of side ``size``: two boxes per image with labels
     1 and 2, plus ``masks`` (filled boxes) when the model has a mask head and ``keypoints`` (K
-    visible points inside each box) when it has a keypoint head."""
+    visible points inside each box, float32 as torchvision requires) when it has a keypoint head."""
     from torchvision.models.detection.roi_heads import RoIHeads
 
     heads = next((m for m in model.modules() if isinstance(m, RoIHeads)), None)
@@ -104,7 +104,8 @@ def detection_targets(model: nn.Module, n: int, size: int, dtype: torch.dtype = 
         if n_kp:
             u = torch.rand(2, n_kp, 2, generator=g, dtype=dtype)
             pts = boxes[:, None, :2] + u * (boxes[:, None, 2:] - boxes[:, None, :2])
-            t["keypoints"] = torch.cat([pts, torch.ones(2, n_kp, 1, dtype=dtype)], 2)
+            # torchvision's RoIHeads accepts float32 keypoints only, whatever the model's dtype
+            t["keypoints"] = torch.cat([pts, torch.ones(2, n_kp, 1, dtype=dtype)], 2).float()
         out.append(t)
     return out
 
