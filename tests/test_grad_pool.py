@@ -233,6 +233,7 @@ def _kernel_source(r, out=6, inp=5, k=(3, 3)):
 def test_tap_gemm_map_equals_the_elementwise_map(monkeypatch, r):
     """The batched-GEMM form of the kernel map (forward sum over input copies, backward copies)
     gives bit for bit what the elementwise adds and copies give, and passes gradcheck."""
+    monkeypatch.setattr(SM, "_GEMM_MIN_BYTES", 0)
     src, t = _kernel_source(r)
     assert SM._tap_gemm(t, src) is not None
     gs = torch.randn(6, 5, 3, 3, dtype=torch.float64)
