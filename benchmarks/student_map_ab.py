@@ -33,7 +33,7 @@ rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 5
 ratio = int(sys.argv[1])
 which = sys.argv[3] if len(sys.argv) > 3 else "s5"
 only_fb = "fb" in sys.argv[4:]   # only the forward+backward cases (no GPD step)
-_take, _scale = SM._GradPool.take, B.scale_rows
+_take, _scale = SM._GradPool.take_reused, B.scale_rows
 _adjoint, _mapfast = SM._adjoint_fast, SM._map_fast
 
 
@@ -130,9 +130,8 @@ def old(dts):
             B._BoxSlice = _box_slice
         return
     def fresh(self, shape, dtype, device, tag="grad"):
-        self.last_reused = False
-        return torch.empty(tuple(shape), dtype=dtype, device=device)
-    SM._GradPool.take = fresh
+        return torch.empty(tuple(shape), dtype=dtype, device=device), False
+    SM._GradPool.take_reused = fresh
     B.scale_rows = lambda w, v: w * v.reshape((-1,) + (1,) * (w.dim() - 1))
     saved = [(m, m.__dict__.get("_student_cut")) for dt in dts for m in dt.teacher.modules() if isinstance(m, B._Branched)]
     for m, _ in saved:
@@ -140,7 +139,7 @@ def old(dts):
     try:
         yield
     finally:
-        SM._GradPool.take, B.scale_rows = _take, _scale
+        SM._GradPool.take_reused, B.scale_rows = _take, _scale
         for m, c in saved:
             m.__dict__["_student_cut"] = c
 

@@ -154,7 +154,7 @@ def _copies_matrix(r: int, taps: int, dtype: torch.dtype) -> Tensor:
 def _map_fast(t: Tensor, src: ParamSource, pool: "_GradPool | None" = None) -> Tensor:
     """The interleaved map without autograd: a strided view of output copy 0 and ``r - 1``
     elementwise adds of the input copies (a reduction over a size-r middle axis is several
-    times slower on the CPU).
+    times slower on the CPU); for kernels at r >= 3 on the CPU one batched GEMM (:func:`_tap_gemm`).
 
     With ``pool`` the result is written into the student-sized storage the pool handed out for
     this map the step before, when nothing else holds it any more (see :class:`_GradPool`): a
@@ -208,11 +208,10 @@ class _GradPool:
     Copies and pickles start with an empty pool.
     """
 
-    __slots__ = ("by_key", "last_reused")
+    __slots__ = ("by_key",)
 
     def __init__(self):
         self.by_key = {}
-        self.last_reused = False
 
     def __deepcopy__(self, memo):
         return _GradPool()
@@ -224,17 +223,21 @@ class _GradPool:
         """A contiguous ``shape`` tensor with undefined values, on the pooled storage if free.
 
         ``tag`` keeps apart buffers of one shape with different uses (a map's gradient and its
-        value). :meth:`reused` tells whether the last ``take`` returned pooled storage."""
+        value)."""
+        return self.take_reused(shape, dtype, device, tag)[0]
+
+    def take_reused(self, shape, dtype: torch.dtype, device: torch.device,
+                    tag: str = "grad") -> tuple[Tensor, bool]:
+        """:meth:`take`, and whether the tensor is on pooled storage handed out before (the
+        caller wrote it then and may rely on what it wrote, after checking it)."""
         key = (tag, tuple(shape), dtype, device)
         st = self.by_key.get(key)
         if st is not None and torch._C._storage_Use_Count(st._cdata) == 1:
-            self.last_reused = True
-            return torch.empty(0, dtype=dtype, device=device).set_(st, 0, key[1])
-        self.last_reused = False
+            return torch.empty(0, dtype=dtype, device=device).set_(st, 0, key[1]), True
         g = torch.empty(key[1], dtype=dtype, device=device)
         if st is None:
             self.by_key[key] = g.untyped_storage()
-        return g
+        return g, False
 
 
 # Regions smaller than this are zero-filled without first checking them (the check is one
@@ -277,9 +280,7 @@ def _adjoint_fast(gs: Tensor, src: ParamSource, shape, pool: _GradPool | None = 
     out_r, in_r = _stride_of(src)
     if src.scale != 1.0:
         gs = gs * src.scale
-    pool = pool or _grad_pool(src)
-    g = pool.take(shape, gs.dtype, gs.device)
-    reused = pool.last_reused
+    g, reused = (pool or _grad_pool(src)).take_reused(shape, gs.dtype, gs.device)
     target = g
     if src.out is not None:
         dim, first = src.out
