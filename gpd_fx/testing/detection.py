@@ -122,7 +122,7 @@ def check_detector(model: nn.Module, dt, images: list[Tensor], targets: list[dic
     ``model`` through :func:`gpd_fx.scope.compare_scoped`; returns a dict of results.
 
     Keys: ``eval``/``student``/``fold``/``train``: :class:`~gpd_fx.scope.ScopeCheck` (``fold`` and
-    ``train`` may be absent), ``boxes``: detections per image of the model in eval mode,
+    ``train`` may be absent; ``train_error`` says why when the train-mode forward raised), ``boxes``: detections per image of the model in eval mode,
     ``fold_same_class``: fold gives ``type(model)`` with the same state-dict keys. Train mode
     runs with ``torch.manual_seed(0)`` before every forward: the RPN and box samplers, and the
     transform's choice of size, draw from the global generator. Run it last: train-mode BatchNorm
@@ -147,7 +147,11 @@ def check_detector(model: nn.Module, dt, images: list[Tensor], targets: list[dic
     if targets is not None:
         model.train()
         dt.train()
-        res["train"] = dt.compare_with(model, images, targets, tol=tol, seed=0, always_rest=True)
-        model.eval()
-        dt.eval()
+        try:
+            res["train"] = dt.compare_with(model, images, targets, tol=tol, seed=0, always_rest=True)
+        except Exception as e:   # e.g. the model calls a method of a scope other than forward
+            res["train_error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        finally:
+            model.eval()
+            dt.eval()
     return res

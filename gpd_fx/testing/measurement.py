@@ -587,19 +587,23 @@ def _check_detection(model: nn.Module, dt, xs: tuple, size: int, row: Row, at: _
     images = xs[0]
     targets = detection_targets(model, len(images), size, images[0].dtype)
     res = check_detector(model, dt, images, targets, row.tol, do_fold=do_fold)
-    ev, tr, st = res["eval"], res["train"], res["student"]
+    ev, tr, st = res["eval"], res.get("train"), res["student"]
     row.boxes = res["boxes"]
     side = scope_input_side(model, size)
     row.note = "; ".join(x for x in (row.note, f"backbone input {BATCH}x3x{side}x{side}") if x)
     row.err_eval, row.direct_eval, row.exact_eval = ev.error, ev.direct, ev.ok
-    row.err_train, row.direct_train, row.exact_train = tr.error, tr.direct, tr.ok
-    row.err_student = st.error
     notes = []
+    if tr is not None:
+        row.err_train, row.direct_train, row.exact_train = tr.error, tr.direct, tr.ok
+    else:   # the train-mode forward raised: eval results stand, train is not exact
+        row.err_train, row.exact_train = math.inf, False
+        notes.append(f"train mode: {res['train_error']}")
+    row.err_student = st.error
     if not row.boxes or not all(row.boxes):
         notes.append(f"vacuous: detections per image {row.boxes}")
         row.exact_eval = False
     for label, c in (("eval", ev), ("train", tr), ("student", st)):
-        if not c.ok or c.direct > row.tol:
+        if c is not None and (not c.ok or c.direct > row.tol):
             notes.append(f"{label}: {c.summary()}")
     if do_fold:
         fo = res["fold"]

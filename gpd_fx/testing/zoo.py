@@ -280,7 +280,7 @@ def summary_lines(summary: dict, source: str) -> list[str]:
                 f"fold to their class with the same keys and detections {d['fold_exact']}/{d['fold_checked']}; "
                 f"scope share >= {CNN_SHARE}: {d['scope_share_ok']}/{s['ran']}; {share}; whole outputs equal "
                 f"directly: eval {d['direct_equal_eval']}, train {d['direct_equal_train']} (the others differ only "
-                f"after a selection among scores tied to rounding); fallbacks in {len(s['with_fallbacks'])}; "
+                f"after a discontinuous selection, top-k/NMS, of rounding-level differences); fallbacks in {len(s['with_fallbacks'])}; "
                 f"skipped {len(s['skipped'])} ({skips})")
         elif source == "torchvision":
             lines.append(
