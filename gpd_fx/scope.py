@@ -53,15 +53,52 @@ class ScopeError(ExpandInputError):
 
 class _ScopeSlot(nn.Module):
     """Stands in the user's model where a scope was: runs the scope's teacher, or its student
-    (``use_student``, set by :class:`ScopedTeacher` around a student run)."""
+    (``use_student``, set by :class:`ScopedTeacher` around a student run).
 
-    def __init__(self, dt: DynamicTeacher):
+    The model may also read other attributes of the scope or call its other methods (RetinaNet's
+    and FCOS's train-mode loss calls ``self.head.compute_loss(...)``). Those come from a copy of
+    the scope on the meta device (``shadow``, not a submodule: no parameters, no state): its
+    configuration and parameter-free methods work as in the model, while a method that reads the
+    scope's parameters fails with a :class:`ScopeError` instead of silently using stale ones.
+    """
+
+    def __init__(self, dt: DynamicTeacher, shadow: nn.Module | None = None):
         super().__init__()
         self.dt = dt
         self.use_student = False
+        object.__setattr__(self, "_shadow", shadow)
 
     def forward(self, *args, **kwargs):
         return self.dt.student(*args, **kwargs) if self.use_student else self.dt(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            shadow = self.__dict__.get("_shadow")
+            if shadow is None or name.startswith("__"):
+                raise
+        value = getattr(shadow, name)
+        if callable(value) and not isinstance(value, nn.Module):
+            return functools.partial(_call_shadow, value, type(shadow).__name__, name)
+        return value
+
+
+def _call_shadow(method, owner: str, name: str, *args, **kwargs):
+    try:
+        return method(*args, **kwargs)
+    except (RuntimeError, NotImplementedError) as e:
+        if "meta" not in str(e):
+            raise
+        raise ScopeError(f"the model calls {owner}.{name}() of a scope, and it reads the scope's parameters: "
+                         "only a scope's forward runs its teacher or student; its other methods run on a "
+                         "copy without parameters. Put the code that calls it inside the scope's forward, or "
+                         f"leave this module out of scope= ({type(e).__name__}: {str(e)[:200]})") from e
+
+
+def _shadow(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` on the meta device (its attributes and methods, no tensor data)."""
+    return copy.deepcopy(module).to("meta")
 
 
 class ScopedTeacher(nn.Module):
@@ -395,7 +432,9 @@ def expand_scoped(model: nn.Module, ratio: int, inputs: tuple, scope, *, verify_
                 port_dims[n] = _open_ports(teachers[n], scope_inputs[n])
         teachers = {n: teachers[n] for n in names}
         # the model with each scope's slot (a copy of the shell: `work` stays the reference)
-        candidate = copy.deepcopy(work, {id(work.get_submodule(n)): _ScopeSlot(dt) for n, dt in teachers.items()})
+        shadows = {n: _shadow(work.get_submodule(n)) for n in names}
+        candidate = copy.deepcopy(work, {id(work.get_submodule(n)): _ScopeSlot(dt, shadows[n])
+                                         for n, dt in teachers.items()})
         check = compare_scoped(candidate, work, names, probe, tol, reference_run=(reference, ref_scopes))
     if not check.ok:
         hint = ("" if probe_dtype == torch.float64 else " Float32 rounding inside a scope can exceed its "
@@ -406,7 +445,7 @@ def expand_scoped(model: nn.Module, ratio: int, inputs: tuple, scope, *, verify_
         # the shell is the user's own tensors again; only the scopes come from the probe copy
         shell = copy.deepcopy(model, {id(model.get_submodule(n)): None for n in names})
         for n, dt in teachers.items():
-            _set_submodule(shell, n, _ScopeSlot(dt.to(orig_dtype)))
+            _set_submodule(shell, n, _ScopeSlot(dt.to(orig_dtype), shadows[n]))
     else:
         shell = candidate
     report = _merged_report(ratio, teachers, total_flops, err, probe_dtype, names)

@@ -435,3 +435,50 @@ def test_detector_backbone_and_rpn_head_connect_at_teacher_width():
         ref = model(images)
         _compare_detections(plain(images), ref, atol=1e-4)
         _compare_detections(dt.student(images), ref, atol=1e-4)
+
+
+class Body(nn.Sequential):
+    """A scope with configuration and methods of its own that the rest of the model calls, as
+    RetinaNet's train-mode loss calls ``self.head.compute_loss(...)``."""
+
+    def __init__(self):
+        super().__init__(nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 8, 3, padding=1))
+        self.margin = 0.5
+
+    def loss(self, y):                  # parameter-free: runs on the scope's meta copy
+        return (y.abs() - self.margin).relu().mean()
+
+    def weighted(self, y):              # reads a parameter: must not silently use a stale copy
+        return (y * self[3].bias.view(1, -1, 1, 1)).mean()
+
+
+class CallsScopeMethods(nn.Module):
+    def __init__(self, use_weights=False):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.body = Body()
+        self.use_weights = use_weights
+
+    def forward(self, x):
+        y = self.body(self.stem(x))
+        extra = self.body.weighted(y) if self.use_weights else self.body.loss(y)
+        return {"y": y, "loss": extra, "margin": torch.tensor(self.body.margin)}
+
+
+def test_the_model_may_call_a_scopes_other_methods():
+    """The slot that stands in for a scope serves its attributes and parameter-free methods
+    (before: AttributeError '_ScopeSlot' object has no attribute ...); a method that reads the
+    scope's parameters raises ScopeError naming it instead of reading a stale student copy."""
+    torch.manual_seed(0)
+    net, x = CallsScopeMethods().double().eval(), torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    dt = gpd_fx.expand(net, 2, (x,), scope=["body"])
+    assert dt.verification.ok and dt.model.body.margin == 0.5
+    with torch.no_grad():
+        got, ref = dt(x), net(x)
+    torch.testing.assert_close(got["loss"], ref["loss"], rtol=1e-12, atol=0)
+    net.train(), dt.train()
+    assert dt.compare_with(net, x).ok and dt.compare_with(net, x, student=True).ok
+    torch.manual_seed(0)
+    bad = CallsScopeMethods(use_weights=True).eval()
+    with pytest.raises(ScopeError, match=r"Body.weighted\(\) of a scope, and it reads the scope's parameters"):
+        gpd_fx.expand(bad, 2, (torch.randn(2, 3, 8, 8),), scope=["body"])
