@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from gpd_fx.argtypes import positive_int
 from gpd_fx.errors import GPDError
 
 __all__ = ["build_parser", "main"]
@@ -46,24 +47,8 @@ def _version() -> str:
         return gpd_fx.__version__
 
 
-def _ratio(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"ratio must be an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"ratio must be an integer >= 1 (the teacher is ratio x wider), got {value}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+_ratio = positive_int("ratio", "the teacher is ratio x wider")
+_positive_int = positive_int()
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:

@@ -77,6 +77,7 @@ from pathlib import Path
 
 import torch
 
+from gpd_fx.argtypes import positive_int
 from gpd_fx.checkpoint import atomic_write
 
 from .measurement import CNN_SHARE, GIB, TRANSFORMER_SHARE, UNDER_WIDENED, Row, measure
@@ -391,15 +392,8 @@ def run_one(spec: Spec, ratio: int, args) -> Row:
     return row
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1 (a ratio r makes the teacher r x wider), "
-                                         f"got {value}")
-    return value
+_ratio = positive_int("ratio", "a ratio r makes the teacher r x wider")
+_positive_int = positive_int()
 
 
 def _positive_float(text: str) -> float:
@@ -446,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scope", nargs="+", default=list(DEFAULT_SCOPE),
                    help="detection: the submodules expand widens (expand's scope=), e.g. backbone head "
                         "for RetinaNet/FCOS (default: %(default)s)")
-    p.add_argument("--ratio", type=_positive_int, nargs="+", default=[2, 3],
+    p.add_argument("--ratio", type=_ratio, nargs="+", default=[2, 3],
                    help="expansion ratios r >= 1 (default: 2 3)")
     p.add_argument("--models", default="", help="comma-separated model names (timm: names or families) "
                                                 "(default: the whole zoo)")
