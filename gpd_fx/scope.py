@@ -79,7 +79,13 @@ class _ScopeSlot(nn.Module):
             if shadow is None or name.startswith("__"):
                 raise
         value = getattr(shadow, name)
-        if callable(value) and not isinstance(value, nn.Module):
+        if isinstance(value, (nn.Module, Tensor)):
+            # a meta copy would take a freeze (requires_grad_, eval) or a read without effect
+            raise ScopeError(f"the model reads {type(shadow).__name__}.{name} ({type(value).__name__}) of a scope; "
+                             "a scope's submodules, parameters and buffers live in its teacher (dt.scopes[name]."
+                             "teacher) and student, not in the model. Freeze or change them before expand, or "
+                             "name a smaller scope that leaves this part out")
+        if callable(value):
             return functools.partial(_call_shadow, value, type(shadow).__name__, name)
         return value
 
@@ -484,8 +490,15 @@ def _expand_scope(module: nn.Module, ratio: int, inputs: tuple, wide: dict[int, 
     if k:
         raise TypeError(f"unexpected expand arguments for a scope: {sorted(k)}")
     dt.report.seconds = time.perf_counter() - t0
-    if wide:
-        dt.report.frontend_notes.append(f"{len(wide)} input tensor(s) taken at teacher width from another scope "
+    from gpd_fx.passes.ports import gpd_port_widen
+
+    ported = 0   # the inputs the builder really widened through a port (not nested containers)
+    for node in dt.teacher.graph.nodes:
+        if node.op == "call_function" and node.target is gpd_port_widen:
+            dims = node.args[1]
+            ported += sum(d is not None for d in dims) if isinstance(dims, tuple) else 1
+    if ported:
+        dt.report.frontend_notes.append(f"{ported} input tensor(s) taken at teacher width from another scope "
                                         "through a port")
     return dt
 

@@ -18,7 +18,9 @@ A port keeps the joint at teacher width without changing either teacher's signat
 Any other reader of the narrowed tensor (the model's own code between the scopes) still sees
 student width, and gradients reach the producing scope through both paths. At initialisation the
 copies are equal, so both routes give the same values up to rounding; the difference is what
-training makes of the copies. A registration lives as long as the narrowed tensor does.
+training makes of the copies. A registration lives as long as the narrowed tensor does, and is
+not used once the tensor was changed in place (its version counter moved): the consumer then
+widens the changed value, as without a port.
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ from .layout import gpd_narrow, gpd_repeat
 
 __all__ = ["gpd_port_narrow", "gpd_port_widen"]
 
-# id(narrowed tensor) -> (weak reference to it, its teacher-width source, dim, ratio)
-_PORTS: dict[int, tuple[weakref.ref, Tensor, int, int]] = {}
+# id(narrowed tensor) -> (weak reference to it, its teacher-width source, dim, ratio, its version)
+_PORTS: dict[int, tuple[weakref.ref, Tensor, int, int, int]] = {}
 
 
 def _forget(key: int, ref: weakref.ref) -> None:
@@ -47,7 +49,7 @@ def gpd_port_narrow(x: Tensor, dim: int, ratio: int) -> Tensor:
     y = gpd_narrow(x, dim, ratio)
     key = id(y)
     ref = weakref.ref(y, lambda r, key=key: _forget(key, r))
-    _PORTS[key] = (ref, x, dim, ratio)
+    _PORTS[key] = (ref, x, dim, ratio, y._version)
     return y
 
 
@@ -55,7 +57,9 @@ def _widen_one(x, dim, ratio):
     if dim is None or not isinstance(x, Tensor):
         return x
     entry = _PORTS.get(id(x))
-    if entry is not None and entry[0]() is x and entry[2] == dim and entry[3] == ratio:
+    # the version counter (shared with every view) tells whether the model's code between the
+    # scopes changed the narrowed tensor in place (relu_, +=): then the source no longer matches
+    if entry is not None and entry[0]() is x and entry[2] == dim and entry[3] == ratio and x._version == entry[4]:
         return entry[1]
     return gpd_repeat(x, dim, ratio)
 
@@ -66,5 +70,5 @@ def gpd_port_widen(x, dim, ratio: int):
     ``repeat_interleave``. For a list or tuple input ``dim`` is a tuple with one entry per member
     (``None``: the member is passed as it is)."""
     if isinstance(x, (list, tuple)):
-        return type(x)(_widen_one(v, d, ratio) for v, d in zip(x, dim))
+        return type(x)(_widen_one(v, d, ratio) for v, d in zip(x, dim, strict=True))
     return _widen_one(x, dim, ratio)

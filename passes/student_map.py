@@ -201,11 +201,14 @@ class _GradPool:
     Only the storage is kept (not the tensor), so autograd still steals the returned tensor as
     ``p.grad`` without a copy. A buffer is reused only when nothing else holds it (storage use
     count 1): a gradient still alive as ``p.grad`` (accumulation, ``set_to_none=False``) or
-    kept by the user is never overwritten; then a fresh tensor is returned and not pooled, so
-    the pool never holds memory beyond gradients already handed out. Every element is
-    rewritten on each use, so values are exactly those of a fresh tensor. One pool serves one
-    tensor per shape (two tensors of one shape sharing a pool would take turns allocating).
-    Copies and pickles start with an empty pool.
+    kept by the user is never overwritten; then a fresh tensor is returned and not pooled.
+    Values are exactly those of a fresh tensor: the rows a map writes are rewritten, and the
+    rows it leaves zero are read and re-zeroed only if anything changed them since (a byte
+    check, which also catches writes through ``.data`` or numpy that no version counter sees).
+    The pool also keeps the map's student-sized outputs (role ``"value"``), so it holds up to
+    one student's worth of memory for the teacher's lifetime beyond the gradients handed out.
+    One pool serves one tensor per shape (two tensors of one shape sharing a pool would take
+    turns allocating). Copies and pickles start with an empty pool.
     """
 
     __slots__ = ("by_key",)
