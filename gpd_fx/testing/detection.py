@@ -42,14 +42,18 @@ def prepare_detector(model: nn.Module, size: int) -> nn.Module:
     Random-init heads give scores below the default thresholds (0.05 and more), so without this
     the detections are empty and any comparison of them passes vacuously.
     """
+    from torchvision.models.detection import FCOS, RetinaNet
+    from torchvision.models.detection.ssd import SSD
     from torchvision.models.detection.roi_heads import RoIHeads
+    from torchvision.models.detection.rpn import RegionProposalNetwork
     from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+    thresholded = (RoIHeads, RegionProposalNetwork, RetinaNet, FCOS, SSD)   # each has a score_thresh
 
     for m in model.modules():
         if isinstance(m, GeneralizedRCNNTransform) and m.fixed_size is None:
             m.min_size, m.max_size = (size,), size
-        # RoIHeads, RegionProposalNetwork, RetinaNet, FCOS and SSD keep a float ``score_thresh``
-        if isinstance(getattr(m, "score_thresh", None), float):
+        if isinstance(m, thresholded):
             m.score_thresh = 0.0
         if isinstance(m, RoIHeads) and (m.has_mask() or m.has_keypoint()):
             # these heads run on every detection: Keypoint R-CNN's 8 convs of 512 channels at
