@@ -267,11 +267,15 @@ class _BoxSlice(torch.autograd.Function):
         return w[box].contiguous()
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, g):
-        full = g.new_zeros(ctx.shape)
-        full[ctx.box] = g
-        return full, None
+        # one full-size write as a constant pad, which is itself differentiable (double backward,
+        # torch.func), unlike writing into a zero tensor
+        pads = []
+        for d in reversed(range(len(ctx.shape))):
+            start, stop, step = (ctx.box[d] if d < len(ctx.box) else slice(None)).indices(ctx.shape[d])
+            assert step == 1, "box slices are contiguous"
+            pads += [start, ctx.shape[d] - stop]
+        return F.pad(g, pads), None
 
 
 def scale_rows(w: Tensor, v: Tensor) -> Tensor:

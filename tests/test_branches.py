@@ -724,7 +724,7 @@ def _assert_joint_matches_separate_calls(dt, ref, x, t, s):
 
 def test_box_slice_equals_indexing_in_value_and_gradient():
     """``_BoxSlice`` (one full-size gradient write) is ``w[box]``: same values, same gradient
-    (zero outside the box), and gradcheck passes."""
+    (zero outside the box), and gradcheck and gradgradcheck pass."""
     from gpd_fx.passes.branches import _BoxSlice
 
     w = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
@@ -736,3 +736,5 @@ def test_box_slice_equals_indexing_in_value_and_gradient():
         (want,) = torch.autograd.grad(w[box], w, g)
         assert torch.equal(gw, want)
         torch.autograd.gradcheck(lambda t: _BoxSlice.apply(t, box), (w,))
+        # differentiable backward: double backward (and torch.func) work as with plain indexing
+        torch.autograd.gradgradcheck(lambda t: _BoxSlice.apply(t, box), (w,))
