@@ -42,7 +42,7 @@ from gpd_fx.errors import ExpandInputError, VerificationError
 from gpd_fx.passes.widen_verify import TOL, close
 from gpd_fx.teacher import DynamicTeacher, ExpansionReport
 
-__all__ = ["ScopeCheck", "ScopeError", "ScopedTeacher", "compare_scoped", "expand_scoped"]
+__all__ = ["ScopeCheck", "ScopeError", "ScopedTeacher", "compare_scoped"]
 
 
 class ScopeError(ExpandInputError):
@@ -395,6 +395,9 @@ def _tree_error(got, ref) -> tuple[float, str]:
 def expand_scoped(model: nn.Module, ratio: int, inputs: tuple, scope, *, verify_dtype=None,
                   **expand_kwargs) -> ScopedTeacher:
     """Expand the named submodules of ``model`` in place (in a copy); see :func:`gpd_fx.expand`.
+
+    The entry point is ``gpd_fx.expand(..., scope=...)``, which checks ``ratio``, ``noise`` and
+    ``frontend`` before calling this (the scopes are then built by the internal ``_expand``).
 
     Args:
         model: the user's model (never modified).
