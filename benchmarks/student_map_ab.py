@@ -3,6 +3,7 @@
     python benchmarks/student_map_ab.py 2 5          # ratio 2, 5 rounds, session-5 changes
     python benchmarks/student_map_ab.py 3 5 s4       # the session-4 changes instead
     python benchmarks/student_map_ab.py 2 9 s5 fb    # forward+backward cases only (no GPD step)
+    python benchmarks/student_map_ab.py 2 7 run      # the student's branches run on small maps
 
 'new' is the code as it is; 'old' switches off, at run time and only around its own cases, one
 set of changes:
@@ -14,6 +15,9 @@ set of changes:
   slice of the branch tensors with one full-size gradient write ('old' puts back the previous
   ``_adjoint_fast``, ``_map_fast``, ``teacher._kernels_at_call`` and plain indexing, copied
   below);
+- ``run``: the student conv of a multi-branch layer on a small map running its 1x1->kxk
+  branch on the activations (``BranchConvNd.student_plan``) instead of folding it into a
+  student-width kernel ('old' makes ``student_plan`` return ``()``: every branch folded);
 - ``s4``: the three changes of session 4: the pooled gradient buffers of the student map
   (``_GradPool``: a fresh tensor per step instead), ``scale_rows`` (the plain broadcast
   product) and the live-tap student kernels (``_student_cut`` off).
@@ -116,8 +120,18 @@ TEACHER = sys.modules["gpd_fx.teacher"]
 _kernels_at_call = TEACHER._kernels_at_call
 
 
+_student_plan = B.BranchConvNd.student_plan
+
+
 @contextlib.contextmanager
 def old(dts):
+    if which == "run":
+        B.BranchConvNd.student_plan = lambda self, x: ()
+        try:
+            yield
+        finally:
+            B.BranchConvNd.student_plan = _student_plan
+        return
     if which == "s5":
         SM._adjoint_fast, SM._map_fast = _adjoint_fast_s4, _map_fast_s4
         TEACHER._kernels_at_call = _kernels_at_call_s4
@@ -220,4 +234,4 @@ for n in ratios:
 os.makedirs('benchmarks/results', exist_ok=True)
 json.dump({"ratio": ratio, "rounds": rounds, "changes": which, "load": [load0, load1], "times_s": times,
            "cpu_s": cpu, "ratios": ratios, "cpu_ratios": cpu_ratios},
-          open(f"benchmarks/results/student_map_ab_r{ratio}{'' if which == 's5' else '_s4'}.json", "w"), indent=1)
+          open(f"benchmarks/results/student_map_ab_r{ratio}{'' if which == 's5' else '_' + which}.json", "w"), indent=1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -207,7 +208,9 @@ class DynamicTeacher(nn.Module):
 
         The weights of multi-branch convs allowed a live-tap cut (``_mark_student_cuts``) are
         mapped when their conv is called, from its input's size, so that taps reading only
-        zero padding are not folded (see ``_Branched._student_box``); all others up front.
+        zero padding are not folded (see ``_Branched._student_box``); all others up front. On
+        small maps such a conv may also run its 1x1->kxk branch on its activations instead of
+        folding it (``BranchConvNd.student_plan``): the same output and gradients up to rounding.
         """
         lazy = self._lazy_kernels()
         if not lazy or torch.compiler.is_compiling():
@@ -237,6 +240,9 @@ class DynamicTeacher(nn.Module):
                 w = conv._parameters.get("weight")
                 if w is not None and counts.get(id(w), 0) == 1:
                     cached.append((s, mod, conv))
+                    # the student's widths, for its run-or-fold plan (BranchConvNd.student_plan)
+                    mod.__dict__["_student_run"] = ((conv.out_channels, conv.in_channels)
+                                                    if conv.groups == mod.groups else None)
             self.__dict__["_lazy"] = cached
         return cached
 
@@ -248,13 +254,16 @@ class DynamicTeacher(nn.Module):
         (:func:`~gpd_fx.passes.student_map.share_map`), so the student's gradient is added into
         the rows of the teacher's gradient it belongs to instead of through a teacher-sized
         zero tensor; each multi-branch layer computes the student's kernel from its branch
-        tensors at student size during the teacher forward. Values and gradients equal
+        tensors at student size during the teacher forward (and, where the student's conv runs
+        its 1x1->kxk branch on the activations, that branch's student-size factors instead of
+        folding them in: ``BranchConvNd.student_plan``). Values and gradients equal
         ``(dt(x), dt.student(x))``.
         """
         graph = self._graph()
         if torch.compiler.is_compiling() or graph is not self.teacher:
             with shared_folds(self.teacher):
                 return graph(*args, **kwargs), self.student(*args, **kwargs)
+        lazy = self._lazy_kernels()   # marks the layers whose student conv may run branches
         with shared_folds(self.teacher, self.sources):
             plain, rest = self._split_sources()
             tensors = [_holder(self.teacher, s.module)._parameters[s.attr] for s in plain]
@@ -265,7 +274,17 @@ class DynamicTeacher(nn.Module):
             for s in rest:   # multi-branch weights: the kernel their teacher forward computed
                 state[s.student_name] = mapped_tensor(self.teacher, s)
             state.update(self.student_state.as_dict())
-            out = functional_call(self._template, state, args, kwargs, tie_weights=True, strict=False)
+            # student convs whose teacher layer computed branch images to run on the activations
+            # (BranchConvNd.student_plan) add them to their folded conv's output
+            terms = []
+            for s, layer, conv in lazy:
+                memo = layer.__dict__.get("_fold_memo") or {}
+                if memo.get("student_run") is not None:
+                    run, v, mapped = memo["student_run"]
+                    terms.append((conv, functools.partial(layer.student_run_term, run=run, v=v, mapped=mapped,
+                                                          scale=s.scale)))
+            with _run_terms(terms):
+                out = functional_call(self._template, state, args, kwargs, tie_weights=True, strict=False)
         return t, out
 
     def _split_sources(self) -> tuple[list[ParamSource], list[ParamSource]]:
@@ -359,16 +378,39 @@ def _kernels_at_call(lazy: list[tuple[ParamSource, nn.Module, nn.Module]]):
     """Within the block each student conv of ``lazy`` computes its weight when called: the map
     of its teacher layer folded over the live taps at that input's size, as a kernel of the live
     box with the conv's padding cut to match where that padding stays symmetric (else zero-padded
-    back to full size). Hooks are added for the block only (copies of the teacher never share
-    them) and the weight and padding restored after."""
-    handles = []
+    back to full size). Where the layer's ``student_plan`` runs branches on the activations the
+    kernel folds only the others and a forward override (``_run_terms``) adds the run branches to
+    the conv's output. Hooks and overrides are added for the block only (copies of the teacher
+    never share them) and the weight and padding restored after."""
+    handles, terms = [], []
 
     def install(src, layer, conv):
         original, padding = conv._parameters["weight"], conv.padding
+        pending = []   # this call's branch images to run on the activations (at most one)
+
+        def term(y, x):
+            if not pending:
+                return y
+            run, v, mapped = pending.pop()
+            return layer.student_run_term(y, x, run, v, mapped, src.scale)
+
+        if layer.__dict__.get("_student_run") is not None:
+            terms.append((conv, term))
 
         def pre(module, args):
-            cut = layer.student_cut(args[0] if args else None)
-            if cut is not None and all(left == right for left, right in cut[1]):
+            x = args[0] if args else None
+            cut = layer.student_cut(x)
+            run = layer.student_plan(x)
+            pending.clear()
+            if run:
+                # the branches of `run` go on the activations (added by `term` after the conv);
+                # the kernel folds the others, box-shaped with cut padding where symmetric
+                kern, v, mapped = layer.student_split(src, x, run, cut)
+                module._parameters["weight"] = kern
+                if cut is not None and all(left == right for left, right in cut[1]):
+                    module.padding = tuple(left for left, _ in cut[1])
+                pending.append((run, v, mapped))
+            elif cut is not None and all(left == right for left, right in cut[1]):
                 # the box-shaped kernel with the padding cut to match: the same output grid, minus
                 # products with zero padding (on a 1x1 map a 3x3 conv becomes a 1x1 one, and no
                 # full-size kernel is built, filled with zeros and sliced again in the backward)
@@ -386,12 +428,39 @@ def _kernels_at_call(lazy: list[tuple[ParamSource, nn.Module, nn.Module]]):
 
     restore = [install(*item) for item in lazy]
     try:
-        yield
+        with _run_terms(terms):
+            yield
     finally:
         for h in handles:
             h.remove()
         for conv, original, padding in restore:
             conv._parameters["weight"], conv.padding = original, padding
+
+
+@contextlib.contextmanager
+def _run_terms(terms: list[tuple[nn.Module, Any]]):
+    """Within the block each conv of ``terms`` returns ``term(its output, its input)``: a
+    forward override on the instance (its own computation, then the term), removed after, so
+    that copies of the teacher never share it. Swapping the weight alone cannot add the output
+    of branches run on the activations (``BranchConvNd.student_plan``)."""
+    saved = []
+    try:
+        for conv, term in terms:
+            inner = conv.__dict__.get("forward")
+            call = inner if inner is not None else type(conv).forward.__get__(conv)
+
+            def forward(*args, _call=call, _term=term, **kwargs):
+                return _term(_call(*args, **kwargs), args[0] if args else kwargs["input"])
+
+            saved.append((conv, inner))
+            conv.__dict__["forward"] = forward
+        yield
+    finally:
+        for conv, inner in reversed(saved):
+            if inner is None:
+                del conv.__dict__["forward"]
+            else:
+                conv.__dict__["forward"] = inner
 
 
 def _holder(root: nn.Module, name: str) -> nn.Module:

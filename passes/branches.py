@@ -448,12 +448,26 @@ class _Branched(nn.Module, metaclass=abc.ABCMeta):
             return memo["student_w"]
         if not self._mappable(src):
             return map_tensor(self.effective_weight(), src)
+        return self._student_kernel(src, self._mapped_roles(src), box, unbox)
+
+    def _mapped_roles(self, src) -> dict[str, Tensor]:
+        """Each branch tensor mapped at student size (by role)."""
         roles = self._roles()
         own = self._own()
         parts = [self._part(src, part) for _, part in roles.values()]
-        mapped = {role: map_tensor(t, p, self._grad_pool(role))
-                  for role, t, p in zip(roles, own.values(), parts)}
-        return self._student_kernel(src, mapped, box, unbox)
+        return {role: map_tensor(t, p, self._grad_pool(role)) for role, t, p in zip(roles, own.values(), parts)}
+
+    def student_split(self, src, x: Tensor, run: tuple[str, ...], cut):
+        """For the student's conv at ``x`` with branches ``run`` run on its activations
+        (:meth:`student_plan`): ``(kernel of the other branches, their scales' map, mapped branch
+        tensors)``; the kernel is box-shaped where ``cut`` (from :meth:`student_cut`) has
+        symmetric padding, else full size (zero outside the box)."""
+        mapped = self._mapped_roles(src)
+        v = self._student_scales(src)
+        box = None if cut is None else cut[0]
+        unbox = cut is None or any(left != right for left, right in cut[1])
+        kinds = [k for k in self.branches if k not in run]
+        return self._student_kernel(src, mapped, box, unbox, kinds=kinds, v=v), v, mapped
 
     def _grad_pool(self, role: str):
         """The gradient-buffer pool of one role's map: roles share sources (1x1 and 1x1_avg
@@ -473,13 +487,18 @@ class _Branched(nn.Module, metaclass=abc.ABCMeta):
     def _part(self, src, part: str):
         return src if part == "full" else out_part(src) if part == "out" else inp_part(src)
 
-    def _student_kernel(self, src, mapped: dict[str, Tensor], box=None, unbox: bool = True) -> Tensor:
+    def _student_scales(self, src) -> dict[str, Tensor]:
         vpart = out_part(src)
-        v = {k: map_tensor(t, vpart) for k, t in self._scales().items()}
+        return {k: map_tensor(t, vpart) for k, t in self._scales().items()}
+
+    def _student_kernel(self, src, mapped: dict[str, Tensor], box=None, unbox: bool = True, kinds=None,
+                        v=None) -> Tensor:
+        v = self._student_scales(src) if v is None else v
+        kinds = self.branches if kinds is None else kinds
         if box is None:
-            w = self._fold_kernel(self.branches, mapped, v, self._ident(src))
+            w = self._fold_kernel(kinds, mapped, v, self._ident(src))
         else:
-            w = self._fold_kernel(self.branches, mapped, v, self._ident(src), box=box)
+            w = self._fold_kernel(kinds, mapped, v, self._ident(src), box=box)
             w = self._unbox(w, box) if unbox else w
         return w * src.scale if src.scale != 1.0 else w
 
@@ -496,9 +515,21 @@ class _Branched(nn.Module, metaclass=abc.ABCMeta):
         own = self._own()
         parts = [self._part(src, part) for _, part in roles.values()]
         aliases, mapped = share_map(list(own.values()), parts)
+        mapped = dict(zip(roles, mapped))
         # a layer called twice in one forward may see two input sizes: full kernel then
-        box = None if "student_w" in memo else self._student_box(x)
-        memo["student_w"] = self._student_kernel(src, dict(zip(roles, mapped)), box)
+        twice = "student_w" in memo
+        box = None if twice else self._student_box(x)
+        run = () if twice else self.student_plan(x)
+        if run:
+            # the student's conv runs these branches on its activations (teacher.joint installs
+            # the term); its kernel folds the others only
+            v = self._student_scales(src)
+            memo["student_w"] = self._student_kernel(src, mapped, box, kinds=[k for k in self.branches if k not in run],
+                                                     v=v)
+            memo["student_run"] = (run, v, mapped)
+        else:
+            memo["student_w"] = self._student_kernel(src, mapped, box)
+            memo.pop("student_run", None)
         return dict(zip(roles, aliases))
 
     def _student_box(self, x: Tensor | None):
@@ -509,6 +540,11 @@ class _Branched(nn.Module, metaclass=abc.ABCMeta):
     def student_cut(self, x: Tensor | None):
         """``(box, pads)`` of a live-tap cut at ``x``'s size, or ``None``; only convolutions cut."""
         return None
+
+    def student_plan(self, x: Tensor | None) -> tuple[str, ...]:
+        """Branches the student's own layer runs on its activations at ``x``'s batch and spatial
+        size instead of folding them into its kernel; ``()`` (fold all) unless overridden."""
+        return ()
 
     def _unbox(self, kern: Tensor, box) -> Tensor:
         return kern
@@ -781,6 +817,50 @@ class BranchConvNd(_Branched):
             return None
         return tuple(slice(a, b) for a, b in plan[0]), plan[1]
 
+    def student_plan(self, x: Tensor | None) -> tuple[str, ...]:
+        """``('1x1_kxk',)`` where the student's own conv should run the 1x1->kxk branch on its
+        activations at ``x``'s batch and spatial size (the other branches stay folded), else ``()``.
+
+        Its student-width fold composes ``out * mid * in`` per live tap every call, whatever the
+        batch, while running it costs two small convs proportional to batch x map size: on the
+        small maps of a network's last stages running is several times cheaper. Only for layers
+        the dynamic teacher marked (``_student_run``: the student's ``(out, in)`` widths, set for
+        untied, cut-eligible student convs), following ``branch_mode`` ('auto': the cost model of
+        :meth:`plan` at student width); never under tracing or ``torch.compile``. Cached per
+        shape. The result is the same sum up to rounding order.
+        """
+        widths = self.__dict__.get("_student_run")
+        if (widths is None or "1x1_kxk" not in self.branches or x is None or isinstance(x, torch.fx.Proxy)
+                or torch.compiler.is_compiling() or self.padding_mode != "zeros"):
+            return ()
+        mode = self.branch_mode
+        if not isinstance(mode, dict) and mode != "auto":
+            return ("1x1_kxk",) if mode == "run" else ()
+        if isinstance(mode, dict):
+            return ("1x1_kxk",) if mode.get("1x1_kxk", "fold") == "run" else ()
+        # a cache apart from the teacher's (its keys are full input shapes; reports read them)
+        key = (x.shape[0], tuple(x.shape[2:]), x.dtype)
+        cache = self.__dict__.setdefault("_student_plans", {})
+        if key not in cache:
+            # the fold composes the live taps only (student_cut), a 1x1->kxk run reads them all
+            live = _taps(tuple(x.shape[2:]), tuple(self.kernel_size), tuple(self.stride), self._pads_lr(),
+                         tuple(self.dilation))
+            taps = None if live is None or not self.__dict__.get("_student_cut") else math.prod(b - a for a, b in live[0])
+            fold, run, _ = self._costs(x, widths=widths, fold_taps=taps)
+            cache[key] = ("1x1_kxk",) if run["1x1_kxk"] < fold["1x1_kxk"] else ()
+        return cache[key]
+
+    def student_run_term(self, y: Tensor, x: Tensor, run: tuple[str, ...], v: dict[str, Tensor],
+                         mapped: dict[str, Tensor], scale: float = 1.0) -> Tensor:
+        """``y`` plus each branch of ``run`` run on ``x`` with the student-size branch tensors
+        ``mapped`` and scales ``v`` (times the map's ``scale``): the student conv's output
+        completed (:meth:`student_plan`)."""
+        vshape = (-1,) + (1,) * self.dim
+        for kind in run:
+            vk = v[kind] * scale if scale != 1.0 else v[kind]
+            y = torch.addcmul(y, self._run_branch(kind, x, None, mapped), vk.view(vshape))
+        return y
+
     def _unbox(self, kern: Tensor, box) -> Tensor:
         """The box-shaped kernel ``kern`` zero-padded back to the full kernel."""
         pad = []
@@ -912,14 +992,19 @@ class BranchConvNd(_Branched):
             return centre
         raise BranchConfigError(f"branch {kind!r} is not part of this layer (it has {self.branches})")
 
-    def _costs(self, x: Tensor):
+    def _costs(self, x: Tensor, widths: tuple[int, int] | None = None, fold_taps: int | None = None):
+        # widths: (out, in) channels of a layer of this geometry at another width (the student's,
+        # whose 1x1->kxk middle width stays the teacher's: its factors are mapped on out and in
+        # only); fold_taps: kernel taps a fold builds (the live box), default all
         n = x.shape[0]
         spatial_in = math.prod(x.shape[2:])
         spatial_out = 1
         for size, p, k, d, s in zip(x.shape[2:], self._pad_per_dim(), self.kernel_size, self.dilation, self.stride):
             spatial_out *= (size + p - d * (k - 1) - 1) // s + 1
-        out, cin, g = self.out_channels, self.in_channels, self.groups
+        out, cin = (self.out_channels, self.in_channels) if widths is None else widths
+        g = self.groups
         cin_g, mid, ksize = cin // g, self.mid_channels, math.prod(self.kernel_size)
+        ktaps = ksize if fold_taps is None else fold_taps
         kernel = out * cin_g * ksize
         y = n * spatial_out * out
         xin = n * spatial_in * cin
@@ -933,7 +1018,7 @@ class BranchConvNd(_Branched):
                 "1x1": _MEM * 8 * out * cin_g,
                 "1x1_avg": _MEM * (3 * kernel + 6 * out * cin_g),
                 "identity": _MEM * 4 * out,
-                "1x1_kxk": _FB * out * (mid // g) * cin_g * ksize
+                "1x1_kxk": _FB * out * (mid // g) * cin_g * ktaps
                 + _MEM * (4 * kernel + 4 * out * (mid // g) * ksize + 4 * mid * cin_g)}
         # running a branch: its convs, its kernel's gradient, and scaling + adding its output
         out_add = _MEM * 5 * y

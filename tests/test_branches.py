@@ -738,3 +738,113 @@ def test_box_slice_equals_indexing_in_value_and_gradient():
         torch.autograd.gradcheck(lambda t: _BoxSlice.apply(t, box), (w,))
         # differentiable backward: double backward (and torch.func) work as with plain indexing
         torch.autograd.gradgradcheck(lambda t: _BoxSlice.apply(t, box), (w,))
+
+
+def _student_run_calls(monkeypatch):
+    """Record each student conv call that runs branches on the activations."""
+    from gpd_fx.passes.branches import BranchConvNd
+
+    calls = []
+    orig = BranchConvNd.student_run_term
+    monkeypatch.setattr(BranchConvNd, "student_run_term",
+                        lambda self, *a, **k: calls.append(self) or orig(self, *a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("mode", ["run", "auto"])
+def test_student_runs_small_map_branches_on_activations_exactly(mode, monkeypatch):
+    """Where the student's conv runs the 1x1->kxk branch on its activations (the student-width
+    images of the branch's two factors) instead of folding it into its kernel, dt.student and
+    dt.joint equal the folded student (functional_call on the mapped state) in value and every
+    teacher gradient, float64, train and eval; the run path is taken on the small maps; the
+    template keeps its weights, padding and forward, and no hook is left."""
+    import copy
+
+    import gpd_fx
+    from torch.func import functional_call
+
+    torch.manual_seed(0)
+    net = _SmallMaps().double()
+    dt = gpd_fx.expand(net, ratio=2, example_inputs=(torch.randn(2, 3, 4, 4, dtype=torch.float64),),
+                       branches={"mode": mode}).train()
+    randomize_branch_scales(dt)
+    ref = copy.deepcopy(dt)
+    calls = _student_run_calls(monkeypatch)
+    before = {n: p for n, p in dt.template.named_parameters()}
+    pads = {n: m.padding for n, m in dt.template.named_modules() if isinstance(m, nn.Conv2d)}
+    x = torch.randn(4, 3, 4, 4, dtype=torch.float64)
+
+    def folded(m):
+        return functional_call(m.template, m.student_state_dict(), (x,), tie_weights=True, strict=False)
+
+    for train in (True, False):
+        dt.train(train), ref.train(train)
+        for p in list(dt.parameters()) + list(ref.parameters()):
+            p.grad = None
+        calls.clear()
+        s, s_ref = dt.student(x), folded(ref)
+        if mode == "run":
+            assert len(calls) >= 3, calls           # c2, c3, c5 (c4 is called twice: folded)
+        assert_close(s, s_ref, atol=1e-12, rtol=1e-12)
+        w = torch.randn_like(s)
+        (s * w).sum().backward()
+        (s_ref * w).sum().backward()
+        for (n, p), q in zip(dt.named_parameters(), ref.parameters()):
+            assert (p.grad is None) == (q.grad is None), n
+            if p.grad is not None:
+                assert_close(p.grad, q.grad, atol=1e-11, rtol=1e-12, msg=n)
+        # joint: the teacher forward computes the student's branch images; same values/gradients
+        for p in list(dt.parameters()) + list(ref.parameters()):
+            p.grad = None
+        n_before = len(calls)
+        t, s = dt.joint(x)
+        if mode == "run":
+            assert len(calls) - n_before >= 3
+        t_ref, s_ref = ref(x), folded(ref)
+        assert_close(t, t_ref, atol=1e-12, rtol=1e-12)
+        assert_close(s, s_ref, atol=1e-12, rtol=1e-12)
+        wt, ws = torch.randn_like(t), torch.randn_like(s)
+        ((t * wt).sum() + (s * ws).sum()).backward()
+        ((t_ref * wt).sum() + (s_ref * ws).sum()).backward()
+        for (n, p), q in zip(dt.named_parameters(), ref.parameters()):
+            assert (p.grad is None) == (q.grad is None), n
+            if p.grad is not None:
+                assert_close(p.grad, q.grad, atol=1e-11, rtol=1e-12, msg=n)
+    assert {n: p for n, p in dt.template.named_parameters()} == before
+    assert {n: m.padding for n, m in dt.template.named_modules() if isinstance(m, nn.Conv2d)} == pads
+    assert all(not m._forward_pre_hooks and not m._forward_hooks and "forward" not in m.__dict__
+               for m in dt.template.modules())
+    # the user-visible student parameters are the folded map, untouched by the run path (the BN
+    # statistics saw outputs equal up to rounding)
+    got = dt.student_state_dict()
+    for k, v in ref.student_parameters().items():
+        assert_close(got[k], v, atol=0, rtol=0, msg=k)
+    for k, v in ref.student_state.as_dict().items():
+        assert_close(got[k], v, atol=1e-12, rtol=1e-12, msg=k)
+
+
+def test_student_run_path_gradcheck():
+    """gradcheck of dt.student through the run path, in the 1x1->kxk factors of one layer."""
+    import gpd_fx
+    from gpd_fx.passes.branches import BranchConvNd
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(2, 4, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1)).double()
+    dt = gpd_fx.expand(net, ratio=2, example_inputs=(torch.randn(2, 2, 2, 2, dtype=torch.float64),),
+                       branches={"mode": "run"}).eval()
+    randomize_branch_scales(dt)
+    layer = dt.teacher.get_submodule("2")
+    assert isinstance(layer, BranchConvNd) and layer.__dict__.get("_student_cut")
+    x = torch.randn(3, 2, 2, 2, dtype=torch.float64)
+
+    def f(a, b, v):
+        saved = dict(layer._parameters)
+        layer._parameters.update(weight_1x1_kxk_a=a, weight_1x1_kxk_b=b, v_1x1_kxk=v)
+        try:
+            return dt.student(x)
+        finally:
+            layer._parameters.update(saved)
+
+    args = tuple(layer._parameters[k].detach().clone().requires_grad_()
+                 for k in ("weight_1x1_kxk_a", "weight_1x1_kxk_b", "v_1x1_kxk"))
+    assert torch.autograd.gradcheck(f, args)
