@@ -95,3 +95,12 @@ def test_swin2d_relative_position_bias_is_widened_in_place():
     dt = _expand_exact(model, torch.randn(2, 3, 32, 32), 2)
     assert dt.report.runtime_widenings == 0
     assert len(_attention_calls(dt, swin2d.shifted_window_attention)) == 4
+
+
+def test_one_head_relative_position_bias_is_widened_in_place():
+    """A one-head bias table is widened too (the attention runs r heads): nothing at run time."""
+    torch.manual_seed(0)
+    model = swin2d.SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2], num_heads=[1],
+                                   window_size=[4, 4], num_classes=5)
+    dt = _expand_exact(model, torch.randn(2, 3, 32, 32), 2)
+    assert dt.report.runtime_widenings == 0

@@ -219,7 +219,9 @@ def relative_position_bias(ctx, node):
     lay = ctx.layout(table)
     heads = ctx.sval(table).shape[1]
     if lay is None:
-        if table.op != "get_attr" or not _expand_output(ctx, heads):
+        # widened even for one head (unlike an output of width 1): the attention it feeds runs
+        # r*H heads, so a kept table would only be repeated at run time
+        if table.op != "get_attr" or ctx.kept_demand():
             return ctx.emit_same(), None
         wide = ctx.to_layout(table, interleaved(heads, ctx.r, 1))
         lay = interleaved(heads, ctx.r, 1)
