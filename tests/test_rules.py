@@ -459,3 +459,18 @@ def test_rule_context_worked_example_runs():
         assert torch.equal(folded.state_dict()["1.scale"], model.state_dict()["1.scale"])
     finally:
         RULES.modules.pop(ChannelScale, None)
+
+
+def test_lp_pool_3d_acts_on_three_trailing_dims():
+    """nn.LPPool3d has a rule (its spatial rank from the pooling table): no boundary, exact."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.pool, self.head = nn.Conv3d(3, 4, 3, padding=1), nn.LPPool3d(2, 2), nn.Conv3d(4, 2, 1)
+
+        def forward(self, x):
+            return self.head(self.pool(self.conv(x).relu() + 0.1))
+
+    torch.manual_seed(0)
+    dt = gpd_fx.expand(Net().double(), 2, (torch.randn(2, 3, 4, 8, 8, dtype=torch.float64),))
+    assert dt.report.boundaries == [] and dt.report.max_rel_error < 1e-12

@@ -183,8 +183,8 @@ for _rank, _ops in {
     2: [nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.LPPool2d,
         nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d,
         F.adaptive_max_pool2d, F.lp_pool2d, F.upsample_bilinear, torch.max_pool2d, F.max_pool2d_with_indices],
-    3: [nn.MaxPool3d, nn.AvgPool3d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool3d,
-        F.max_pool3d, F.avg_pool3d, F.adaptive_avg_pool3d, F.adaptive_max_pool3d],
+    3: [nn.MaxPool3d, nn.AvgPool3d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool3d, nn.LPPool3d,
+        F.max_pool3d, F.avg_pool3d, F.adaptive_avg_pool3d, F.adaptive_max_pool3d, F.lp_pool3d],
 }.items():
     _POOL_RANK.update(dict.fromkeys(_ops, _rank))
 # the ATen resampling ops behind F.interpolate, by their Python bindings: what the torch.export
