@@ -848,3 +848,27 @@ def test_student_run_path_gradcheck():
     args = tuple(layer._parameters[k].detach().clone().requires_grad_()
                  for k in ("weight_1x1_kxk_a", "weight_1x1_kxk_b", "v_1x1_kxk"))
     assert torch.autograd.gradcheck(f, args)
+
+
+def test_student_run_path_is_not_taken_under_compile(monkeypatch):
+    """Under torch.compile (eager backend: Dynamo only) dt.student and dt.joint keep the folded
+    student path (no run term traced) and equal the eager results."""
+    import gpd_fx
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(2, 4, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1)).double()
+    dt = gpd_fx.expand(net, ratio=2, example_inputs=(torch.randn(2, 2, 2, 2, dtype=torch.float64),),
+                       branches={"mode": "run"}).eval()
+    randomize_branch_scales(dt)
+    x = torch.randn(3, 2, 2, 2, dtype=torch.float64)
+    calls = _student_run_calls(monkeypatch)
+    t, s = dt.joint(x)
+    assert calls, "the eager joint step runs the branch on the activations"
+    calls.clear()
+    torch._dynamo.reset()
+    tc, sc = torch.compile(dt.joint, backend="eager")(x)
+    assert not calls
+    assert_close(tc, t, atol=1e-12, rtol=1e-12)
+    assert_close(sc, s, atol=1e-12, rtol=1e-12)
+    assert_close(torch.compile(dt.student, backend="eager")(x), dt.student(x), atol=1e-12, rtol=1e-12)
+    torch._dynamo.reset()
