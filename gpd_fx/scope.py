@@ -94,6 +94,9 @@ def _call_shadow(method, owner: str, name: str, *args, **kwargs):
     try:
         return method(*args, **kwargs)
     except (RuntimeError, NotImplementedError) as e:
+        # PyTorch reports a meta tensor's missing data as one of these two ("Cannot copy out of
+        # meta tensor", "Tensor on device meta is not on the expected device"): only that case
+        # means the method read the scope's parameters; every other error passes unchanged
         if "meta" not in str(e):
             raise
         raise ScopeError(f"the model calls {owner}.{name}() of a scope, and it reads the scope's parameters: "
@@ -103,8 +106,13 @@ def _call_shadow(method, owner: str, name: str, *args, **kwargs):
 
 
 def _shadow(module: nn.Module) -> nn.Module:
-    """A copy of ``module`` on the meta device (its attributes and methods, no tensor data)."""
-    return copy.deepcopy(module).to("meta")
+    """A copy of ``module`` on the meta device (its attributes and methods, no tensor data): the
+    deep copy takes a meta tensor for each parameter and buffer, so no data is copied first."""
+    memo = {}
+    for t in [*module.parameters(), *module.buffers()]:
+        meta = torch.empty_like(t, device="meta")
+        memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+    return copy.deepcopy(module, memo)
 
 
 class ScopedTeacher(nn.Module):
@@ -485,13 +493,9 @@ def _expand_scope(module: nn.Module, ratio: int, inputs: tuple, wide: dict[int, 
     from gpd_fx.expand import _expand
 
     t0 = time.perf_counter()
-    k = dict(kwargs)
-    dt = _expand(module, ratio, inputs, k.pop("noise", 0.1), k.pop("seed", 0), k.pop("strict", False),
-                 k.pop("leaf_modules", None), k.pop("concrete_args", None), k.pop("extra_rules", None),
-                 k.pop("branches", ()), None, k.pop("progress", False), k.pop("frontend", "auto"),
-                 wide_inputs=wide or None, wide_outputs=wide_outputs)
-    if k:
-        raise TypeError(f"unexpected expand arguments for a scope: {sorted(k)}")
+    # kwargs are expand's own (noise, seed, strict, leaf_modules, ...), all passed by gpd_fx.expand
+    dt = _expand(module, ratio, inputs, verify_dtype=None, wide_inputs=wide or None, wide_outputs=wide_outputs,
+                 **kwargs)
     dt.report.seconds = time.perf_counter() - t0
     from gpd_fx.passes.ports import gpd_port_widen
 

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from gpd_fx.passes.branches import _Branched, shared_folds
+from gpd_fx.passes.branches import _Branched, shared_folds, symmetric_cut
 from gpd_fx.passes.student_map import ParamSource, _stride_of, evaluate_map, mapped_tensor, share_map
 
 __all__ = ["DynamicTeacher", "ExpansionReport"]
@@ -400,6 +400,7 @@ def _kernels_at_call(lazy: list[tuple[ParamSource, nn.Module, nn.Module]]):
         def pre(module, args):
             x = args[0] if args else None
             cut = layer.student_cut(x)
+            boxed = symmetric_cut(cut)
             run = layer.student_plan(x)
             pending.clear()
             if run:
@@ -407,10 +408,10 @@ def _kernels_at_call(lazy: list[tuple[ParamSource, nn.Module, nn.Module]]):
                 # the kernel folds the others, box-shaped with cut padding where symmetric
                 kern, v, mapped = layer.student_split(src, x, run, cut)
                 module._parameters["weight"] = kern
-                if cut is not None and all(left == right for left, right in cut[1]):
+                if boxed:
                     module.padding = tuple(left for left, _ in cut[1])
                 pending.append((run, v, mapped))
-            elif cut is not None and all(left == right for left, right in cut[1]):
+            elif boxed:
                 # the box-shaped kernel with the padding cut to match: the same output grid, minus
                 # products with zero padding (on a 1x1 map a 3x3 conv becomes a 1x1 one, and no
                 # full-size kernel is built, filled with zeros and sliced again in the backward)

@@ -256,6 +256,13 @@ class _ScaleRows(torch.autograd.Function):
         return gw, gv
 
 
+def symmetric_cut(cut) -> bool:
+    """Whether a live-tap cut (``(box, pads)`` from :meth:`BranchConvNd.student_cut`, or ``None``)
+    keeps equal left and right padding on every dim, so that a conv with the box-shaped kernel
+    and that padding gives the same output grid (else the box is zero-padded back to full size)."""
+    return cut is not None and all(left == right for left, right in cut[1])
+
+
 class _BoxSlice(torch.autograd.Function):
     """``w[box]`` as a contiguous tensor, whose backward writes the full-size gradient once (zeros
     plus the box) instead of one zero fill and copy per sliced dimension (``SliceBackward`` per
@@ -465,7 +472,7 @@ class _Branched(nn.Module, metaclass=abc.ABCMeta):
         mapped = self._mapped_roles(src)
         v = self._student_scales(src)
         box = None if cut is None else cut[0]
-        unbox = cut is None or any(left != right for left, right in cut[1])
+        unbox = not symmetric_cut(cut)
         kinds = [k for k in self.branches if k not in run]
         return self._student_kernel(src, mapped, box, unbox, kinds=kinds, v=v), v, mapped
 

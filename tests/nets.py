@@ -810,3 +810,14 @@ def randomize_branch_scales(dt, seed: int = 1) -> None:
             if isinstance(m, _Branched):
                 for v in m._scales().values():
                     v.normal_(generator=g)
+
+
+def seeded_runs(model: nn.Module, dt, x, seed: int = 0):
+    """``(model(x), dt(x), dt.student(x))`` without grad, each after ``torch.manual_seed(seed)``:
+    in train mode random ops (dropout, stochastic depth) then draw the same stream in all three."""
+    outs = []
+    with torch.no_grad():
+        for fn in (model, dt, dt.student):
+            torch.manual_seed(seed)
+            outs.append(fn(x))
+    return tuple(outs)

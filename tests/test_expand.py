@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import gpd_fx
 from gpd_fx.errors import ExpandInputError, TraceError, UnsupportedOpError
+from nets import seeded_runs
 
 # float64 models: the teacher sums r times more terms in another order, so outputs differ by a
 # few ulps times the reduction length (~1e-15 relative); 1e-10 is far above that and far below
@@ -31,13 +32,7 @@ def check(model: nn.Module, x: torch.Tensor, ratio: int = 2, train: bool = True,
     for mode in ([False, True] if train else [False]):
         model.train(mode)
         dt.train(mode)
-        with torch.no_grad():
-            torch.manual_seed(0)
-            ref = model(x)
-            torch.manual_seed(0)
-            out = dt(x)
-            torch.manual_seed(0)
-            stu = dt.student(x)
+        ref, out, stu = seeded_runs(model, dt, x)
         assert rel_err(out, ref) < TOL, f"teacher differs in {'train' if mode else 'eval'} mode"
         assert rel_err(stu, ref) < TOL, f"student differs in {'train' if mode else 'eval'} mode"
     return dt
