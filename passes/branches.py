@@ -60,7 +60,7 @@ from torch import Tensor, nn
 
 from gpd_fx.errors import GPDError
 
-from .student_map import _GradPool, _stride_of, inp_part, map_tensor, out_part, share_map
+from .student_map import _GradPool, _stride_of, _zero_unless_zero, inp_part, map_tensor, out_part, share_map
 
 __all__ = [
     "BRANCH_KINDS_CONV",
@@ -146,6 +146,11 @@ def _live_taps(sizes: tuple[int, ...], kernel: tuple[int, ...], stride: tuple[in
         left, right = pl - t0 * d, pr - (k - 1 - t1) * d
         if left < 0 or right < 0 or (n + left + right - d * (t1 - t0) - 1) // s + 1 != out:
             return None
+        # right padding past the last window's end is never read: trimming it to the left
+        # padding keeps the grid (the last window still fits) and makes the cut symmetric, so
+        # a strided 3x3 on a 2x2 map (live box 2x2, pads (0, 1)) becomes a 2x2 conv without padding
+        if (out - 1) * s + d * (t1 - t0) + 1 - n - left <= left < right:
+            right = left
         cut.append((t0, t1 + 1))
         new_pads.append((left, right))
         changed = changed or t0 > 0 or t1 < k - 1
@@ -158,13 +163,15 @@ def _taps(*key):
 
 
 def conv_nd(x: Tensor, w: Tensor, bias: Tensor | None, stride: tuple[int, ...], pads: tuple[tuple[int, int], ...],
-            dilation: tuple[int, ...], groups: int) -> Tensor:
+            dilation: tuple[int, ...], groups: int, pool=None) -> Tensor:
     """``F.conv{1,2,3}d`` with explicit (left, right) zero padding per dim, computed cheaply.
 
     Exact rewrites of the same sum: taps that only ever read padding are cut from the kernel
-    (their products are zero), and a 1x1 kernel without padding runs as one batched matmul
-    (oneDNN's 1x1 convolution on tiny maps is up to 25x slower than the matmul on this CPU).
-    Under ``torch.fx`` tracing it is the plain conv.
+    (their products are zero), a conv with at most ``_MATMUL_MAX_PIXELS`` output pixels runs
+    as im2col + one GEMM, and a 1x1 kernel without padding as one batched matmul (oneDNN's
+    convolution on tiny maps is 2-25x slower than the matmul on this CPU, backward included).
+    Under ``torch.fx`` tracing it is the plain conv. ``pool``: where a cut kernel's full-size
+    gradient is written (:class:`_BoxSlice`).
     """
     dim = len(stride)
     conv = (F.conv1d, F.conv2d, F.conv3d)[dim - 1]
@@ -175,10 +182,18 @@ def conv_nd(x: Tensor, w: Tensor, bias: Tensor | None, stride: tuple[int, ...], 
     out_pixels = 1
     for n, k, st, (pl, pr), d in zip(x.shape[2:], w.shape[2:], stride, pads, dilation):
         out_pixels *= (n + pl + pr - d * (k - 1) - 1) // st + 1
-    if (dim == 2 and groups == 1 and out_pixels <= _MATMUL_MAX_PIXELS and any(k > 1 for k in w.shape[2:])
-            and all(pl == pr for pl, pr in pads)):
-        # im2col + one GEMM with the whole (contiguous) kernel: taps that read padding multiply
-        # zeros, and the kernel's gradient is one GEMM output, with no slicing of the kernel
+    gemm = dim == 2 and groups == 1 and out_pixels <= _MATMUL_MAX_PIXELS
+    plan = _taps(tuple(x.shape[2:]), tuple(w.shape[2:]), tuple(stride), tuple(pads), tuple(dilation))
+    if plan is not None and all(left == right for left, right in plan[1]) and (
+            gemm or all(b - a == 1 for a, b in plan[0])):
+        # cut the dead taps: on a 1x1 map a 3x3 kernel keeps its centre (9x less GEMM work, and
+        # no im2col/col2im of padding). Only where the following product is a GEMM, or the cut
+        # leaves one tap: a box-shaped k'>1 kernel would send oneDNN down a slow path.
+        w = box_slice(w, (slice(None), slice(None), *(slice(a, b) for a, b in plan[0])), pool)
+        pads = plan[1]
+    if gemm and any(k > 1 for k in w.shape[2:]) and all(pl == pr for pl, pr in pads):
+        # im2col + one GEMM with the whole (contiguous) kernel: any taps left that read padding
+        # multiply zeros, and the kernel's gradient is one GEMM output
         n, out = x.shape[0], w.shape[0]
         cols = F.unfold(x, tuple(w.shape[2:]), dilation=tuple(dilation), padding=tuple(pl for pl, _ in pads),
                         stride=tuple(stride))                                     # (n, c*K, L)
@@ -186,11 +201,6 @@ def conv_nd(x: Tensor, w: Tensor, bias: Tensor | None, stride: tuple[int, ...], 
         y = F.linear(cols.transpose(1, 2).reshape(n * length, -1), w.reshape(out, -1), bias)
         oh = (x.shape[2] + 2 * pads[0][0] - dilation[0] * (w.shape[2] - 1) - 1) // stride[0] + 1
         return y.reshape(n, length, out).transpose(1, 2).reshape(n, out, oh, length // oh)
-    plan = _taps(tuple(x.shape[2:]), tuple(w.shape[2:]), tuple(stride), tuple(pads), tuple(dilation))
-    if plan is not None and all(b - a == 1 for a, b in plan[0]) and all(lr == (0, 0) for lr in plan[1]):
-        # only the cut to a single tap pays: a non-contiguous k'>1 kernel sends oneDNN down a slow path
-        w = w[(slice(None), slice(None), *(slice(a, b) for a, b in plan[0]))]
-        pads = plan[1]
     cin_g = w.shape[1]
     pixels = 1
     for n, st in zip(x.shape[2:], stride):
@@ -266,15 +276,31 @@ def symmetric_cut(cut) -> bool:
 class _BoxSlice(torch.autograd.Function):
     """``w[box]`` as a contiguous tensor, whose backward writes the full-size gradient once (zeros
     plus the box) instead of one zero fill and copy per sliced dimension (``SliceBackward`` per
-    dim: two full-size fills and copies for a 2-D box, 9.4 MB each for a 512x512x3x3 kernel)."""
+    dim: two full-size fills and copies for a 2-D box, 9.4 MB each for a 512x512x3x3 kernel).
+
+    With a ``pool`` (a :class:`~gpd_fx.passes.student_map._GradPool`) the full-size gradient is
+    written into that pool's storage when nothing holds it any more: a teacher kernel's gradient
+    is a fresh 38 MB tensor per step otherwise (1024x1024x3x3), whose first write faults every
+    page (measured 17.6 ms per pad in a ResNet-18 r2 step, against about 3 ms to check the
+    reused buffer's zeros and copy the box). Values are those of the fresh tensor, bit for bit.
+    """
 
     @staticmethod
-    def forward(ctx, w, box):
-        ctx.shape, ctx.box = w.shape, box
+    def forward(ctx, w, box, pool=None):
+        ctx.shape, ctx.box, ctx.pool = w.shape, box, pool
         return w[box].contiguous()
 
     @staticmethod
     def backward(ctx, g):
+        if ctx.pool is not None and not torch.is_grad_enabled():
+            full, reused = ctx.pool.take_reused(ctx.shape, g.dtype, g.device)
+            if reused:
+                # the box is rewritten below; zero it first so that the byte check of the whole
+                # buffer sees only what lies outside it (zero since last step unless written to)
+                full[ctx.box].zero_()
+            _zero_unless_zero(full, reused)
+            full[ctx.box].copy_(g)
+            return full, None, None
         # one full-size write as a constant pad, which is itself differentiable (double backward,
         # torch.func), unlike writing into a zero tensor
         pads = []
@@ -282,7 +308,17 @@ class _BoxSlice(torch.autograd.Function):
             start, stop, step = (ctx.box[d] if d < len(ctx.box) else slice(None)).indices(ctx.shape[d])
             assert step == 1, "box slices are contiguous"
             pads += [start, ctx.shape[d] - stop]
-        return F.pad(g, pads), None
+        return F.pad(g, pads), None, None
+
+
+def box_slice(w: Tensor, box, pool=None) -> Tensor:
+    """``w[box]`` as a contiguous tensor: :class:`_BoxSlice` (one full-size gradient write, on
+    ``pool``'s storage if given) where ``w`` needs a gradient in eager mode, else the plain slice
+    (``torch.compile`` and ``torch.fx`` see ordinary indexing)."""
+    if (isinstance(w, torch.fx.Proxy) or torch.compiler.is_compiling() or not torch.is_grad_enabled()
+            or not w.requires_grad):
+        return w[box]
+    return _BoxSlice.apply(w, box, pool)
 
 
 def scale_rows(w: Tensor, v: Tensor) -> Tensor:
@@ -958,7 +994,8 @@ class BranchConvNd(_Branched):
         if not full:
             return conv_nd(x, w, bias, (1,) * self.dim, ((0, 0),) * self.dim, (1,) * self.dim, g)
         pads = ((0, 0),) * self.dim if padded else self._pads_lr()
-        return conv_nd(x, w, bias, self.stride, pads, self.dilation, g)
+        # a cut kernel's gradient (dead taps on small maps) goes to this layer's pooled storage
+        return conv_nd(x, w, bias, self.stride, pads, self.dilation, g, pool=self._grad_pool("cut"))
 
     def _pads_lr(self) -> tuple[tuple[int, int], ...]:
         # (left, right) zero padding per spatial dim, first dim first (self._pad is in F.pad order)

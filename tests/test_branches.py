@@ -741,6 +741,87 @@ def test_box_slice_equals_indexing_in_value_and_gradient():
         torch.autograd.gradgradcheck(lambda t: _BoxSlice.apply(t, box), (w,))
 
 
+def test_live_taps_trim_unread_right_padding_to_a_symmetric_cut():
+    """A strided 3x3 (padding 1) on a 2x2 map reads taps 1-2 of each dim and never the right
+    padding: the cut is the 2x2 box without padding (it was a (0, 1) asymmetric cut, which no
+    conv call can use); a 3x3 on a 1x1 map keeps its centre; full-map convs are not cut."""
+    from gpd_fx.passes.branches import _live_taps
+
+    assert _live_taps((2, 2), (3, 3), (2, 2), ((1, 1), (1, 1)), (1, 1)) == (((1, 3), (1, 3)), ((0, 0), (0, 0)))
+    assert _live_taps((1, 1), (3, 3), (1, 1), ((1, 1), (1, 1)), (1, 1)) == (((1, 2), (1, 2)), ((0, 0), (0, 0)))
+    assert _live_taps((4, 4), (3, 3), (2, 2), ((1, 1), (1, 1)), (1, 1)) is None   # every tap live
+    assert _live_taps((2, 2), (3, 3), (1, 1), ((1, 1), (1, 1)), (1, 1)) is None
+
+
+@pytest.mark.parametrize("size,stride,k_cols", [(1, 1, 8), (2, 2, 32)])
+def test_conv_nd_on_tiny_maps_multiplies_live_taps_only(size, stride, k_cols):
+    """On a 1x1 map a 3x3 conv's GEMM has ``cin`` columns (the centre tap), not ``9 cin``; a
+    strided one on a 2x2 map ``4 cin``: the products with padding are not computed, in the
+    forward or either gradient, and the kernel's gradient is still the full kernel's (zero at
+    the dead taps)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from gpd_fx.passes.branches import conv_nd
+
+    class Shapes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.k = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default):
+                a, b = args[-2], args[-1]
+                self.k.append(max(a.shape[-1], b.shape[-1]) if a.shape[-1] != b.shape[-2] else a.shape[-1])
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, size, size, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, 8, 3, 3, dtype=torch.float64, requires_grad=True)
+    with Shapes() as mode:
+        y = conv_nd(x, w, None, (stride, stride), ((1, 1), (1, 1)), (1, 1), 1)
+        gx, gw = torch.autograd.grad(y.sum(), (x, w))
+    assert mode.k and max(mode.k) <= k_cols, mode.k
+    ref = F.conv2d(x, w, None, stride, 1)
+    rx, rw = torch.autograd.grad(ref.sum(), (x, w))
+    assert_close(y, ref, atol=1e-12, rtol=0)
+    assert_close(gx, rx, atol=1e-12, rtol=0)
+    assert torch.equal(gw == 0, rw == 0) and gw.shape == w.shape
+    assert_close(gw, rw, atol=1e-12, rtol=0)
+
+
+def test_box_slice_gradient_on_pooled_storage_is_a_fresh_ones():
+    """With a pool the full-size gradient of ``_BoxSlice`` reuses the storage once nothing holds
+    it; whatever was written outside the box in between (``.data``, ``-0.0``, NaN) is gone: bit
+    for bit the plain gradient. A gradient still held is never overwritten."""
+    from gpd_fx.passes import student_map as SM
+    from gpd_fx.passes.branches import _BoxSlice
+
+    pool = SM._GradPool()
+    w = torch.randn(64, 64, 3, 3, dtype=torch.float64, requires_grad=True)   # 295 KB: the check path
+    box = (slice(None), slice(None), slice(1, 2), slice(1, 2))
+    ptrs = []
+    for step, how in enumerate(["", "data", "negzero", "nan", ""]):
+        g = torch.randn(64, 64, 1, 1, dtype=torch.float64)
+        _BoxSlice.apply(w, box, pool).backward(g)
+        (want,) = torch.autograd.grad(w[box], w, g)
+        assert torch.equal(w.grad.view(torch.int64), want.view(torch.int64)), (step, how)
+        ptrs.append(w.grad.data_ptr())
+        if how == "data":
+            w.grad.data[:, :, 0, 0] = 1.0
+        elif how == "negzero":
+            w.grad.data[:, :, 2, 2] = -0.0
+        elif how == "nan":
+            w.grad.data[0, 0, 0, 1] = float("nan")
+        if step < 4:
+            w.grad = None
+    assert len(set(ptrs)) == 1, "the pooled storage was not reused"
+    held = w.grad                      # kept: the next backward must not write into it
+    saved = held.clone()
+    w.grad = None
+    _BoxSlice.apply(w, box, pool).backward(torch.ones(64, 64, 1, 1, dtype=torch.float64))
+    assert torch.equal(held, saved) and w.grad.data_ptr() != held.data_ptr()
+
+
 def _student_run_calls(monkeypatch):
     """Record each student conv call that runs branches on the activations."""
     from gpd_fx.passes.branches import BranchConvNd
