@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from gpd_fx.passes.branches import _Branched, shared_folds, symmetric_cut
+from gpd_fx.passes.branches import _Branched, conv_nd, shared_folds, symmetric_cut
 from gpd_fx.passes.student_map import ParamSource, _stride_of, evaluate_map, mapped_tensor, share_map
 
 __all__ = ["DynamicTeacher", "ExpansionReport"]
@@ -238,8 +238,10 @@ class DynamicTeacher(nn.Module):
                     continue
                 conv = self._template.get_submodule(s.student_name.rpartition(".")[0])
                 w = conv._parameters.get("weight")
-                if w is not None and counts.get(id(w), 0) == 1:
+                if w is not None and counts.get(id(w), 0) == 1 and "forward" not in conv.__dict__:
                     cached.append((s, mod, conv))
+                    # dt.joint runs this conv itself (_student_convs): it may take a box kernel
+                    mod.__dict__["_student_lazy"] = True
                     # the student's widths, for its run-or-fold plan (BranchConvNd.student_plan)
                     mod.__dict__["_student_run"] = ((conv.out_channels, conv.in_channels)
                                                     if conv.groups == mod.groups else None)
@@ -274,16 +276,18 @@ class DynamicTeacher(nn.Module):
             for s in rest:   # multi-branch weights: the kernel their teacher forward computed
                 state[s.student_name] = mapped_tensor(self.teacher, s)
             state.update(self.student_state.as_dict())
-            # student convs whose teacher layer computed branch images to run on the activations
-            # (BranchConvNd.student_plan) add them to their folded conv's output
-            terms = []
+            # the student convs of multi-branch layers run as conv_nd, with the padding cut to
+            # the box kernel the teacher forward folded (memo "student_pads"), and add the
+            # branch images their layer ran on the activations (BranchConvNd.student_plan)
+            calls = []
             for s, layer, conv in lazy:
                 memo = layer.__dict__.get("_fold_memo") or {}
+                term = None
                 if memo.get("student_run") is not None:
                     run, v, mapped = memo["student_run"]
-                    terms.append((conv, functools.partial(layer.student_run_term, run=run, v=v, mapped=mapped,
-                                                          scale=s.scale)))
-            with _run_terms(terms):
+                    term = functools.partial(layer.student_run_term, run=run, v=v, mapped=mapped, scale=s.scale)
+                calls.append((conv, term, memo.get("student_pads")))
+            with _student_convs(calls):
                 out = functional_call(self._template, state, args, kwargs, tie_weights=True, strict=False)
         return t, out
 
@@ -379,7 +383,7 @@ def _kernels_at_call(lazy: list[tuple[ParamSource, nn.Module, nn.Module]]):
     of its teacher layer folded over the live taps at that input's size, as a kernel of the live
     box with the conv's padding cut to match where that padding stays symmetric (else zero-padded
     back to full size). Where the layer's ``student_plan`` runs branches on the activations the
-    kernel folds only the others and a forward override (``_run_terms``) adds the run branches to
+    kernel folds only the others and a forward override (``_student_convs``) adds the run branches to
     the conv's output. Hooks and overrides are added for the block only (copies of the teacher
     never share them) and the weight and padding restored after."""
     handles, terms = [], []
@@ -394,8 +398,7 @@ def _kernels_at_call(lazy: list[tuple[ParamSource, nn.Module, nn.Module]]):
             run, v, mapped = pending.pop()
             return layer.student_run_term(y, x, run, v, mapped, src.scale)
 
-        if layer.__dict__.get("_student_run") is not None:
-            terms.append((conv, term))
+        terms.append((conv, term if layer.__dict__.get("_student_run") is not None else None, None))
 
         def pre(module, args):
             x = args[0] if args else None
@@ -429,7 +432,7 @@ def _kernels_at_call(lazy: list[tuple[ParamSource, nn.Module, nn.Module]]):
 
     restore = [install(*item) for item in lazy]
     try:
-        with _run_terms(terms):
+        with _student_convs(terms):
             yield
     finally:
         for h in handles:
@@ -439,29 +442,34 @@ def _kernels_at_call(lazy: list[tuple[ParamSource, nn.Module, nn.Module]]):
 
 
 @contextlib.contextmanager
-def _run_terms(terms: list[tuple[nn.Module, Any]]):
-    """Within the block each conv of ``terms`` returns ``term(its output, its input)``: a
-    forward override on the instance (its own computation, then the term), removed after, so
-    that copies of the teacher never share it. Swapping the weight alone cannot add the output
-    of branches run on the activations (``BranchConvNd.student_plan``)."""
+def _student_convs(calls: list[tuple[nn.Module, Any, tuple[int, ...] | None]]):
+    """Within the block each student conv of ``calls`` (``(conv, term, padding)``) computes
+    ``term(conv_nd(x, its weight, ...), x)`` (``term`` ``None``: the conv alone), with its
+    ``padding`` replaced where given: a forward override on the instance, removed after, so
+    that copies of the teacher never share it.
+
+    These are the plain zero-padded convs of multi-branch layers (``_mark_student_cuts``);
+    :func:`~gpd_fx.passes.branches.conv_nd` is the same sum as ``F.conv{1,2,3}d``, computed
+    without the taps that read only padding and as a GEMM on tiny maps (oneDNN's backward of a
+    3x3 conv on a 1x1 map measured 4-10x the GEMM's). Swapping the weight alone cannot add the
+    output of branches run on the activations (``BranchConvNd.student_plan``)."""
     saved = []
     try:
-        for conv, term in terms:
-            inner = conv.__dict__.get("forward")
-            call = inner if inner is not None else type(conv).forward.__get__(conv)
+        for conv, term, padding in calls:
+            def forward(x, _conv=conv, _term=term):
+                y = conv_nd(x, _conv.weight, _conv.bias, tuple(_conv.stride), tuple((p, p) for p in _conv.padding),
+                            tuple(_conv.dilation), _conv.groups)
+                return y if _term is None else _term(y, x)
 
-            def forward(*args, _call=call, _term=term, **kwargs):
-                return _term(_call(*args, **kwargs), args[0] if args else kwargs["input"])
-
-            saved.append((conv, inner))
+            saved.append((conv, conv.padding))
             conv.__dict__["forward"] = forward
+            if padding is not None:
+                conv.padding = padding
         yield
     finally:
-        for conv, inner in reversed(saved):
-            if inner is None:
-                del conv.__dict__["forward"]
-            else:
-                conv.__dict__["forward"] = inner
+        for conv, padding in reversed(saved):
+            del conv.__dict__["forward"]
+            conv.padding = padding
 
 
 def _holder(root: nn.Module, name: str) -> nn.Module:

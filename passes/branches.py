@@ -561,17 +561,23 @@ class _Branched(nn.Module, metaclass=abc.ABCMeta):
         mapped = dict(zip(roles, mapped))
         # a layer called twice in one forward may see two input sizes: full kernel then
         twice = "student_w" in memo
-        box = None if twice else self._student_box(x)
+        cut = None if twice else self.student_cut(x)
+        box = None if cut is None else cut[0]
+        # a box-shaped kernel with the padding cut to match (teacher.joint sets the student
+        # conv's padding from "student_pads") where the cut is symmetric and the student conv is
+        # one joint runs itself (``_student_lazy``); else zero-padded back to the full kernel
+        boxed = symmetric_cut(cut) and self.__dict__.get("_student_lazy", False)
+        memo["student_pads"] = tuple(left for left, _ in cut[1]) if boxed else None
         run = () if twice else self.student_plan(x)
         if run:
             # the student's conv runs these branches on its activations (teacher.joint installs
             # the term); its kernel folds the others only
             v = self._student_scales(src)
-            memo["student_w"] = self._student_kernel(src, mapped, box, kinds=[k for k in self.branches if k not in run],
-                                                     v=v)
+            memo["student_w"] = self._student_kernel(src, mapped, box, not boxed,
+                                                     kinds=[k for k in self.branches if k not in run], v=v)
             memo["student_run"] = (run, v, mapped)
         else:
-            memo["student_w"] = self._student_kernel(src, mapped, box)
+            memo["student_w"] = self._student_kernel(src, mapped, box, not boxed)
             memo.pop("student_run", None)
         return dict(zip(roles, aliases))
 

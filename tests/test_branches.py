@@ -649,12 +649,23 @@ def test_joint_student_kernel_of_live_taps_is_exact(mode, monkeypatch):
     cut = {n: m.__dict__.get("_student_cut") for n, m in dt.teacher.named_modules() if isinstance(m, BranchConvNd)}
     assert cut["c4"] is False and cut["c3"] is True and cut["c2"] is True, cut
     boxes = []
-    orig = BranchConvNd._unbox
-    monkeypatch.setattr(BranchConvNd, "_unbox", lambda self, k, box: boxes.append(box) or orig(self, k, box))
+    orig = BranchConvNd._student_kernel
+
+    def record(self, src, mapped, box=None, unbox=True, **kw):
+        if box is not None:
+            boxes.append(unbox)
+        return orig(self, src, mapped, box, unbox, **kw)
+
+    monkeypatch.setattr(BranchConvNd, "_student_kernel", record)
     ref = copy.deepcopy(dt)
+    paddings = {n: m.padding for n, m in dt.template.named_modules() if isinstance(m, nn.Conv2d)}
     x = torch.randn(4, 3, 4, 4, dtype=torch.float64)
     t, s = dt.joint(x)
     assert len(boxes) >= 2, boxes        # c2 and c3 (and c5) at least
+    # symmetric cuts run box-shaped with the student conv's padding cut (restored after)
+    assert False in boxes, boxes
+    assert paddings == {n: m.padding for n, m in dt.template.named_modules() if isinstance(m, nn.Conv2d)}
+    assert not any("forward" in m.__dict__ for m in dt.template.modules())
     _assert_joint_matches_separate_calls(dt, ref, x, t, s)
 
 
