@@ -557,18 +557,22 @@ class _Branched(nn.Module, metaclass=abc.ABCMeta):
         roles = self._roles()
         own = self._own()
         parts = [self._part(src, part) for _, part in roles.values()]
-        aliases, mapped = share_map(list(own.values()), parts)
-        mapped = dict(zip(roles, mapped))
         # a layer called twice in one forward may see two input sizes: full kernel then
         twice = "student_w" in memo
         cut = None if twice else self.student_cut(x)
         box = None if cut is None else cut[0]
+        run = () if twice else self.student_plan(x)
+        # the student kernel reads only the box of the k x k tensors it folds: map just that
+        # box (the map acts on channels, so it commutes with slicing taps)
+        boxed_roles = self._box_roles([k for k in self.branches if k not in run]) if box is not None else ()
+        aliases, mapped = share_map(list(own.values()), parts,
+                                    [(slice(None), slice(None), *box) if r in boxed_roles else None for r in roles])
+        mapped = dict(zip(roles, mapped))
         # a box-shaped kernel with the padding cut to match (teacher.joint sets the student
         # conv's padding from "student_pads") where the cut is symmetric and the student conv is
         # one joint runs itself (``_student_lazy``); else zero-padded back to the full kernel
         boxed = symmetric_cut(cut) and self.__dict__.get("_student_lazy", False)
         memo["student_pads"] = tuple(left for left, _ in cut[1]) if boxed else None
-        run = () if twice else self.student_plan(x)
         if run:
             # the student's conv runs these branches on its activations (teacher.joint installs
             # the term); its kernel folds the others only
@@ -585,6 +589,10 @@ class _Branched(nn.Module, metaclass=abc.ABCMeta):
         """The box of kernel taps the student's own layer reads real input with at ``x``'s size,
         or ``None`` (fold every tap). Only convolutions override this."""
         return None
+
+    def _box_roles(self, kinds) -> tuple[str, ...]:
+        """Roles whose tensors a box-cut fold of ``kinds`` reads only over the box (k x k ones)."""
+        return ()
 
     def student_cut(self, x: Tensor | None):
         """``(box, pads)`` of a live-tap cut at ``x``'s size, or ``None``; only convolutions cut."""
@@ -838,6 +846,9 @@ class BranchConvNd(_Branched):
         b4 = b.reshape(g, out // g, b.shape[1], ksize)            # (g, out/g, mid/g, k)
         return torch.einsum("gomk,gmi->goik", b4, a3).reshape(out, a.shape[1], *taps)
 
+    def _box_roles(self, kinds) -> tuple[str, ...]:
+        return ("kxk",) + (("b",) if "1x1_kxk" in kinds else ())
+
     def _student_box(self, x: Tensor | None):
         """The taps of the student's conv that read real input for an input like ``x``, as one
         ``slice`` per spatial dim, when that is a strict sub-box of the kernel; else ``None``.
@@ -935,7 +946,9 @@ class BranchConvNd(_Branched):
             cut = (slice(None), slice(None), *box)
             taps = tuple(sl.stop - sl.start for sl in box)
             centre = tuple(c - sl.start if sl.start <= c < sl.stop else None for c, sl in zip(centre, box))
-            t = dict(t, kxk=_BoxSlice.apply(w, cut), **({"b": _BoxSlice.apply(t["b"], cut)} if "b" in t else {}))
+            # tensors already mapped box-shaped (share_map's boxes) are not sliced again
+            t = dict(t, **{r: _BoxSlice.apply(t[r], cut) for r in ("kxk", "b")
+                           if r in t and tuple(t[r].shape[2:]) != taps})
             if isinstance(ident, Tensor):
                 ident = ident[cut]
             w = t["kxk"]

@@ -428,17 +428,18 @@ class _SharedMap(torch.autograd.Function):
     adds it to the teacher's gradient: two extra passes over every teacher weight per step.
     Here the student's gradient is added in place into the rows of the teacher's gradient it
     belongs to (1/r of the tensor); a full-size tensor is only built where the teacher forward
-    did not use the alias.
+    did not use the alias. With a ``box`` (a tuple of slices) for a tensor, its map is of
+    ``t[box]`` only, and the student's gradient goes into that box of the rows.
     """
 
     @staticmethod
-    def forward(ctx, srcs, *tensors):
-        ctx.srcs = srcs
+    def forward(ctx, srcs, boxes, *tensors):
+        ctx.srcs, ctx.boxes = srcs, boxes
         ctx.meta = [(t.shape, t.dtype, t.device) for t in tensors]
         ctx.set_materialize_grads(False)
         aliases = [t.view_as(t) for t in tensors]
         with torch.no_grad():
-            mapped = [map_tensor(t, s) for t, s in zip(tensors, srcs)]
+            mapped = [map_tensor(t if box is None else t[box], s) for t, s, box in zip(tensors, srcs, boxes)]
         return (*aliases, *mapped)
 
     @staticmethod
@@ -447,7 +448,7 @@ class _SharedMap(torch.autograd.Function):
         n = len(ctx.srcs)
         out = []
         for i, src in enumerate(ctx.srcs):
-            g, gs = grads[i], grads[n + i]
+            g, gs, box = grads[i], grads[n + i], ctx.boxes[i]
             if gs is not None:
                 if g is None:
                     shape, dtype, device = ctx.meta[i]
@@ -455,13 +456,18 @@ class _SharedMap(torch.autograd.Function):
                 elif torch._debug_has_internal_overlap(g) != 0 or g.requires_grad:
                     # an expanded (stride 0) gradient cannot be written in place
                     g = g.clone()
-                _add_adjoint_(g, gs, src)
+                _add_adjoint_(g if box is None else g[box], gs, src)
             out.append(g)
-        return (None, *out)
+        return (None, None, *out)
 
 
-def share_map(tensors: list[Tensor], sources: list[ParamSource]) -> tuple[list[Tensor], list[Tensor]]:
+def share_map(tensors: list[Tensor], sources: list[ParamSource],
+              boxes: list | None = None) -> tuple[list[Tensor], list[Tensor]]:
     """Aliases of ``tensors`` for the teacher forward and their student maps, sharing one backward.
+
+    ``boxes``: per tensor ``None`` or a tuple of slices over dims the map does not touch (kernel
+    taps): that tensor's student map is of ``t[box]`` only (the live taps of a student conv on a
+    small map), and so is the gradient added back.
 
     Differentiable in both outputs; the teacher forward must read the aliases, not the
     originals, for the gradient to be fused (see :class:`_SharedMap`). The alias's gradient is
@@ -475,8 +481,9 @@ def share_map(tensors: list[Tensor], sources: list[ParamSource]) -> tuple[list[T
     """
     if not tensors:
         return [], []
+    boxes = [None] * len(tensors) if boxes is None else list(boxes)
     if torch.compiler.is_compiling() or not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors):
-        return list(tensors), [map_tensor(t, s) for t, s in zip(tensors, sources)]
-    outs = _SharedMap.apply(sources, *tensors)
+        return list(tensors), [map_tensor(t if b is None else t[b], s) for t, s, b in zip(tensors, sources, boxes)]
+    outs = _SharedMap.apply(sources, boxes, *tensors)
     n = len(tensors)
     return list(outs[:n]), list(outs[n:])

@@ -669,6 +669,44 @@ def test_joint_student_kernel_of_live_taps_is_exact(mode, monkeypatch):
     _assert_joint_matches_separate_calls(dt, ref, x, t, s)
 
 
+def test_share_map_of_a_box_is_the_map_of_the_sliced_tensor():
+    """``share_map`` with a box maps only those taps (the map acts on channels and commutes with
+    slicing) and adds the student's box gradient into that box of the teacher gradient's rows:
+    values and gradients equal plain autograd through ``map_tensor(t[box])`` (float64), and
+    ``dt.joint`` maps the student kernel of a conv on a 1x1 map box-shaped."""
+    import gpd_fx
+    from gpd_fx.passes.branches import BranchConvNd
+    from gpd_fx.passes.student_map import map_tensor, share_map
+
+    torch.manual_seed(0)
+    net = _SmallMaps().double()
+    dt = gpd_fx.expand(net, ratio=2, example_inputs=(torch.randn(2, 3, 4, 4, dtype=torch.float64),),
+                       branches={"mode": "fold"}).train()
+    src, layer, _ = next(item for item in dt._lazy_kernels() if item[0].module == "c3")
+    t = layer.weight_kxk.detach().clone().requires_grad_(True)
+    box = (slice(None), slice(None), slice(1, 2), slice(1, 2))
+    (alias,), (mapped,) = share_map([t], [src], [box])
+    want_mapped = map_tensor(t.detach()[box], src)
+    assert mapped.shape == want_mapped.shape and torch.equal(mapped, want_mapped)
+    c1, c2 = torch.randn_like(alias), torch.randn_like(mapped)
+    (g,) = torch.autograd.grad((alias * c1).sum() + (mapped * c2).sum(), t)
+    (want,) = torch.autograd.grad((t * c1).sum() + (map_tensor(t[box], src) * c2).sum(), t)
+    assert_close(g, want, atol=0, rtol=0)
+
+    shapes = []
+    orig = BranchConvNd._fold_kernel
+
+    def record(self, kinds, tt, v, ident, box=None):
+        if box is not None:
+            shapes.append(tuple(tt["kxk"].shape[2:]))
+        return orig(self, kinds, tt, v, ident, box)
+
+    import unittest.mock
+    with unittest.mock.patch.object(BranchConvNd, "_fold_kernel", record):
+        dt.joint(torch.randn(4, 3, 4, 4, dtype=torch.float64))
+    assert (1, 1) in shapes, shapes    # c3's student kxk arrives mapped box-shaped
+
+
 def test_student_kernel_of_live_taps_at_call_is_exact(monkeypatch):
     """dt.student maps the weights of cut-eligible convs when they are called, over the live taps
     of that input: outputs and teacher gradients equal running the template on the full mapped
