@@ -778,7 +778,13 @@ def test_box_slice_equals_indexing_in_value_and_gradient():
     from gpd_fx.passes.branches import _BoxSlice
 
     w = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
-    for box in [(slice(None), slice(None), slice(1, 2), slice(1, 2)), (slice(None), slice(None), slice(0, 2), slice(1, 3))]:
+    w3 = torch.randn(4, 3, 3, 3, 3, dtype=torch.float64, requires_grad=True)          # a 3-D kernel
+    strided = torch.randn(3, 4, 3, 3, dtype=torch.float64).transpose(0, 1).requires_grad_(True)
+    cases = [(w, (slice(None), slice(None), slice(1, 2), slice(1, 2))),
+             (w, (slice(None), slice(None), slice(0, 2), slice(1, 3))),
+             (w3, (slice(None), slice(None), slice(1, 3), slice(0, 2), slice(1, 2))),
+             (strided, (slice(None), slice(None), slice(1, 3), slice(1, 3)))]
+    for w, box in cases:
         got = _BoxSlice.apply(w, box)
         assert torch.equal(got, w[box]) and got.is_contiguous()
         g = torch.randn_like(got)
