@@ -315,8 +315,9 @@ class _BoxSlice(torch.autograd.Function):
     def backward(ctx, g):
         shape, index = ctx.shape, ctx.index
         rows = shape[0] * shape[1]
-        if ctx.pool is not None and not torch.is_grad_enabled():
-            full = ctx.pool.take(shape, g.dtype, g.device).zero_()
+        if not torch.is_grad_enabled():
+            # no double backward: zeros, then the box written in place (pooled storage if given)
+            full = (g.new_empty(shape) if ctx.pool is None else ctx.pool.take(shape, g.dtype, g.device)).zero_()
             if index is not None:
                 full.view(rows, -1).index_copy_(1, index, g.reshape(rows, -1))
             else:
