@@ -1,14 +1,23 @@
 """Within-process A/B of the issue-9 student-map changes on ResNet-18 32x32 batch 16.
 
-    python benchmarks/student_map_ab.py 2 5          # ratio 2, 5 rounds, session-5 changes
-    python benchmarks/student_map_ab.py 3 5 s4       # the session-4 changes instead
+    python benchmarks/student_map_ab.py 2 5          # ratio 2, 5 rounds, session-6 changes
+    python benchmarks/student_map_ab.py 2 5 s5       # the session-5 changes instead
+    python benchmarks/student_map_ab.py 3 5 s4       # the session-4 changes
     python benchmarks/student_map_ab.py 2 9 s5 fb    # forward+backward cases only (no GPD step)
     python benchmarks/student_map_ab.py 2 7 run      # the student's branches run on small maps
 
 'new' is the code as it is; 'old' switches off, at run time and only around its own cases, one
-set of changes:
+set of changes (on top of everything else as it is now, so an older set's figures differ from
+those measured when it was new):
 
-- ``s5`` (default): the session-5 map kernels: the zero rows of a reused gradient buffer only
+- ``s6`` (default): the session-6 small-map changes: ``conv_nd`` cutting the taps that read
+  only padding before its tiny-map GEMM, the box of a kernel gathered with ``index_select``
+  and its gradient written into pooled storage, the student convs of multi-branch layers in
+  ``dt.joint`` running box-shaped kernels with cut padding through ``conv_nd`` (also in
+  ``dt.student``), and the student map of only the box ('old' puts back the previous
+  ``conv_nd``, a sliced box with a padded gradient, the students' own conv forward, and whole
+  kernels mapped before slicing; copied below);
+- ``s5``: the session-5 map kernels: the zero rows of a reused gradient buffer only
   checked, not rewritten; the input copies written as r plain copies instead of one broadcast
   copy (a batched GEMM for kernels); the map's student-sized output on pooled storage; the
   live-box student kernel run with cut padding instead of zero-padded to full size; the box
@@ -24,10 +33,14 @@ set of changes:
 
 Both run in one process, 1 thread, interleaved in a shuffled order per round, so a loaded
 machine shifts both alike; ratios are per round, median [min, max]. Writes
-benchmarks/results/student_map_ab_r<ratio>[_s4].json.
+benchmarks/results/student_map_ab_r<ratio>_<changes>.json.
 """
+from __future__ import annotations
+
 import contextlib, json, os, random, statistics, sys, time
+import math
 import torch, torchvision, torch.nn.functional as F
+from torch import Tensor
 import gpd_fx
 from gpd_fx.losses import GPDLossConfig, gpd_loss
 from gpd_fx.passes import branches as B, student_map as SM
@@ -35,7 +48,7 @@ from gpd_fx.passes import branches as B, student_map as SM
 torch.set_num_threads(1)
 rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 5
 ratio = int(sys.argv[1])
-which = sys.argv[3] if len(sys.argv) > 3 else "s5"
+which = sys.argv[3] if len(sys.argv) > 3 else "s6"
 only_fb = "fb" in sys.argv[4:]   # only the forward+backward cases (no GPD step)
 _take, _scale = SM._GradPool.take_reused, B.scale_rows
 _adjoint, _mapfast = SM._adjoint_fast, SM._map_fast
@@ -91,7 +104,8 @@ def _kernels_at_call_s4(lazy):
         original = conv._parameters["weight"]
 
         def pre(module, args):
-            module._parameters["weight"] = layer.mapped_weight(src, layer._student_box(args[0] if args else None))
+            cut = layer.student_cut(args[0] if args else None)
+            module._parameters["weight"] = layer.mapped_weight(src, None if cut is None else cut[0])
 
         def post(module, args, out):
             module._parameters["weight"] = original
@@ -112,7 +126,112 @@ def _kernels_at_call_s4(lazy):
 
 class _BoxSlice_s4:
     """Before session 5: plain indexing (one ``SliceBackward`` per sliced dim)."""
-    apply = staticmethod(lambda w, box: w[box])
+    apply = staticmethod(lambda w, box, pool=None: w[box])
+
+
+# ----------------------------------------------------------------------- session 6 ('s6')
+# Before session 6: conv_nd ran the im2col GEMM of a tiny map over the whole kernel (dead taps
+# included), a box of a kernel was a strided slice with a padded gradient, the student convs
+# of multi-branch layers in dt.joint got a full-size kernel (zero outside the live box) and ran
+# in oneDNN, and the student map mapped whole kernels before slicing the box.
+
+def _conv_nd_s5(x: Tensor, w: Tensor, bias: Tensor | None, stride: tuple[int, ...], pads: tuple[tuple[int, int], ...],
+            dilation: tuple[int, ...], groups: int, pool=None) -> Tensor:
+    """``F.conv{1,2,3}d`` with explicit (left, right) zero padding per dim, computed cheaply.
+
+    Exact rewrites of the same sum: taps that only ever read padding are cut from the kernel
+    (their products are zero), and a 1x1 kernel without padding runs as one batched matmul
+    (oneDNN's 1x1 convolution on tiny maps is up to 25x slower than the matmul on this CPU).
+    Under ``torch.fx`` tracing it is the plain conv.
+    """
+    dim = len(stride)
+    conv = (F.conv1d, F.conv2d, F.conv3d)[dim - 1]
+    if isinstance(x, torch.fx.Proxy) or isinstance(w, torch.fx.Proxy):
+        if all(l == r for l, r in pads):
+            return conv(x, w, bias, stride, [l for l, _ in pads], dilation, groups)
+        return conv(F.pad(x, [p for lr in reversed(pads) for p in lr]), w, bias, stride, 0, dilation, groups)
+    out_pixels = 1
+    for n, k, st, (pl, pr), d in zip(x.shape[2:], w.shape[2:], stride, pads, dilation):
+        out_pixels *= (n + pl + pr - d * (k - 1) - 1) // st + 1
+    if (dim == 2 and groups == 1 and out_pixels <= B._MATMUL_MAX_PIXELS and any(k > 1 for k in w.shape[2:])
+            and all(pl == pr for pl, pr in pads)):
+        # im2col + one GEMM with the whole (contiguous) kernel: taps that read padding multiply
+        # zeros, and the kernel's gradient is one GEMM output, with no slicing of the kernel
+        n, out = x.shape[0], w.shape[0]
+        cols = F.unfold(x, tuple(w.shape[2:]), dilation=tuple(dilation), padding=tuple(pl for pl, _ in pads),
+                        stride=tuple(stride))                                     # (n, c*K, L)
+        length = cols.shape[2]
+        y = F.linear(cols.transpose(1, 2).reshape(n * length, -1), w.reshape(out, -1), bias)
+        oh = (x.shape[2] + 2 * pads[0][0] - dilation[0] * (w.shape[2] - 1) - 1) // stride[0] + 1
+        return y.reshape(n, length, out).transpose(1, 2).reshape(n, out, oh, length // oh)
+    plan = B._taps(tuple(x.shape[2:]), tuple(w.shape[2:]), tuple(stride), tuple(pads), tuple(dilation))
+    if plan is not None and all(b - a == 1 for a, b in plan[0]) and all(lr == (0, 0) for lr in plan[1]):
+        # only the cut to a single tap pays: a non-contiguous k'>1 kernel sends oneDNN down a slow path
+        w = w[(slice(None), slice(None), *(slice(a, b) for a, b in plan[0]))]
+        pads = plan[1]
+    cin_g = w.shape[1]
+    pixels = 1
+    for n, st in zip(x.shape[2:], stride):
+        pixels *= -(-n // st)
+    if all(k == 1 for k in w.shape[2:]) and all(lr == (0, 0) for lr in pads) and pixels <= B._MATMUL_MAX_PIXELS:
+        if any(st != 1 for st in stride):
+            x = x[(slice(None), slice(None), *(slice(None, None, st) for st in stride))]
+        n, c, spatial = x.shape[0], x.shape[1], tuple(x.shape[2:])
+        hw, out = math.prod(spatial), w.shape[0]
+        if groups == 1:
+            # (n, hw, c) @ (c, out): one GEMM over all pixels; F.linear's backward is two GEMMs
+            y = F.linear(x.reshape(n, c, hw).transpose(1, 2), w.reshape(out, c))
+            y = y.transpose(1, 2).reshape(n, out, *spatial)
+        else:
+            xs = x.reshape(n, groups, cin_g, hw).permute(1, 2, 0, 3).reshape(groups, cin_g, n * hw)
+            y = torch.bmm(w.reshape(groups, out // groups, cin_g), xs)
+            y = y.reshape(groups, out // groups, n, hw).permute(2, 0, 1, 3).reshape(n, out, *spatial)
+        return y if bias is None else y + bias.view(-1, *(1,) * dim)
+    if all(l == r for l, r in pads):
+        return conv(x, w, bias, stride, [l for l, _ in pads], dilation, groups)
+    return conv(F.pad(x, [p for lr in reversed(pads) for p in lr]), w, bias, stride, 0, dilation, groups)
+
+
+class _BoxSlice_s5:
+    """Before session 6: a strided slice made contiguous; the gradient a fresh constant pad."""
+
+    class _Fn(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, w, box):
+            ctx.shape, ctx.box = w.shape, box
+            return w[box].contiguous()
+
+        @staticmethod
+        def backward(ctx, g):
+            pads = []
+            for d in reversed(range(len(ctx.shape))):
+                start, stop, _ = (ctx.box[d] if d < len(ctx.box) else slice(None)).indices(ctx.shape[d])
+                pads += [start, ctx.shape[d] - stop]
+            return F.pad(g, pads), None
+
+    apply = staticmethod(lambda w, box, pool=None: _BoxSlice_s5._Fn.apply(w, box))
+
+
+@contextlib.contextmanager
+def _student_convs_s5(calls):
+    """Before session 6: the student convs keep their own forward (oneDNN); only the run-branch
+    terms are added."""
+    saved = []
+    try:
+        for conv, term, _padding in calls:
+            if term is None:
+                continue
+            call = type(conv).forward.__get__(conv)
+
+            def forward(*args, _call=call, _term=term, **kwargs):
+                return _term(_call(*args, **kwargs), args[0])
+
+            saved.append(conv)
+            conv.__dict__["forward"] = forward
+        yield
+    finally:
+        for conv in saved:
+            del conv.__dict__["forward"]
 
 
 _box_slice = B._BoxSlice
@@ -123,8 +242,25 @@ _kernels_at_call = TEACHER._kernels_at_call
 _student_plan = B.BranchConvNd.student_plan
 
 
+_conv_nd, _student_convs, _box_roles = B.conv_nd, TEACHER._student_convs, B.BranchConvNd._box_roles
+
+
 @contextlib.contextmanager
 def old(dts):
+    if which == "s6":
+        B.conv_nd, B._BoxSlice, TEACHER._student_convs = _conv_nd_s5, _BoxSlice_s5, _student_convs_s5
+        B.BranchConvNd._box_roles = lambda self, kinds: ()
+        lazy = [m for dt in dts for m in dt.teacher.modules() if m.__dict__.get("_student_lazy")]
+        for m in lazy:
+            del m.__dict__["_student_lazy"]
+        try:
+            yield
+        finally:
+            B.conv_nd, B._BoxSlice, TEACHER._student_convs = _conv_nd, _box_slice, _student_convs
+            B.BranchConvNd._box_roles = _box_roles
+            for m in lazy:
+                m.__dict__["_student_lazy"] = True
+        return
     if which == "run":
         B.BranchConvNd.student_plan = lambda self, x: ()
         try:
@@ -234,4 +370,4 @@ for n in ratios:
 os.makedirs('benchmarks/results', exist_ok=True)
 json.dump({"ratio": ratio, "rounds": rounds, "changes": which, "load": [load0, load1], "times_s": times,
            "cpu_s": cpu, "ratios": ratios, "cpu_ratios": cpu_ratios},
-          open(f"benchmarks/results/student_map_ab_r{ratio}{'' if which == 's5' else '_' + which}.json", "w"), indent=1)
+          open(f"benchmarks/results/student_map_ab_r{ratio}_{which}.json", "w"), indent=1)

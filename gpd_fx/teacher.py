@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from gpd_fx.passes.branches import _Branched, conv_nd, shared_folds, symmetric_cut
+from gpd_fx.passes.branches import _Branched, conv_nd, cut_padding, shared_folds
 from gpd_fx.passes.student_map import ParamSource, _stride_of, evaluate_map, mapped_tensor, share_map
 
 __all__ = ["DynamicTeacher", "ExpansionReport"]
@@ -208,11 +208,13 @@ class DynamicTeacher(nn.Module):
 
         The weights of multi-branch convs allowed a live-tap cut (``_mark_student_cuts``) are
         mapped when their conv is called, from its input's size, so that taps reading only
-        zero padding are not folded (see ``_Branched._student_box``); all others up front. On
-        small maps such a conv may also run its 1x1->kxk branch on its activations instead of
-        folding it (``BranchConvNd.student_plan``): the same output and gradients up to rounding.
+        zero padding are not folded (``BranchConvNd.student_cut``), and those convs run through
+        ``conv_nd`` (box-shaped kernels with cut padding; GEMMs on tiny maps); all others are
+        mapped up front. On small maps such a conv may also run its 1x1->kxk branch on its
+        activations instead of folding it (``BranchConvNd.student_plan``): the same output and
+        gradients up to rounding.
         """
-        lazy = self._lazy_kernels()
+        lazy = self._lazy_now()
         if not lazy or torch.compiler.is_compiling():
             state = self.student_state_dict()
             return functional_call(self._template, state, args, kwargs, tie_weights=True, strict=False)
@@ -238,15 +240,37 @@ class DynamicTeacher(nn.Module):
                     continue
                 conv = self._template.get_submodule(s.student_name.rpartition(".")[0])
                 w = conv._parameters.get("weight")
-                if w is not None and counts.get(id(w), 0) == 1 and "forward" not in conv.__dict__:
+                if w is not None and counts.get(id(w), 0) == 1:
                     cached.append((s, mod, conv))
-                    # dt.joint runs this conv itself (_student_convs): it may take a box kernel
-                    mod.__dict__["_student_lazy"] = True
-                    # the student's widths, for its run-or-fold plan (BranchConvNd.student_plan)
-                    mod.__dict__["_student_run"] = ((conv.out_channels, conv.in_channels)
-                                                    if conv.groups == mod.groups else None)
             self.__dict__["_lazy"] = cached
         return cached
+
+    def _lazy_now(self) -> list[tuple[ParamSource, nn.Module, nn.Module]]:
+        """:meth:`_lazy_kernels` whose student conv runs its class's own forward now, with their
+        layers marked for this call: such a conv is run by ``_student_convs`` (it may take a
+        box-shaped kernel, ``_student_lazy``) and may run branches on its activations (its
+        widths in ``_student_run``, for ``BranchConvNd.student_plan``). A conv given an instance
+        ``forward`` (a user override) keeps it and gets an eagerly mapped full kernel."""
+        now = []
+        for item in self._lazy_kernels():
+            _, mod, conv = item
+            own = "forward" not in conv.__dict__
+            mod.__dict__["_student_lazy"] = own
+            mod.__dict__["_student_run"] = ((conv.out_channels, conv.in_channels)
+                                            if own and conv.groups == mod.groups else None)
+            if own:
+                now.append(item)
+        return now
+
+    def release_buffers(self) -> None:
+        """Drop the storage kept between steps for gradients and mapped tensors (see
+        ``passes.student_map._GradPool``): up to about the teacher's parameter size for a
+        multi-branch teacher. Called by ``.to()``/``.double()`` and friends; call it after
+        training to give the memory back. The next step allocates afresh."""
+        for m in self.teacher.modules():
+            m.__dict__.pop("_grad_pools", None)
+        for s in self.sources:
+            s.__dict__.pop("_grad_pool", None)
 
     def joint(self, *args, **kwargs):
         """``(teacher(x), student(x))`` in one call: the forward to wrap in DDP or compile.
@@ -265,7 +289,7 @@ class DynamicTeacher(nn.Module):
         if torch.compiler.is_compiling() or graph is not self.teacher:
             with shared_folds(self.teacher):
                 return graph(*args, **kwargs), self.student(*args, **kwargs)
-        lazy = self._lazy_kernels()   # marks the layers whose student conv may run branches
+        lazy = self._lazy_now()   # marks the layers whose student conv may run branches
         with shared_folds(self.teacher, self.sources):
             plain, rest = self._split_sources()
             tensors = [_holder(self.teacher, s.module)._parameters[s.attr] for s in plain]
@@ -319,6 +343,8 @@ class DynamicTeacher(nn.Module):
         return self
 
     def _apply(self, fn, recurse=True):
+        # kept buffers are of the old dtype/device: drop them
+        self.release_buffers()
         # keep the template's non-mapped tensors (unused parameters) on the same device/dtype
         super()._apply(fn, recurse)
         mapped = {s.student_name for s in self.sources}
@@ -344,7 +370,7 @@ _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 def _mark_student_cuts(teacher: nn.Module, template: nn.Module, sources: list[ParamSource]) -> None:
     """Allow each multi-branch conv to fold only the live taps of the student's kernel in
-    ``dt.joint`` (``_Branched._student_box``) where that is provably invisible: the teacher
+    ``dt.joint`` (``BranchConvNd.student_cut``) where that is provably invisible: the teacher
     graph calls the layer exactly once and reads none of its tensors directly, and the student
     parameter it maps to is the weight of a plain zero-padded ``nn.ConvNd`` of the same geometry
     (so the student applies that kernel once, to an input of the teacher layer's spatial size,
@@ -382,9 +408,9 @@ def _kernels_at_call(lazy: list[tuple[ParamSource, nn.Module, nn.Module]]):
     """Within the block each student conv of ``lazy`` computes its weight when called: the map
     of its teacher layer folded over the live taps at that input's size, as a kernel of the live
     box with the conv's padding cut to match where that padding stays symmetric (else zero-padded
-    back to full size). Where the layer's ``student_plan`` runs branches on the activations the
-    kernel folds only the others and a forward override (``_student_convs``) adds the run branches to
-    the conv's output. Hooks and overrides are added for the block only (copies of the teacher
+    back to full size). Every such conv runs through ``conv_nd`` (``_student_convs``), which
+    also adds the branches the layer's ``student_plan`` runs on the activations (the kernel
+    then folds only the others) to the conv's output. Hooks and overrides are added for the block only (copies of the teacher
     never share them) and the weight and padding restored after."""
     handles, terms = [], []
 
@@ -403,7 +429,7 @@ def _kernels_at_call(lazy: list[tuple[ParamSource, nn.Module, nn.Module]]):
         def pre(module, args):
             x = args[0] if args else None
             cut = layer.student_cut(x)
-            boxed = symmetric_cut(cut)
+            pads = cut_padding(cut)
             run = layer.student_plan(x)
             pending.clear()
             if run:
@@ -411,15 +437,15 @@ def _kernels_at_call(lazy: list[tuple[ParamSource, nn.Module, nn.Module]]):
                 # the kernel folds the others, box-shaped with cut padding where symmetric
                 kern, v, mapped = layer.student_split(src, x, run, cut)
                 module._parameters["weight"] = kern
-                if boxed:
-                    module.padding = tuple(left for left, _ in cut[1])
+                if pads is not None:
+                    module.padding = pads
                 pending.append((run, v, mapped))
-            elif boxed:
+            elif pads is not None:
                 # the box-shaped kernel with the padding cut to match: the same output grid, minus
                 # products with zero padding (on a 1x1 map a 3x3 conv becomes a 1x1 one, and no
                 # full-size kernel is built, filled with zeros and sliced again in the backward)
                 module._parameters["weight"] = layer.mapped_weight(src, cut[0], unbox=False)
-                module.padding = tuple(left for left, _ in cut[1])
+                module.padding = pads
             else:
                 module._parameters["weight"] = layer.mapped_weight(src, None if cut is None else cut[0])
 
@@ -461,14 +487,17 @@ def _student_convs(calls: list[tuple[nn.Module, Any, tuple[int, ...] | None]]):
                             tuple(_conv.dilation), _conv.groups)
                 return y if _term is None else _term(y, x)
 
-            saved.append((conv, conv.padding))
+            saved.append((conv, conv.__dict__.get("forward"), conv.padding))
             conv.__dict__["forward"] = forward
             if padding is not None:
                 conv.padding = padding
         yield
     finally:
-        for conv, padding in reversed(saved):
-            del conv.__dict__["forward"]
+        for conv, inner, padding in reversed(saved):
+            if inner is None:
+                del conv.__dict__["forward"]
+            else:   # (DynamicTeacher._lazy_now leaves such convs out; restored all the same)
+                conv.__dict__["forward"] = inner
             conv.padding = padding
 
 

@@ -167,9 +167,11 @@ def conv_nd(x: Tensor, w: Tensor, bias: Tensor | None, stride: tuple[int, ...], 
     """``F.conv{1,2,3}d`` with explicit (left, right) zero padding per dim, computed cheaply.
 
     Exact rewrites of the same sum: taps that only ever read padding are cut from the kernel
-    (their products are zero), a conv with at most ``_MATMUL_MAX_PIXELS`` output pixels runs
-    as im2col + one GEMM, and a 1x1 kernel without padding as one batched matmul (oneDNN's
-    convolution on tiny maps is 2-25x slower than the matmul on this CPU, backward included).
+    (their products are zero; where the cut leaves one tap, or a GEMM follows), a 2-D
+    ungrouped conv with at most ``_MATMUL_MAX_PIXELS`` output pixels and symmetric padding runs
+    as im2col + one GEMM, and a 1x1 kernel without padding on such a map as one (batched)
+    matmul (oneDNN's convolution on tiny maps is 2-25x slower than the matmul on this CPU,
+    backward included).
     Under ``torch.fx`` tracing it is the plain conv. ``pool``: where a cut kernel's full-size
     gradient is written (:class:`_BoxSlice`).
     """
@@ -266,11 +268,14 @@ class _ScaleRows(torch.autograd.Function):
         return gw, gv
 
 
-def symmetric_cut(cut) -> bool:
-    """Whether a live-tap cut (``(box, pads)`` from :meth:`BranchConvNd.student_cut`, or ``None``)
-    keeps equal left and right padding on every dim, so that a conv with the box-shaped kernel
-    and that padding gives the same output grid (else the box is zero-padded back to full size)."""
-    return cut is not None and all(left == right for left, right in cut[1])
+def cut_padding(cut) -> tuple[int, ...] | None:
+    """The conv ``padding`` under which the box-shaped kernel of a live-tap cut (``(box, pads)``
+    from :meth:`BranchConvNd.student_cut`) gives the same output grid: its per-dim padding where
+    left equals right on every dim; ``None`` for no cut or an asymmetric one (then the box is
+    zero-padded back to the full kernel and the conv keeps its padding)."""
+    if cut is None or any(left != right for left, right in cut[1]):
+        return None
+    return tuple(left for left, _ in cut[1])
 
 
 @functools.lru_cache(maxsize=256)
@@ -323,7 +328,7 @@ class _BoxSlice(torch.autograd.Function):
             else:
                 full[ctx.box].copy_(g)
             return full, None, None
-        # differentiable forms (double backward, torch.func)
+        # differentiable forms (double backward)
         if index is not None:
             full = g.new_zeros(rows, math.prod(shape[2:])).index_copy(1, index, g.reshape(rows, -1))
             return full.view(shape), None, None
@@ -446,7 +451,7 @@ class _Branched(nn.Module, metaclass=abc.ABCMeta):
     @abc.abstractmethod
     def _fold_kernel(self, kinds, t: dict[str, Tensor], v: dict[str, Tensor], ident, box=None) -> Tensor:
         """``sum_b v_b * K_b`` over ``kinds`` from the role tensors ``t`` and scales ``v`` (only the
-        taps in ``box`` where the layer has a :meth:`_student_box`)."""
+        taps in ``box``, a live-tap cut of :meth:`student_cut`)."""
 
     @abc.abstractmethod
     def branch_kernel(self, kind: str) -> Tensor:
@@ -505,7 +510,7 @@ class _Branched(nn.Module, metaclass=abc.ABCMeta):
         ``B o A`` maps to ``out(B) o inp(A)``). Each branch factor is mapped first, then folded
         at student width: about 1/r (1/r^2 for 1x1->kxk) of folding the teacher's kernel.
         Inside a joint forward (:func:`shared_folds` with sources) the kernel computed during
-        the teacher forward is returned. With ``box`` (from :meth:`_student_box`) only those
+        the teacher forward is returned. With ``box`` (of :meth:`student_cut`) only those
         taps are folded and the rest of the kernel is zero; with ``unbox=False`` too, the
         box-shaped kernel itself (for a conv whose padding is cut to match, see
         :meth:`BranchConvNd.student_cut`).
@@ -532,7 +537,7 @@ class _Branched(nn.Module, metaclass=abc.ABCMeta):
         mapped = self._mapped_roles(src)
         v = self._student_scales(src)
         box = None if cut is None else cut[0]
-        unbox = not symmetric_cut(cut)
+        unbox = cut_padding(cut) is None
         kinds = [k for k in self.branches if k not in run]
         return self._student_kernel(src, mapped, box, unbox, kinds=kinds, v=v), v, mapped
 
@@ -573,7 +578,7 @@ class _Branched(nn.Module, metaclass=abc.ABCMeta):
         """The branch tensors the teacher forward reads. In a joint forward they are aliases from
         :func:`share_map`, and the student kernel is computed from their maps on the way; for an
         input ``x`` on which some kernel taps read only zero padding, only the live taps are
-        folded (see :meth:`_student_box`)."""
+        folded and mapped (see :meth:`student_cut`)."""
         memo = self.__dict__.get("_fold_memo")
         src = memo.get("src") if memo is not None else None
         if src is None or not self._mappable(src):
@@ -595,8 +600,9 @@ class _Branched(nn.Module, metaclass=abc.ABCMeta):
         # a box-shaped kernel with the padding cut to match (teacher.joint sets the student
         # conv's padding from "student_pads") where the cut is symmetric and the student conv is
         # one joint runs itself (``_student_lazy``); else zero-padded back to the full kernel
-        boxed = symmetric_cut(cut) and self.__dict__.get("_student_lazy", False)
-        memo["student_pads"] = tuple(left for left, _ in cut[1]) if boxed else None
+        pads = cut_padding(cut) if self.__dict__.get("_student_lazy", False) else None
+        boxed = pads is not None
+        memo["student_pads"] = pads
         if run:
             # the student's conv runs these branches on its activations (teacher.joint installs
             # the term); its kernel folds the others only
@@ -608,11 +614,6 @@ class _Branched(nn.Module, metaclass=abc.ABCMeta):
             memo["student_w"] = self._student_kernel(src, mapped, box, not boxed)
             memo.pop("student_run", None)
         return dict(zip(roles, aliases))
-
-    def _student_box(self, x: Tensor | None):
-        """The box of kernel taps the student's own layer reads real input with at ``x``'s size,
-        or ``None`` (fold every tap). Only convolutions override this."""
-        return None
 
     def _box_roles(self, kinds) -> tuple[str, ...]:
         """Roles whose tensors a box-cut fold of ``kinds`` reads only over the box (k x k ones)."""
@@ -871,27 +872,24 @@ class BranchConvNd(_Branched):
         return torch.einsum("gomk,gmi->goik", b4, a3).reshape(out, a.shape[1], *taps)
 
     def _box_roles(self, kinds) -> tuple[str, ...]:
+        # the kxk tensor is read by every fold (the kernel's shape); b only if 1x1->kxk folds
         return ("kxk",) + (("b",) if "1x1_kxk" in kinds else ())
 
-    def _student_box(self, x: Tensor | None):
-        """The taps of the student's conv that read real input for an input like ``x``, as one
-        ``slice`` per spatial dim, when that is a strict sub-box of the kernel; else ``None``.
+    def student_cut(self, x: Tensor | None):
+        """``(box, pads)``: the taps of the student's conv that read real input for an input
+        like ``x`` (one ``slice`` per spatial dim, a strict sub-box of the kernel) and the
+        (left, right) zero padding per spatial dim under which a conv with only the box's taps
+        gives the same output grid and sums; ``None`` where there is no cut.
 
         The student's own layer (the user's conv, same geometry at student width) multiplies
         every other tap by zero padding only, so those taps add exact zeros to its output and
         receive exact zero gradient: folding them is wasted work (on 1x1 maps 8 of 9 taps of
         a 3x3, where the student-width 1x1->kxk composition costs out*mid*in*9 per step). The
-        student then gets a kernel that is zero at those taps. Only where the student's layer
-        provably applies this kernel to inputs of this size and nothing else reads it
-        (``_student_cut``, set by the dynamic teacher from its graph), with zero padding.
-        """
-        cut = self.student_cut(x)
-        return None if cut is None else cut[0]
-
-    def student_cut(self, x: Tensor | None):
-        """``(box, pads)``: :meth:`_student_box` and the (left, right) zero padding per spatial
-        dim under which a conv with only the box's taps gives the same output grid and sums
-        (the products dropped are those with padding); ``None`` where there is no cut."""
+        student conv then runs the box-shaped kernel with the cut padding where that padding is
+        symmetric (:func:`cut_padding`), else the box zero-padded back to the full kernel.
+        Only where the student's layer provably applies this kernel to inputs of this size and
+        nothing else reads it (``_student_cut``, set by the dynamic teacher from its graph),
+        with zero padding."""
         if (x is None or not self.__dict__.get("_student_cut", False) or self.padding_mode != "zeros"
                 or isinstance(x, torch.fx.Proxy) or torch.compiler.is_compiling()):
             return None
@@ -971,8 +969,8 @@ class BranchConvNd(_Branched):
             taps = tuple(sl.stop - sl.start for sl in box)
             centre = tuple(c - sl.start if sl.start <= c < sl.stop else None for c, sl in zip(centre, box))
             # tensors already mapped box-shaped (share_map's boxes) are not sliced again
-            t = dict(t, **{r: _BoxSlice.apply(t[r], cut) for r in ("kxk", "b")
-                           if r in t and tuple(t[r].shape[2:]) != taps})
+            t = dict(t, **{r: _BoxSlice.apply(t[r], cut) for r in self._box_roles(kinds)
+                           if tuple(t[r].shape[2:]) != taps})
             if isinstance(ident, Tensor):
                 ident = ident[cut]
             w = t["kxk"]

@@ -208,7 +208,11 @@ class _GradPool:
     The pool also keeps the map's student-sized outputs (role ``"value"``), so it holds up to
     one student's worth of memory for the teacher's lifetime beyond the gradients handed out.
     One pool serves one tensor per shape (two tensors of one shape sharing a pool would take
-    turns allocating). Copies and pickles start with an empty pool.
+    turns allocating). Copies and pickles start with an empty pool. Multi-branch layers keep
+    one more for the full-size gradients of kernels cut to their live taps (``_BoxSlice``), so
+    a CBR teacher holds up to about its parameter size in pooled storage between steps (220 MB
+    for a ResNet-18 at ratio 2): ``DynamicTeacher.release_buffers()`` gives it back, and a
+    move to another dtype or device drops it.
     """
 
     __slots__ = ("by_key",)
@@ -239,6 +243,9 @@ class _GradPool:
             return torch.empty(0, dtype=dtype, device=device).set_(st, 0, key[1]), True
         g = torch.empty(key[1], dtype=dtype, device=device)
         if st is None:
+            # a buffer of another dtype or device for the same use is stale (the teacher moved)
+            for other in [k for k in self.by_key if k[:2] == key[:2]]:
+                del self.by_key[other]
             self.by_key[key] = g.untyped_storage()
         return g, False
 

@@ -766,10 +766,78 @@ def _assert_same_teacher_grads(dt, ref, *pairs):
 def _assert_joint_matches_separate_calls(dt, ref, x, t, s):
     """``(t, s) = dt.joint(x)`` equals ``ref(x), ref.student(x)`` on an unchanged copy ``ref`` of
     ``dt``, in value and in every teacher gradient (float64: the same ops up to summation order)."""
+    from torch.func import functional_call
+
     t_ref, s_ref = ref(x), ref.student(x)
     assert_close(t, t_ref, atol=1e-12, rtol=0)
     assert_close(s, s_ref, atol=1e-12, rtol=0)
+    # and independently of the live-tap machinery: the user's module on the full mapped kernels
+    with torch.no_grad():
+        plain = functional_call(ref.template, ref.student_state_dict(), (x,))
+    assert_close(s.detach(), plain, atol=1e-12, rtol=0)
     _assert_same_teacher_grads(dt, ref, (t, t_ref), (s, s_ref))
+
+
+def test_a_user_forward_on_a_student_conv_is_kept_and_run():
+    """A forward the user puts on a student conv's instance after the first step is called in
+    dt.joint and dt.student (its conv gets a full, eagerly mapped kernel) and is still there
+    after; outputs equal the user's module on the mapped kernels (float64)."""
+    import gpd_fx
+    from torch.func import functional_call
+
+    torch.manual_seed(0)
+    net = _SmallMaps().double()
+    dt = gpd_fx.expand(net, ratio=2, example_inputs=(torch.randn(2, 3, 4, 4, dtype=torch.float64),),
+                       branches=None).train()
+    randomize_branch_scales(dt)
+    x = torch.randn(4, 3, 4, 4, dtype=torch.float64)
+    dt.joint(x)                                  # the lazy kernels are cached here
+    assert any(item[2] is dt.template.c3 for item in dt._lazy_kernels())
+    conv = dt.template.c3
+    calls = []
+
+    def forward(inp, _conv=conv):
+        calls.append(tuple(_conv.weight.shape))
+        return type(_conv).forward(_conv, inp)
+
+    conv.forward = forward
+    t, s = dt.joint(x)
+    s2 = dt.student(x)
+    assert calls == [(8, 8, 3, 3)] * 2, calls     # called, with the full kernel, both times
+    assert conv.__dict__.get("forward") is forward
+    with torch.no_grad():
+        want = functional_call(dt.template, dt.student_state_dict(), (x,))
+    assert_close(s.detach(), want, atol=1e-12, rtol=0)
+    assert_close(s2.detach(), want, atol=1e-12, rtol=0)
+
+
+def test_pooled_buffers_are_released_on_a_dtype_move():
+    """A multi-branch teacher keeps gradient storage between steps; ``release_buffers()`` and a
+    move to another dtype drop it, and the next step is still exact."""
+    import gpd_fx
+
+    torch.manual_seed(0)
+    dt = gpd_fx.expand(_SmallMaps(), ratio=2, example_inputs=(torch.randn(2, 3, 4, 4),), branches=None).train()
+    x = torch.randn(4, 3, 4, 4)
+
+    def pooled():   # the (tag, shape, dtype, device) keys of every pooled buffer
+        pools = [p for m in dt.teacher.modules() for p in m.__dict__.get("_grad_pools", {}).values()]
+        pools += [s.__dict__["_grad_pool"] for s in dt.sources if "_grad_pool" in s.__dict__]
+        return [key for pool in pools for key in pool.by_key]
+
+    t, s = dt.joint(x)
+    (t.sum() + s.sum()).backward()
+    assert pooled(), "nothing was pooled"
+    dt.zero_grad(set_to_none=True)
+    dt.double()
+    assert pooled() == []
+    xd = x.double()
+    t, s = dt.joint(xd)
+    (t.sum() + s.sum()).backward()
+    assert pooled() and {key[2] for key in pooled()} == {torch.float64}
+    assert {p.grad.dtype for p in dt.parameters() if p.grad is not None} == {torch.float64}
+    dt.release_buffers()
+    assert pooled() == []
 
 
 def test_box_slice_equals_indexing_in_value_and_gradient():
