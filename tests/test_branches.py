@@ -778,6 +778,56 @@ def _assert_joint_matches_separate_calls(dt, ref, x, t, s):
     _assert_same_teacher_grads(dt, ref, (t, t_ref), (s, s_ref))
 
 
+class _TinyMapsNd(nn.Module):
+    """Convs of one dimensionality on maps of 1-2 pixels per dim: strided, dilated, grouped."""
+
+    def __init__(self, dim: int, groups: int):
+        super().__init__()
+        conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[dim - 1]
+        self.dim = dim
+        self.c1 = conv(3, 8, 3, stride=2, padding=1)                    # 4 -> 2 per dim
+        self.c2 = conv(8, 8, 3, stride=2, padding=1, groups=groups)     # 2 -> 1: taps 1..2
+        self.c3 = conv(8, 8, 3, padding=2, dilation=2, groups=groups)   # 1: the centre only
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        y = torch.relu(self.c2(torch.relu(self.c1(x))))
+        y = self.c3(y) + y
+        return self.head(y.flatten(2).mean(2))
+
+
+@pytest.mark.parametrize("dim,groups", [(1, 1), (2, 2), (3, 1)])
+def test_joint_live_tap_cuts_are_exact_in_every_dimensionality(dim, groups):
+    """The live-tap cuts of dt.joint (box kernels with cut padding through conv_nd, maps of the
+    box only) on 1-D, grouped 2-D and 3-D convs equal the separate calls and the user's module
+    on the full mapped kernels, in value and every teacher gradient (float64)."""
+    import copy
+    import unittest.mock
+
+    import gpd_fx
+    from gpd_fx.passes.branches import BranchConvNd
+
+    torch.manual_seed(0)
+    net = _TinyMapsNd(dim, groups).double()
+    shape = (2, 3) + (4,) * dim
+    dt = gpd_fx.expand(net, ratio=2, example_inputs=(torch.randn(*shape, dtype=torch.float64),),
+                       branches=None).train()
+    randomize_branch_scales(dt)
+    ref = copy.deepcopy(dt)
+    x = torch.randn(*shape, dtype=torch.float64)
+    boxed = []
+    orig = BranchConvNd._student_kernel
+
+    def record(self, src, mapped, box=None, unbox=True, **kw):
+        boxed.append(box is not None and not unbox)
+        return orig(self, src, mapped, box, unbox, **kw)
+
+    with unittest.mock.patch.object(BranchConvNd, "_student_kernel", record):
+        t, s = dt.joint(x)
+    assert boxed.count(True) >= 2, boxed          # c2 (taps 1..2) and c3 (centre) run box-shaped
+    _assert_joint_matches_separate_calls(dt, ref, x, t, s)
+
+
 def test_a_user_forward_on_a_student_conv_is_kept_and_run():
     """A forward the user puts on a student conv's instance after the first step is called in
     dt.joint and dt.student (its conv gets a full, eagerly mapped kernel) and is still there
