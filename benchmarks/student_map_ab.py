@@ -242,24 +242,29 @@ _kernels_at_call = TEACHER._kernels_at_call
 _student_plan = B.BranchConvNd.student_plan
 
 
-_conv_nd, _student_convs, _box_roles = B.conv_nd, TEACHER._student_convs, B.BranchConvNd._box_roles
+_conv_nd, _student_convs, _share_map = B.conv_nd, TEACHER._student_convs, B.share_map
+_lazy_now = TEACHER.DynamicTeacher._lazy_now
+
+
+def _lazy_now_s5(self):
+    """Before session 6 the joint student kernel was never box-shaped (dt.student's was)."""
+    items = _lazy_now(self)
+    for _, layer, _ in items:
+        layer.__dict__["_student_lazy"] = False
+    return items
 
 
 @contextlib.contextmanager
 def old(dts):
     if which == "s6":
         B.conv_nd, B._BoxSlice, TEACHER._student_convs = _conv_nd_s5, _BoxSlice_s5, _student_convs_s5
-        B.BranchConvNd._box_roles = lambda self, kinds: ()
-        lazy = [m for dt in dts for m in dt.teacher.modules() if m.__dict__.get("_student_lazy")]
-        for m in lazy:
-            del m.__dict__["_student_lazy"]
+        B.share_map = lambda tensors, sources, boxes=None: _share_map(tensors, sources)   # whole kernels
+        TEACHER.DynamicTeacher._lazy_now = _lazy_now_s5
         try:
             yield
         finally:
             B.conv_nd, B._BoxSlice, TEACHER._student_convs = _conv_nd, _box_slice, _student_convs
-            B.BranchConvNd._box_roles = _box_roles
-            for m in lazy:
-                m.__dict__["_student_lazy"] = True
+            B.share_map, TEACHER.DynamicTeacher._lazy_now = _share_map, _lazy_now
         return
     if which == "run":
         B.BranchConvNd.student_plan = lambda self, x: ()
