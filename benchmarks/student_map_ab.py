@@ -16,7 +16,8 @@ those measured when it was new):
   ``dt.joint`` running box-shaped kernels with cut padding through ``conv_nd`` (also in
   ``dt.student``), and the student map of only the box ('old' puts back the previous
   ``conv_nd``, a sliced box with a padded gradient, the students' own conv forward, and whole
-  kernels mapped before slicing; copied below);
+  kernels mapped before slicing; the old ``conv_nd`` is read from the git history at 6f2281c,
+  the rest is copied below);
 - ``s5``: the session-5 map kernels: the zero rows of a reused gradient buffer only
   checked, not rewritten; the input copies written as r plain copies instead of one broadcast
   copy (a batched GEMM for kernels); the map's student-sized output on pooled storage; the
@@ -135,61 +136,27 @@ class _BoxSlice_s4:
 # of multi-branch layers in dt.joint got a full-size kernel (zero outside the live box) and ran
 # in oneDNN, and the student map mapped whole kernels before slicing the box.
 
-def _conv_nd_s5(x: Tensor, w: Tensor, bias: Tensor | None, stride: tuple[int, ...], pads: tuple[tuple[int, int], ...],
-            dilation: tuple[int, ...], groups: int, pool=None) -> Tensor:
-    """``F.conv{1,2,3}d`` with explicit (left, right) zero padding per dim, computed cheaply.
+def _from_revision(rev: str, name: str, path: str = "passes/branches.py"):
+    """The top-level function ``name`` of ``path`` as it was at git revision ``rev``, defined in
+    the namespace of today's module (so it calls today's helpers). Needs the repository's history
+    (a clone, not an installed package)."""
+    import subprocess
 
-    Exact rewrites of the same sum: taps that only ever read padding are cut from the kernel
-    (their products are zero), and a 1x1 kernel without padding runs as one batched matmul
-    (oneDNN's 1x1 convolution on tiny maps is up to 25x slower than the matmul on this CPU).
-    Under ``torch.fx`` tracing it is the plain conv.
-    """
-    dim = len(stride)
-    conv = (F.conv1d, F.conv2d, F.conv3d)[dim - 1]
-    if isinstance(x, torch.fx.Proxy) or isinstance(w, torch.fx.Proxy):
-        if all(l == r for l, r in pads):
-            return conv(x, w, bias, stride, [l for l, _ in pads], dilation, groups)
-        return conv(F.pad(x, [p for lr in reversed(pads) for p in lr]), w, bias, stride, 0, dilation, groups)
-    out_pixels = 1
-    for n, k, st, (pl, pr), d in zip(x.shape[2:], w.shape[2:], stride, pads, dilation):
-        out_pixels *= (n + pl + pr - d * (k - 1) - 1) // st + 1
-    if (dim == 2 and groups == 1 and out_pixels <= B._MATMUL_MAX_PIXELS and any(k > 1 for k in w.shape[2:])
-            and all(pl == pr for pl, pr in pads)):
-        # im2col + one GEMM with the whole (contiguous) kernel: taps that read padding multiply
-        # zeros, and the kernel's gradient is one GEMM output, with no slicing of the kernel
-        n, out = x.shape[0], w.shape[0]
-        cols = F.unfold(x, tuple(w.shape[2:]), dilation=tuple(dilation), padding=tuple(pl for pl, _ in pads),
-                        stride=tuple(stride))                                     # (n, c*K, L)
-        length = cols.shape[2]
-        y = F.linear(cols.transpose(1, 2).reshape(n * length, -1), w.reshape(out, -1), bias)
-        oh = (x.shape[2] + 2 * pads[0][0] - dilation[0] * (w.shape[2] - 1) - 1) // stride[0] + 1
-        return y.reshape(n, length, out).transpose(1, 2).reshape(n, out, oh, length // oh)
-    plan = B._taps(tuple(x.shape[2:]), tuple(w.shape[2:]), tuple(stride), tuple(pads), tuple(dilation))
-    if plan is not None and all(b - a == 1 for a, b in plan[0]) and all(lr == (0, 0) for lr in plan[1]):
-        # only the cut to a single tap pays: a non-contiguous k'>1 kernel sends oneDNN down a slow path
-        w = w[(slice(None), slice(None), *(slice(a, b) for a, b in plan[0]))]
-        pads = plan[1]
-    cin_g = w.shape[1]
-    pixels = 1
-    for n, st in zip(x.shape[2:], stride):
-        pixels *= -(-n // st)
-    if all(k == 1 for k in w.shape[2:]) and all(lr == (0, 0) for lr in pads) and pixels <= B._MATMUL_MAX_PIXELS:
-        if any(st != 1 for st in stride):
-            x = x[(slice(None), slice(None), *(slice(None, None, st) for st in stride))]
-        n, c, spatial = x.shape[0], x.shape[1], tuple(x.shape[2:])
-        hw, out = math.prod(spatial), w.shape[0]
-        if groups == 1:
-            # (n, hw, c) @ (c, out): one GEMM over all pixels; F.linear's backward is two GEMMs
-            y = F.linear(x.reshape(n, c, hw).transpose(1, 2), w.reshape(out, c))
-            y = y.transpose(1, 2).reshape(n, out, *spatial)
-        else:
-            xs = x.reshape(n, groups, cin_g, hw).permute(1, 2, 0, 3).reshape(groups, cin_g, n * hw)
-            y = torch.bmm(w.reshape(groups, out // groups, cin_g), xs)
-            y = y.reshape(groups, out // groups, n, hw).permute(2, 0, 1, 3).reshape(n, out, *spatial)
-        return y if bias is None else y + bias.view(-1, *(1,) * dim)
-    if all(l == r for l, r in pads):
-        return conv(x, w, bias, stride, [l for l, _ in pads], dilation, groups)
-    return conv(F.pad(x, [p for lr in reversed(pads) for p in lr]), w, bias, stride, 0, dilation, groups)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    src = subprocess.run(["git", "-C", repo, "show", f"{rev}:{path}"], capture_output=True, text=True, check=True).stdout
+    start = src.index(f"\ndef {name}(") + 1
+    stop = min(i for i in (src.find("\ndef ", start), src.find("\nclass ", start), src.find("\n# ---", start)) if i > 0)
+    ns = dict(B.__dict__)
+    exec(compile(src[start:stop], f"{rev}:{path}", "exec"), ns)
+    return ns[name]
+
+
+# conv_nd before session 6 (6f2281c): the tiny-map GEMM over the whole kernel, dead taps included
+_conv_nd_6f2281c = _from_revision("6f2281c", "conv_nd")
+
+
+def _conv_nd_s5(*args, pool=None, **kwargs):
+    return _conv_nd_6f2281c(*args, **kwargs)
 
 
 class _BoxSlice_s5:
