@@ -427,6 +427,14 @@ def _add_adjoint_(g: Tensor, gs: Tensor, src: ParamSource) -> None:
         g.add_(gs)
 
 
+def _map_value(t: Tensor, src: ParamSource) -> Tensor:
+    """The map of ``t`` without autograd, on the source's pooled value storage where the map is
+    a strided one (a fresh student-sized tensor per step otherwise, page faults included)."""
+    if _fast(t, src):
+        return _map_fast(t, src, _grad_pool(src))
+    return map_tensor(t, src)
+
+
 class _SharedMap(torch.autograd.Function):
     """``(t_1..t_n) -> (alias_1..alias_n, map(t_1)..map(t_n))`` with one fused backward.
 
@@ -446,7 +454,7 @@ class _SharedMap(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         aliases = [t.view_as(t) for t in tensors]
         with torch.no_grad():
-            mapped = [map_tensor(t if box is None else t[box], s) for t, s, box in zip(tensors, srcs, boxes)]
+            mapped = [_map_value(t if box is None else t[box], s) for t, s, box in zip(tensors, srcs, boxes)]
         return (*aliases, *mapped)
 
     @staticmethod

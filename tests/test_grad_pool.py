@@ -255,3 +255,52 @@ def test_tap_gemm_is_not_used_under_reduced_precision_matmuls(monkeypatch):
     monkeypatch.setattr(torch.backends.mkldnn.matmul, "fp32_precision", "bf16")
     assert SM._tap_gemm(t32, src) is None
     assert SM._tap_gemm(t, src) is not None      # float64 matmuls are never reduced
+
+
+@pytest.mark.parametrize("branches", BRANCHES, ids=["ir", "cbr"])
+def test_joint_map_values_on_pooled_storage_equal_fresh_ones(monkeypatch, branches):
+    """dt.joint's student-sized map outputs reuse the storage of the step before once nothing
+    holds it: three joint steps give bit for bit the outputs and teacher gradients of a copy
+    whose map outputs are fresh tensors; a mapped weight the user kept (a forward hook) keeps
+    its values and its storage is not handed out again."""
+    dt = _dt(branches)
+    ref = copy.deepcopy(dt)
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    kept = []
+    conv = next(m for m in dt.template.modules() if isinstance(m, nn.Conv2d))
+    handle = conv.register_forward_hook(lambda mod, args, out: kept.append(mod.weight) if not kept else None)
+
+    def steps(model, fresh):
+        if fresh:
+            monkeypatch.setattr(SM, "_map_value", lambda t, s: SM.map_tensor(t, s))
+        outs = []
+        for _ in range(3):
+            model.zero_grad(set_to_none=True)
+            t, s = model.joint(x)
+            (t.square().sum() + s.sum()).backward()
+            outs.append([t.detach(), s.detach()] + [p.grad.clone() for p in model.parameters() if p.grad is not None])
+        monkeypatch.undo()
+        return outs
+
+    ptrs, takes = [], []
+    orig, take = SM._map_fast, SM._GradPool.take_reused
+    monkeypatch.setattr(SM, "_map_fast", lambda t, src, pool=None: ptrs.append((r := orig(t, src, pool)).data_ptr()) or r)
+
+    def record(self, shape, dtype, device, tag="grad"):
+        out = take(self, shape, dtype, device, tag)
+        takes.append((tag, out[1]))
+        return out
+
+    monkeypatch.setattr(SM._GradPool, "take_reused", record)
+    got = steps(dt, fresh=False)
+    handle.remove()
+    saved = kept[0].detach().clone()
+    want = steps(ref, fresh=True)
+    for a, b in zip(got, want):
+        assert len(a) == len(b)
+        for u, w in zip(a, b):
+            assert torch.equal(u.view(torch.int64), w.view(torch.int64))
+    assert torch.equal(kept[0], saved)
+    assert ("value", True) in takes, "no map output reused its storage"
+    n = len(ptrs) // 3
+    assert kept[0].data_ptr() not in set(ptrs[n:])
