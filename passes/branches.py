@@ -510,10 +510,12 @@ class _Branched(nn.Module, metaclass=abc.ABCMeta):
         ``B o A`` maps to ``out(B) o inp(A)``). Each branch factor is mapped first, then folded
         at student width: about 1/r (1/r^2 for 1x1->kxk) of folding the teacher's kernel.
         Inside a joint forward (:func:`shared_folds` with sources) the kernel computed during
-        the teacher forward is returned. With ``box`` (of :meth:`student_cut`) only those
-        taps are folded and the rest of the kernel is zero; with ``unbox=False`` too, the
-        box-shaped kernel itself (for a conv whose padding is cut to match, see
-        :meth:`BranchConvNd.student_cut`).
+        the teacher forward is returned as it is: box-shaped where the fold memo's
+        ``"student_pads"`` is set (the joint then runs the student conv with that padding), so a
+        caller there must read the padding from the same memo. With ``box`` (of
+        :meth:`student_cut`) only those taps are folded and the rest of the kernel is zero; with
+        ``unbox=False`` too, the box-shaped kernel itself (for a conv whose padding is cut to
+        match, see :meth:`BranchConvNd.student_cut`).
         """
         memo = self.__dict__.get("_fold_memo")
         if memo is not None and memo.get("src") is src and "student_w" in memo:
