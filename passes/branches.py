@@ -1261,8 +1261,10 @@ class BranchLinear(_Branched):
         if "linear" in kinds:
             kern = scale_rows(w, v["linear"])
         if "lowrank" in kinds:
-            lr = (t["a"] * v["lowrank"].view(-1, 1)) @ t["b"]
-            kern = lr if kern is None else kern + lr
+            a = t["a"] * v["lowrank"].view(-1, 1)
+            # the low-rank product added by the GEMM itself (beta=1): no product-sized temporary
+            # and no separate pass over the kernel for the sum
+            kern = a @ t["b"] if kern is None else torch.addmm(kern, a, t["b"])
         if "identity" in kinds:
             vid = v["identity"]
             if isinstance(ident, Tensor):
@@ -1272,7 +1274,8 @@ class BranchLinear(_Branched):
                 rows, cols = ident
                 if kern is None:
                     kern = w.new_zeros(w.shape)
-                kern = kern.index_put((rows, cols), vid[rows], accumulate=True)
+                # in place on the kernel built here (no backward reads it): one pass fewer
+                kern = kern.index_put_((rows, cols), vid[rows], accumulate=True)
         return kern
 
     def branch_kernel(self, kind: str) -> Tensor:
