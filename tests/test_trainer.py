@@ -55,6 +55,9 @@ def test_train_writes_metrics_plot_checkpoint_and_student(tmp_path, data):
     tr, va, k = data
     res = train(_student(k), _cfg(tmp_path), tr, va)
     out = tmp_path / "run"
+    # the storage kept between steps is given back at the end (release_buffers)
+    assert not any(m.__dict__.get("_grad_pools") for m in res.dt.teacher.modules())
+    assert not any("_grad_pool" in s.__dict__ for s in res.dt.sources)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]
     assert {"val_teacher_acc", "val_student_acc", "gap", "train_loss", "lr"} <= rows[0].keys()
