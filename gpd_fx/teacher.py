@@ -432,22 +432,16 @@ def _kernels_at_call(lazy: list[tuple[ParamSource, nn.Module, nn.Module]]):
             pads = cut_padding(cut)
             run = layer.student_plan(x)
             pending.clear()
-            if run:
-                # the branches of `run` go on the activations (added by `term` after the conv);
-                # the kernel folds the others, box-shaped with cut padding where symmetric
-                kern, v, mapped = layer.student_split(src, x, run, cut)
-                module._parameters["weight"] = kern
-                if pads is not None:
-                    module.padding = pads
-                pending.append((run, v, mapped))
-            elif pads is not None:
-                # the box-shaped kernel with the padding cut to match: the same output grid, minus
-                # products with zero padding (on a 1x1 map a 3x3 conv becomes a 1x1 one, and no
-                # full-size kernel is built, filled with zeros and sliced again in the backward)
-                module._parameters["weight"] = layer.mapped_weight(src, cut[0], unbox=False)
+            # the kernel folds every branch but those of `run` (which go on the activations, added
+            # by `term` after the conv); box-shaped with the padding cut to match where the cut is
+            # symmetric: the same output grid, minus products with zero padding (on a 1x1 map a
+            # 3x3 conv becomes a 1x1 one); else zero outside the box
+            kern, v, mapped = layer.student_split(src, x, run, cut)
+            module._parameters["weight"] = kern
+            if pads is not None:
                 module.padding = pads
-            else:
-                module._parameters["weight"] = layer.mapped_weight(src, None if cut is None else cut[0])
+            if run:
+                pending.append((run, v, mapped))
 
         def post(module, args, out):
             module._parameters["weight"], module.padding = original, padding

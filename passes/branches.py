@@ -537,11 +537,15 @@ class _Branched(nn.Module, metaclass=abc.ABCMeta):
         tensors)``; the kernel is box-shaped where ``cut`` (from :meth:`student_cut`) has
         symmetric padding, else full size (zero outside the box)."""
         mapped = self._mapped_roles(src)
+        kern, v = self._split_kernel(src, mapped, run, None if cut is None else cut[0], cut_padding(cut) is None)
+        return kern, v, mapped
+
+    def _split_kernel(self, src, mapped: dict[str, Tensor], run: tuple[str, ...], box, unbox: bool):
+        """``(student kernel folding every branch but those of run, the student's scales)`` from
+        the mapped branch tensors, over ``box`` (box-shaped unless ``unbox``)."""
         v = self._student_scales(src)
-        box = None if cut is None else cut[0]
-        unbox = cut_padding(cut) is None
         kinds = [k for k in self.branches if k not in run]
-        return self._student_kernel(src, mapped, box, unbox, kinds=kinds, v=v), v, mapped
+        return self._student_kernel(src, mapped, box, unbox, kinds=kinds, v=v), v
 
     def _grad_pool(self, role: str):
         """The gradient-buffer pool of one role's map: roles share sources (1x1 and 1x1_avg
@@ -569,11 +573,9 @@ class _Branched(nn.Module, metaclass=abc.ABCMeta):
                         v=None) -> Tensor:
         v = self._student_scales(src) if v is None else v
         kinds = self.branches if kinds is None else kinds
-        if box is None:
-            w = self._fold_kernel(kinds, mapped, v, self._ident(src))
-        else:
-            w = self._fold_kernel(kinds, mapped, v, self._ident(src), box=box)
-            w = self._unbox(w, box) if unbox else w
+        w = self._fold_kernel(kinds, mapped, v, self._ident(src), box=box)
+        if box is not None and unbox:
+            w = self._unbox(w, box)
         return w * src.scale if src.scale != 1.0 else w
 
     def _inputs(self, x: Tensor | None = None) -> dict[str, Tensor]:
@@ -603,17 +605,13 @@ class _Branched(nn.Module, metaclass=abc.ABCMeta):
         # conv's padding from "student_pads") where the cut is symmetric and the student conv is
         # one joint runs itself (``_student_lazy``); else zero-padded back to the full kernel
         pads = cut_padding(cut) if self.__dict__.get("_student_lazy", False) else None
-        boxed = pads is not None
         memo["student_pads"] = pads
+        # where the student's conv runs branches on its activations (teacher.joint installs the
+        # term), its kernel folds the others only
+        memo["student_w"], v = self._split_kernel(src, mapped, run, box, pads is None)
         if run:
-            # the student's conv runs these branches on its activations (teacher.joint installs
-            # the term); its kernel folds the others only
-            v = self._student_scales(src)
-            memo["student_w"] = self._student_kernel(src, mapped, box, not boxed,
-                                                     kinds=[k for k in self.branches if k not in run], v=v)
             memo["student_run"] = (run, v, mapped)
         else:
-            memo["student_w"] = self._student_kernel(src, mapped, box, not boxed)
             memo.pop("student_run", None)
         return dict(zip(roles, aliases))
 
@@ -927,9 +925,8 @@ class BranchConvNd(_Branched):
         cache = self.__dict__.setdefault("_student_plans", {})
         if key not in cache:
             # the fold composes the live taps only (student_cut), a 1x1->kxk run reads them all
-            live = _taps(tuple(x.shape[2:]), tuple(self.kernel_size), tuple(self.stride), self._pads_lr(),
-                         tuple(self.dilation))
-            taps = None if live is None or not self.__dict__.get("_student_cut") else math.prod(b - a for a, b in live[0])
+            cut = self.student_cut(x)
+            taps = None if cut is None else math.prod(sl.stop - sl.start for sl in cut[0])
             fold, run, _ = self._costs(x, widths=widths, fold_taps=taps)
             cache[key] = ("1x1_kxk",) if run["1x1_kxk"] < fold["1x1_kxk"] else ()
         return cache[key]
@@ -971,7 +968,7 @@ class BranchConvNd(_Branched):
             taps = tuple(sl.stop - sl.start for sl in box)
             centre = tuple(c - sl.start if sl.start <= c < sl.stop else None for c, sl in zip(centre, box))
             # tensors already mapped box-shaped (share_map's boxes) are not sliced again
-            t = dict(t, **{r: _BoxSlice.apply(t[r], cut) for r in self._box_roles(kinds)
+            t = dict(t, **{r: box_slice(t[r], cut) for r in self._box_roles(kinds)
                            if tuple(t[r].shape[2:]) != taps})
             if isinstance(ident, Tensor):
                 ident = ident[cut]

@@ -161,13 +161,18 @@ def _map_fast(t: Tensor, src: ParamSource, pool: "_GradPool | None" = None) -> T
     fresh large output costs a page fault per page on its first write (the layer-4 kernel of
     ResNet-18, 9.4 MB: 3.2 ms fresh against 1.4 ms into reused memory)."""
     _, in_r = _stride_of(src)
+
+    def new(shape, like: Tensor) -> Tensor:   # the output: pooled where a pool is given
+        if pool is None:
+            return torch.empty(shape, dtype=like.dtype, device=like.device)
+        return pool.take(shape, like.dtype, like.device, "value")
+
     # at r = 2 the single add is as fast (measured 3.7 against 4.1 ms at 512x512x3x3)
     gemm = _tap_gemm(t, src) if in_r and in_r > 2 else None
     t = _select_out(t, src)
     if gemm is not None:
         rows, width, r, taps = gemm
-        shape = (rows, width) + tuple(t.shape[2:])
-        out = torch.empty(shape, dtype=t.dtype) if pool is None else pool.take(shape, t.dtype, t.device, "value")
+        out = new((rows, width) + tuple(t.shape[2:]), t)
         torch.bmm(t.reshape(rows, width, r * taps), _copies_matrix(r, taps, t.dtype).expand(rows, r * taps, taps),
                   out=out.view(rows, width, taps))
         return out * src.scale if src.scale != 1.0 else out
@@ -176,14 +181,11 @@ def _map_fast(t: Tensor, src: ParamSource, pool: "_GradPool | None" = None) -> T
         v = t.unflatten(dim, (width, in_r))
         t = v.select(dim + 1, 0)
         if in_r > 1:
-            if pool is None:
-                t = t + v.select(dim + 1, 1)
-            else:
-                t = torch.add(t, v.select(dim + 1, 1), out=pool.take(t.shape, t.dtype, t.device, "value"))
+            t = torch.add(t, v.select(dim + 1, 1), out=new(t.shape, t))
             for j in range(2, in_r):
                 t.add_(v.select(dim + 1, j))
     if not t.is_contiguous():
-        t = t.contiguous() if pool is None else pool.take(t.shape, t.dtype, t.device, "value").copy_(t)
+        t = new(t.shape, t).copy_(t)
     if src.scale != 1.0:
         t = t * src.scale
     return t
@@ -341,7 +343,7 @@ def map_tensor(t: Tensor, src: ParamSource, pool: _GradPool | None = None) -> Te
     if _fast(t, src) and not torch.compiler.is_compiling() and not isinstance(t, torch.fx.Proxy):
         if t.requires_grad and torch.is_grad_enabled():
             return _MapFn.apply(t, src, pool)
-        return _map_fast(t, src)
+        return _map_fast(t, src, pool)
     out_r, in_r = _stride_of(src)
     if src.out is not None:
         dim, first = src.out
@@ -427,14 +429,6 @@ def _add_adjoint_(g: Tensor, gs: Tensor, src: ParamSource) -> None:
         g.add_(gs)
 
 
-def _map_value(t: Tensor, src: ParamSource) -> Tensor:
-    """The map of ``t`` without autograd, on the source's pooled value storage where the map is
-    a strided one (a fresh student-sized tensor per step otherwise, page faults included)."""
-    if _fast(t, src):
-        return _map_fast(t, src, _grad_pool(src))
-    return map_tensor(t, src)
-
-
 class _SharedMap(torch.autograd.Function):
     """``(t_1..t_n) -> (alias_1..alias_n, map(t_1)..map(t_n))`` with one fused backward.
 
@@ -454,7 +448,9 @@ class _SharedMap(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         aliases = [t.view_as(t) for t in tensors]
         with torch.no_grad():
-            mapped = [_map_value(t if box is None else t[box], s) for t, s, box in zip(tensors, srcs, boxes)]
+            # on the source's pooled value storage: a fresh student-sized tensor per step would
+            # fault every page of it
+            mapped = [map_tensor(t if box is None else t[box], s, _grad_pool(s)) for t, s, box in zip(tensors, srcs, boxes)]
         return (*aliases, *mapped)
 
     @staticmethod

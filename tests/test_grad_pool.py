@@ -271,8 +271,11 @@ def test_joint_map_values_on_pooled_storage_equal_fresh_ones(monkeypatch, branch
     handle = conv.register_forward_hook(lambda mod, args, out: kept.append(mod.weight) if not kept else None)
 
     def steps(model, fresh):
-        if fresh:
-            monkeypatch.setattr(SM, "_map_value", lambda t, s: SM.map_tensor(t, s))
+        if fresh:   # every map output a fresh tensor
+            take = SM._GradPool.take_reused
+            monkeypatch.setattr(SM._GradPool, "take_reused", lambda self, shape, dtype, device, tag="grad": (
+                (torch.empty(tuple(shape), dtype=dtype, device=device), False) if tag == "value"
+                else take(self, shape, dtype, device, tag)))
         outs = []
         for _ in range(3):
             model.zero_grad(set_to_none=True)

@@ -261,9 +261,7 @@ def _finish(run: _Run, t_start: float) -> TrainResult:
                 paths["onnx"] = onnx_path
         _write_summary(run, final, onnx_diff, t_start)
     # training is over: give back the storage the teacher keeps between steps (DESIGN.md §2)
-    release = getattr(dt, "release_buffers", None)
-    if release is not None:
-        release()
+    dt.release_buffers()
     return TrainResult(dt=dt, student=student, history=run.history, teacher_acc=final["teacher_acc"],
                        student_acc=final["student_acc"], folded_acc=final["folded_acc"], static_acc=run.static_acc,
                        paths=paths, onnx_max_abs_diff=onnx_diff, seconds=time.perf_counter() - t_start)
