@@ -631,6 +631,21 @@ class _SmallMaps(nn.Module):
         return self.head(y.mean((2, 3)))
 
 
+def _student_kernel_calls(monkeypatch) -> list[tuple[bool, bool]]:
+    """Record ``(a box was given, unbox)`` of every student kernel fold from now on."""
+    from gpd_fx.passes.branches import BranchConvNd
+
+    calls = []
+    orig = BranchConvNd._student_kernel
+
+    def record(self, src, mapped, box=None, unbox=True, **kw):
+        calls.append((box is not None, unbox))
+        return orig(self, src, mapped, box, unbox, **kw)
+
+    monkeypatch.setattr(BranchConvNd, "_student_kernel", record)
+    return calls
+
+
 @pytest.mark.parametrize("mode", ["fold", "auto"])
 def test_joint_student_kernel_of_live_taps_is_exact(mode, monkeypatch):
     """In dt.joint the student kernel of a conv on a small map is folded over its live taps only
@@ -648,19 +663,12 @@ def test_joint_student_kernel_of_live_taps_is_exact(mode, monkeypatch):
     randomize_branch_scales(dt)
     cut = {n: m.__dict__.get("_student_cut") for n, m in dt.teacher.named_modules() if isinstance(m, BranchConvNd)}
     assert cut["c4"] is False and cut["c3"] is True and cut["c2"] is True, cut
-    boxes = []
-    orig = BranchConvNd._student_kernel
-
-    def record(self, src, mapped, box=None, unbox=True, **kw):
-        if box is not None:
-            boxes.append(unbox)
-        return orig(self, src, mapped, box, unbox, **kw)
-
-    monkeypatch.setattr(BranchConvNd, "_student_kernel", record)
+    calls = _student_kernel_calls(monkeypatch)
     ref = copy.deepcopy(dt)
     paddings = {n: m.padding for n, m in dt.template.named_modules() if isinstance(m, nn.Conv2d)}
     x = torch.randn(4, 3, 4, 4, dtype=torch.float64)
     t, s = dt.joint(x)
+    boxes = [unbox for has_box, unbox in calls if has_box]
     assert len(boxes) >= 2, boxes        # c2 and c3 (and c5) at least
     # symmetric cuts run box-shaped with the student conv's padding cut (restored after)
     assert False in boxes, boxes
@@ -797,15 +805,13 @@ class _TinyMapsNd(nn.Module):
 
 
 @pytest.mark.parametrize("dim,groups", [(1, 1), (2, 2), (3, 1)])
-def test_joint_live_tap_cuts_are_exact_in_every_dimensionality(dim, groups):
+def test_joint_live_tap_cuts_are_exact_in_every_dimensionality(dim, groups, monkeypatch):
     """The live-tap cuts of dt.joint (box kernels with cut padding through conv_nd, maps of the
     box only) on 1-D, grouped 2-D and 3-D convs equal the separate calls and the user's module
     on the full mapped kernels, in value and every teacher gradient (float64)."""
     import copy
-    import unittest.mock
 
     import gpd_fx
-    from gpd_fx.passes.branches import BranchConvNd
 
     torch.manual_seed(0)
     net = _TinyMapsNd(dim, groups).double()
@@ -815,15 +821,9 @@ def test_joint_live_tap_cuts_are_exact_in_every_dimensionality(dim, groups):
     randomize_branch_scales(dt)
     ref = copy.deepcopy(dt)
     x = torch.randn(*shape, dtype=torch.float64)
-    boxed = []
-    orig = BranchConvNd._student_kernel
-
-    def record(self, src, mapped, box=None, unbox=True, **kw):
-        boxed.append(box is not None and not unbox)
-        return orig(self, src, mapped, box, unbox, **kw)
-
-    with unittest.mock.patch.object(BranchConvNd, "_student_kernel", record):
-        t, s = dt.joint(x)
+    calls = _student_kernel_calls(monkeypatch)
+    t, s = dt.joint(x)
+    boxed = [has_box and not unbox for has_box, unbox in calls]
     assert boxed.count(True) >= 2, boxed          # c2 (taps 1..2) and c3 (centre) run box-shaped
     _assert_joint_matches_separate_calls(dt, ref, x, t, s)
 
