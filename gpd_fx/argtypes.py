@@ -27,5 +27,4 @@ def positive_int(name: str = "", why: str = "") -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"{head}{f' ({why})' if why else ''}, got {value}")
         return value
 
-    parse.__name__ = name or "positive_int"   # argparse names the type in "invalid <name> value"
     return parse

@@ -182,16 +182,17 @@ class ScopedTeacher(nn.Module):
         return self(*args, **kwargs), self.student(*args, **kwargs)
 
     def compare_with(self, model: nn.Module, *inputs, tol: float | None = None, seed: int | None = None,
-                     student: bool = False, always_rest: bool = False) -> ScopeCheck:
+                     student: bool = False, always_rest: bool = False, reference_run=None) -> ScopeCheck:
         """:func:`compare_scoped` of this model (the scopes' teachers, or with ``student`` their
         students) against ``model`` (the user's model) on ``inputs``, both run in their current
-        modes. ``tol`` defaults to the project's tolerance for the parameters' dtype."""
+        modes. ``tol`` defaults to the project's tolerance for the parameters' dtype;
+        ``reference_run`` as in :func:`compare_scoped` (``model``'s run, when already made)."""
         if tol is None:
             dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
             tol = TOL.get(dtype, 1e-3)
         with self._students(student):
             return compare_scoped(self.model, model, self.scope_names, inputs, tol, seed=seed,
-                                  always_rest=always_rest)
+                                  always_rest=always_rest, reference_run=reference_run)
 
     def student_state_dict(self) -> dict[str, Tensor]:
         """The student's tensors keyed like the user's model: the scopes' mapped parameters and
@@ -325,20 +326,22 @@ def compare_scoped(candidate: nn.Module, reference: nn.Module, names: Sequence[s
         reference_run: ``(output, {scope: output})`` of ``reference`` on ``inputs`` if already run.
     """
     names = list(names)
-    ref_out, ref_scopes = reference_run if reference_run is not None else _record(reference, names, inputs, seed)
-    out, scopes = _record(candidate, names, inputs, seed)
+    ref_out, ref_scopes = (reference_run if reference_run is not None
+                           else record_scopes(reference, names, inputs, seed))
+    out, scopes = record_scopes(candidate, names, inputs, seed)
     check = ScopeCheck(tol, *_tree_error(out, ref_out))
     for n in names:
         check.scopes[n], why = _tree_error(scopes[n], ref_scopes[n])
         if why:
             check.scopes_why[n] = why
     if always_rest or check.direct > tol:
-        again, _ = _record(reference, names, inputs, seed, replace=scopes)
+        again, _ = record_scopes(reference, names, inputs, seed, replace=scopes)
         check.rest, check.rest_why = _tree_error(out, again)
     return check
 
 
-def _record(root: nn.Module, names: list[str], inputs: tuple, seed: int | None, replace: dict | None = None):
+def record_scopes(root: nn.Module, names: list[str], inputs: tuple, seed: int | None,
+                  replace: dict | None = None):
     """``root(*inputs)`` without grad, with each scope's output recorded (a copy), and replaced by
     a copy of ``replace[name]`` when given. Returns ``(output, {name: scope output})``."""
     seen: dict[str, Any] = {}

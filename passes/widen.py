@@ -432,11 +432,12 @@ class Builder:
         for node in reversed(list(self.sgm.graph.nodes)):
             if node.op == "output" or not node.users:
                 continue
-            ok = not (wide_outputs and any(u.op == "output" for u in node.users))
+            ok = True
             for u in node.users:
-                if not ok:
-                    break
                 if u.op == "output":
+                    if wide_outputs:   # the output is a widened use
+                        ok = False
+                        break
                     continue
                 entry = lookup(u, self.smods, self.extra)
                 transparent = (entry is not None and entry.transparent) or _is_tuple_type(u)

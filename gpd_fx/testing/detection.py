@@ -133,20 +133,22 @@ def check_detector(model: nn.Module, dt, images: list[Tensor], targets: list[dic
     moves the running statistics of the model and the teacher.
     """
     import gpd_fx
-    from gpd_fx.scope import compare_scoped
+    from gpd_fx.scope import compare_scoped, record_scopes
 
     res: dict[str, Any] = {}
     model.eval()
     dt.eval()
-    with torch.no_grad():
-        res["boxes"] = _n_boxes(model(images))
-    res["eval"] = dt.compare_with(model, images, tol=tol, always_rest=True)
-    res["student"] = dt.compare_with(model, images, tol=tol, student=True, always_rest=True)
+    # the model's eval run (its output and each scope's), made once for the three comparisons
+    ref = record_scopes(model, list(dt.scope_names), (images,), None)
+    res["boxes"] = _n_boxes(ref[0])
+    res["eval"] = dt.compare_with(model, images, tol=tol, always_rest=True, reference_run=ref)
+    res["student"] = dt.compare_with(model, images, tol=tol, student=True, always_rest=True, reference_run=ref)
     if do_fold:
         folded = gpd_fx.fold(dt).eval()
         res["fold_same_class"] = (type(folded) is type(model)
                                   and folded.state_dict().keys() == model.state_dict().keys())
-        res["fold"] = compare_scoped(folded, model, dt.scope_names, (images,), tol, always_rest=True)
+        res["fold"] = compare_scoped(folded, model, dt.scope_names, (images,), tol, always_rest=True,
+                                     reference_run=ref)
         del folded
     if targets is not None:
         model.train()

@@ -26,7 +26,6 @@ from .checks import model_kind, randomize_constants, rel_error, tree_tensors, ze
 from .specs import BATCH, DEFAULT_IMAGE, Spec
 
 __all__ = ["CNN_SHARE", "TRANSFORMER_SHARE", "UNDER_WIDENED", "Row", "activation_numel", "estimate_gib",
-           "estimate_scoped_gib",
            "mem_available_gib", "measure", "timm_fx_check"]
 
 GIB = 2 ** 30
@@ -118,7 +117,7 @@ class Row:
 
 
 def estimate_gib(model_meta: nn.Module, ratio: int, itemsize: int, branches: bool,
-                 act_numel: int = 0) -> float:
+                 act_numel: int = 0, scopes: list[nn.Module] | None = None) -> float:
     """Peak memory (GiB) of one expand + checks, from parameter counts on the meta device.
 
     student weights (x2: the model and the student map's copy) + teacher weights (student * r^2,
@@ -126,31 +125,22 @@ def estimate_gib(model_meta: nn.Module, ratio: int, itemsize: int, branches: boo
     weight (the weight rule builds its noise next to the gathered copy: VGG's 25088x4096
     classifier peaked at 11.2 GiB against 8.3 estimated without this term, r2 float64)
     + activations (student + teacher widths) + BASE_GIB.
+
+    With ``scopes`` (``expand(..., scope=...)``): the model x3 (the model, expand's working copy
+    and the teacher's copy of the rest), and the teacher terms over the scopes' weights only.
+    Pass no activations then: a detector does not run on the meta device (the zoo's detector
+    inputs are small).
     """
     p_all = sum(p.numel() for p in model_meta.parameters())
-    p_max = max((p.numel() for p in model_meta.parameters()), default=0)
-    p_kxk = sum(m.weight.numel() for m in model_meta.modules()
-                if isinstance(m, nn.modules.conv._ConvNd) and math.prod(m.kernel_size) > 1)
-    teacher = ratio ** 2 * (p_all + (BRANCH_FACTOR * p_kxk if branches else 0))
-    bytes_ = itemsize * (2 * p_all + WEIGHT_FACTOR * teacher + ratio ** 2 * p_max + (1 + ratio) * act_numel)
-    return bytes_ / GIB + BASE_GIB
-
-
-def estimate_scoped_gib(model_meta: nn.Module, scopes: list[nn.Module], ratio: int, itemsize: int,
-                        branches: bool) -> float:
-    """Peak memory (GiB) of ``expand(..., scope=...)`` + checks, from parameter counts on the meta
-    device: the model, expand's working copy and the teacher's copy of the rest (3x the model),
-    the scopes' teachers (r^2 x their weights, with CBR branches) * WEIGHT_FACTOR plus one more
-    teacher-sized copy of their largest weight, and BASE_GIB. Activations are not counted (a
-    detector does not run on the meta device; the zoo's detector inputs are small)."""
-    p_all = sum(p.numel() for p in model_meta.parameters())
-    ps = [p for m in scopes for p in m.parameters()]
-    p_scope = sum(p.numel() for p in ps)
+    parts = [model_meta] if scopes is None else scopes
+    ps = [p for m in parts for p in m.parameters()]
     p_max = max((p.numel() for p in ps), default=0)
-    p_kxk = sum(m.weight.numel() for s in scopes for m in s.modules()
+    p_kxk = sum(m.weight.numel() for part in parts for m in part.modules()
                 if isinstance(m, nn.modules.conv._ConvNd) and math.prod(m.kernel_size) > 1)
-    teacher = ratio ** 2 * (p_scope + (BRANCH_FACTOR * p_kxk if branches else 0))
-    return itemsize * (3 * p_all + WEIGHT_FACTOR * teacher + ratio ** 2 * p_max) / GIB + BASE_GIB
+    teacher = ratio ** 2 * (sum(p.numel() for p in ps) + (BRANCH_FACTOR * p_kxk if branches else 0))
+    copies = 2 if scopes is None else 3
+    bytes_ = itemsize * (copies * p_all + WEIGHT_FACTOR * teacher + ratio ** 2 * p_max + (1 + ratio) * act_numel)
+    return bytes_ / GIB + BASE_GIB
 
 
 def activation_numel(model_meta: nn.Module, x_shape: tuple | list[tuple]) -> int:
@@ -434,8 +424,8 @@ def _memory_gate(spec: Spec, size: int, ratio: int, row: Row, at: _Stage, model:
 
         scopes = [meta.get_submodule(n) for n in spec.scope]
         acts = 0
-        est64 = estimate_scoped_gib(meta, scopes, ratio, 8, use_branches)
-        est32 = estimate_scoped_gib(meta, scopes, ratio, 4, use_branches)
+        est64 = estimate_gib(meta, ratio, 8, use_branches, scopes=scopes)
+        est32 = estimate_gib(meta, ratio, 4, use_branches, scopes=scopes)
         side = scope_input_side(meta, size)
         kinds = [model_kind(m, [(BATCH, 3, side, side)]) for m in scopes]
         row.kind = "transformer" if any(k == "transformer" for k, _ in kinds) else kinds[0][0]
@@ -571,6 +561,11 @@ def _check_exact(model: nn.Module, dt, xs: tuple[Tensor, ...], row: Row, at: _St
     row.exact_train = row.err_train <= row.tol
     if why:
         row.train_note = (row.train_note + "; " if row.train_note else "") + f"train: {why}"
+    _finish_check(row, t0)
+
+
+def _finish_check(row: Row, t0: float) -> None:
+    """The check's time since ``t0``, and the reason when it was not exact."""
     row.check_s = round(time.perf_counter() - t0, 3)
     if not row.exact:
         row.reason = (f"not exact: eval {row.err_eval:.2e}, train {row.err_train:.2e} "
@@ -615,10 +610,7 @@ def _check_detection(model: nn.Module, dt, xs: tuple, size: int, row: Row, at: _
         row.fold_note = "; ".join(x for x in (row.fold_note, "no torch.export/ONNX: a detector is not "
                                               "capturable whole") if x)
     row.train_note = " | ".join(notes)
-    row.check_s = round(time.perf_counter() - t0, 3)
-    if not row.exact:
-        row.reason = (f"not exact: eval {row.err_eval:.2e}, train {row.err_train:.2e} "
-                      f"(tol {row.tol:g}) {row.train_note}").strip()
+    _finish_check(row, t0)
 
 
 def _float64_failure(model: nn.Module, xs: tuple[Tensor, ...]) -> str:
